@@ -1,0 +1,5 @@
+import sys
+
+from distthink.cli import main
+
+sys.exit(main())

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests are CPU-only and must never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer, vendored under tests/fixtures/qwen3 (Apache-2.0, see NOTICE.md)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(FIXTURES / "qwen3"))
