@@ -1,0 +1,82 @@
+"""The planner's parameter and FLOP arithmetic against real models built from config (the reference)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from distthink.errors import ConfigError
+from distthink.plan import GPUS, GiB, ModelShape, RunShape, estimate, plan_all, recommend
+
+CONFIGS = {
+    "qwen3": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2": Qwen2Config(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_param_count_matches_real_model(family):
+    cfg = CONFIGS[family]
+    model = AutoModelForCausalLM.from_config(cfg)
+    real = sum(p.numel() for p in model.parameters())  # parameters() deduplicates tied weights
+    assert ModelShape.from_hf_config(cfg).num_params == real
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]])
+def test_lora_param_count_matches_peft(targets):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = CONFIGS["qwen3"]
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ModelShape.from_hf_config(cfg).lora_params(8, targets) == real
+
+
+def test_llama3_8b_shape_is_the_published_size():
+    cfg = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False)
+    assert ModelShape.from_hf_config(cfg).num_params == 8_030_261_248
+
+
+def test_moe_and_incomplete_configs_are_refused_with_a_fix():
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        ModelShape.from_hf_config({"num_experts": 8, "hidden_size": 8})
+    with pytest.raises(ConfigError, match="Fix"):
+        ModelShape.from_hf_config({"hidden_size": 8})
+
+
+def test_more_gpus_never_need_more_memory_and_zero3_beats_zero2_on_params():
+    shape = ModelShape.from_hf_config(dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                                           num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336))
+    run = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=None)
+    prev = None
+    for nodes in (1, 2, 8):
+        est = {e.candidate: e for e in plan_all(shape, run, nodes=nodes, gpus_per_node=8, gpu=GPUS["h100"])}
+        assert est["zero3"].memory["params"] < est["zero2"].memory["params"]
+        assert est["zero3_offload_optimizer"].memory["optimizer"] == 0
+        if prev is not None:
+            assert est["zero3"].total_bytes <= prev
+        prev = est["zero3"].total_bytes
+
+
+def test_nothing_fits_says_what_to_change():
+    shape = ModelShape.from_hf_config(dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                                           num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336))
+    run = RunShape(tokens_per_micro_batch=65536, seq_len=4096, lora_rank=None, gradient_checkpointing=False,
+                   fused_loss=False)
+    best, msg = recommend(plan_all(shape, run, nodes=1, gpus_per_node=1, gpu=GPUS["a10g"]))
+    assert best is None and "nothing fits" in msg and "Fix:" in msg
+
+
+def test_flops_count_recompute_and_lora():
+    shape = ModelShape.from_hf_config(CONFIGS["llama"])
+    full = RunShape(tokens_per_micro_batch=128, seq_len=128, lora_rank=None, gradient_checkpointing=False)
+    e = estimate(shape, full, nodes=1, gpus_per_node=1, gpu=GPUS["h100"], candidate="zero2", hfu=0.5)
+    # Without recomputation model FLOPs equal executed FLOPs, so MFU equals the assumed utilisation.
+    assert e.mfu == pytest.approx(0.5)
+    ckpt = estimate(shape, RunShape(tokens_per_micro_batch=128, seq_len=128, lora_rank=None), nodes=1,
+                    gpus_per_node=1, gpu=GPUS["h100"], candidate="zero2", hfu=0.5)
+    assert ckpt.mfu == pytest.approx(0.5 * 6 / 8, rel=0.02)
