@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from distthink.data.molecules import (ATOM_DIMS, BOND_DIMS, BOND_TYPES, ELEMENTS, FORMAL_CHARGES, HYBRIDISATIONS,
+                                      GraphCache, one_hot_atoms, one_hot_bonds, smiles_to_graph, smiles_to_graphs)
+from distthink.errors import DataError
+
+EL, DEG, CHG, ARO, HYB, HS = range(6)
+
+
+def test_benzene_facts():
+    g = smiles_to_graph("c1ccccc1")
+    assert g.num_nodes == 6 and g.x.shape == (6, 6)
+    assert g.edge_index.shape == (2, 12) and g.edge_attr.shape == (12, 3)  # 6 bonds, both directions
+    assert (g.x[:, EL] == ELEMENTS.index("C")).all()
+    assert (g.x[:, DEG] == 2).all()  # heavy-atom degree
+    assert (g.x[:, ARO] == 1).all()
+    assert (g.x[:, HYB] == HYBRIDISATIONS.index("SP2")).all()
+    assert (g.x[:, HS] == 1).all()
+    assert (g.edge_attr[:, 0] == BOND_TYPES.index("AROMATIC")).all()
+    assert (g.edge_attr[:, 1] == 1).all() and (g.edge_attr[:, 2] == 1).all()  # conjugated, in ring
+    # each bond twice, as (i,j) then (j,i)
+    ei = g.edge_index
+    assert torch.equal(ei[:, 0::2], ei[:, 1::2].flip(0))
+
+
+def test_ethanol_facts():
+    g = smiles_to_graph("CCO")
+    assert g.smiles == "CCO" and g.num_nodes == 3
+    els = sorted(ELEMENTS[i] for i in g.x[:, EL].tolist())
+    assert els == ["C", "C", "O"]
+    by_el = {ELEMENTS[int(r[EL])] + str(int(r[DEG])): r for r in g.x}
+    assert int(by_el["C1"][HS]) == 3 and int(by_el["C2"][HS]) == 2 and int(by_el["O1"][HS]) == 1
+    assert (g.x[:, HYB] == HYBRIDISATIONS.index("SP3")).all()
+    assert (g.x[:, ARO] == 0).all()
+    assert (g.edge_attr[:, 0] == BOND_TYPES.index("SINGLE")).all()
+    assert (g.edge_attr[:, 1:] == 0).all()  # not conjugated, not in ring
+
+
+def test_charged_species_and_disconnected_fragments():
+    g = smiles_to_graph("C[N+](C)(C)C.[Cl-]")  # tetramethylammonium chloride
+    charges = sorted(FORMAL_CHARGES[i] for i in g.x[:, CHG].tolist())
+    assert charges == [-1, 0, 0, 0, 0, 1]
+    n = g.x[g.x[:, EL] == ELEMENTS.index("N")][0]
+    assert int(n[DEG]) == 4 and int(n[HS]) == 0
+    cl = g.x[g.x[:, EL] == ELEMENTS.index("Cl")][0]
+    assert int(cl[DEG]) == 0
+    assert g.edge_index.shape[1] == 8  # 4 C-N bonds; chloride has no edges
+    ion = smiles_to_graph("[Na+]")
+    assert ion.edge_index.shape == (2, 0) and ion.edge_attr.shape == (0, 3)
+    nitro = smiles_to_graph("C[N+](=O)[O-]")
+    assert BOND_TYPES.index("DOUBLE") in nitro.edge_attr[:, 0].tolist()
+
+
+def test_unknown_element_goes_to_other_bucket():
+    g = smiles_to_graph("[Au]")
+    assert int(g.x[0, EL]) == len(ELEMENTS)  # "other"
+    assert (g.x < torch.tensor(ATOM_DIMS)).all()
+
+
+def test_two_spellings_give_identical_graphs():
+    a, b = smiles_to_graph("OCC"), smiles_to_graph("C(O)C")
+    assert a.smiles == b.smiles == "CCO"
+    assert torch.equal(a.x, b.x) and torch.equal(a.edge_index, b.edge_index) and torch.equal(a.edge_attr, b.edge_attr)
+
+
+@pytest.mark.parametrize("bad", ["C1CC", "not a smiles", "C(C", "", "   ", "[Xx]", "c1cccc1"])
+def test_invalid_smiles_raise_naming_row(bad):
+    with pytest.raises(DataError, match=r"data.jsonl, line 7, field 'smiles'") as exc:
+        smiles_to_graph(bad, row=7, source="data.jsonl")
+    assert exc.value.reason == "invalid_smiles"
+
+
+def test_batch_raise_and_skip_count():
+    smi = ["CCO", "C1CC", "c1ccccc1", "xyz"]
+    with pytest.raises(DataError, match="line 2"):
+        smiles_to_graphs(smi, source="mols.jsonl")
+    out = smiles_to_graphs(smi, on_error="skip", source="mols.jsonl")
+    assert [g.smiles for g in out.graphs] == ["CCO", "c1ccccc1"]
+    assert out.rows == [1, 3] and out.skipped_rows == [2, 4]
+    assert out.skipped["invalid_smiles"] == 2 and out.num_skipped == 2
+    with pytest.raises(DataError, match="on_error"):
+        smiles_to_graphs(smi, on_error="ignore")
+
+
+def test_cache_lru_and_disk(tmp_path):
+    cache = GraphCache(maxsize=2, cache_dir=tmp_path)
+    g1 = cache.get("CCO")
+    g1.x[:] = 0  # mutating a returned graph must not corrupt the cache
+    g2 = cache.get("CCO")
+    assert cache.hits == 1 and cache.misses == 1 and g2.x.sum() > 0
+    cache.get("CCN"), cache.get("CCC")  # evicts CCO from the LRU (maxsize 2)
+    fresh = GraphCache(cache_dir=tmp_path)  # new process, same disk cache: keyed by canonical SMILES
+    g3 = fresh.get("OCC")
+    assert fresh.disk_hits == 1 and torch.equal(g3.x, g2.x) and g3.smiles == "CCO"
+    with pytest.raises(DataError):
+        cache.get("C1CC")
+    assert len(list(tmp_path.rglob("*.pt"))) == 3
+
+
+def test_one_hot_roundtrip():
+    g = smiles_to_graph("CC(=O)Oc1ccccc1C(=O)O")  # aspirin
+    oh = one_hot_atoms(g.x)
+    assert oh.shape == (g.num_nodes, sum(ATOM_DIMS)) and (oh.sum(1) == len(ATOM_DIMS)).all()
+    ob = one_hot_bonds(g.edge_attr)
+    assert ob.shape == (g.edge_index.shape[1], sum(BOND_DIMS)) and (ob.sum(1) == len(BOND_DIMS)).all()
+    # the first block of columns is the element one-hot
+    assert torch.equal(oh[:, : ATOM_DIMS[0]].argmax(1), g.x[:, 0])
