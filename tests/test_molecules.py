@@ -106,3 +106,63 @@ def test_one_hot_roundtrip():
     assert ob.shape == (g.edge_index.shape[1], sum(BOND_DIMS)) and (ob.sum(1) == len(BOND_DIMS)).all()
     # the first block of columns is the element one-hot
     assert torch.equal(oh[:, : ATOM_DIMS[0]].argmax(1), g.x[:, 0])
+
+
+# ---- demo captioning set (distthink/data/molecule_demo.py + shipped JSONL) ----
+
+def test_aspirin_caption_from_rdkit_facts():
+    from rdkit import Chem
+
+    from distthink.data.molecule_demo import caption_from_facts, molecule_facts
+
+    f = molecule_facts(Chem.MolFromSmiles("CC(=O)Oc1ccccc1C(=O)O"))
+    # aspirin: C9H8O4, MW 180.16, one benzene ring, a carboxylic acid and an (aryl) ester
+    assert f["mol_weight"] == pytest.approx(180.16, abs=0.01) and f["mw_class"] == "medium-sized"
+    assert f["num_rings"] == 1 and f["num_aromatic_rings"] == 1 and f["elements"] == ["C", "O"]
+    assert f["groups"]["fr_benzene"] == 1 and f["groups"]["fr_COO"] == 1 and f["groups"]["fr_ester"] == 1
+    assert (f["hbd"], f["hba"]) == (1, 3)
+    assert caption_from_facts(f) == (
+        "This molecule has 1 ring (all aromatic). It contains 1 benzene ring, 1 carboxylic acid, 1 ester and "
+        "1 C-O-C oxygen. Its heavy atoms are C and O. It is a medium-sized molecule (180 to 300 Da) with "
+        "1 hydrogen-bond donor and 3 hydrogen-bond acceptors.")
+    hexane = molecule_facts(Chem.MolFromSmiles("CCCCCC"))
+    assert caption_from_facts(hexane).startswith("This molecule is acyclic. It has none of the common functional")
+
+
+def test_shipped_demo_set_is_consistent():
+    from rdkit import Chem
+
+    from distthink.data.molecule_demo import caption_from_facts, load_demo, molecule_facts, split_of
+
+    train, test = load_demo("train"), load_demo("test")
+    assert 200 <= len(train) + len(test) <= 400 and 0.1 <= len(test) / (len(train) + len(test)) <= 0.3
+    assert not {r["smiles"] for r in train} & {r["smiles"] for r in test}  # held-out molecules
+    for r in train + test:
+        mol = Chem.MolFromSmiles(r["smiles"])
+        assert Chem.MolToSmiles(mol) == r["smiles"]
+        assert split_of(r["smiles"]) == r["split"]
+        assert r["description"] == caption_from_facts(molecule_facts(mol))  # caption = f(graph)
+    g = smiles_to_graphs([r["smiles"] for r in test])
+    assert g.num_skipped == 0 and len(g.graphs) == len(test)
+    with pytest.raises(DataError, match="unknown demo split"):
+        load_demo("valid")
+
+
+def test_shipped_demo_files_equal_a_fresh_build():
+    from distthink.data.molecule_demo import SPLIT_FILES, build_demo_records, load_demo
+
+    records = build_demo_records()
+    for split in SPLIT_FILES:
+        assert load_demo(split) == [r for r in records if r["split"] == split]
+
+
+def test_caption_messages_graph_and_text_only():
+    from distthink.data.molecule_demo import caption_messages
+
+    m = caption_messages("CCO", "desc", k=2)
+    assert m[0]["content"].endswith("/no_think") and m[-1] == {"role": "assistant", "content": "desc"}
+    assert m[1]["content"].count("<|graph|>") == 2 and "SMILES: CCO" in m[1]["content"]
+    t = caption_messages("CCO", use_graph=False, thinking=True)
+    assert "<|graph|>" not in t[1]["content"] and "/no_think" not in t[0]["content"] and len(t) == 2
+    with pytest.raises(DataError):
+        caption_messages("CCO", use_graph=False, include_smiles=False)
