@@ -1,0 +1,560 @@
+"""encode_chat: the model's own chat template, rendered once, labelled exactly.
+
+Method (template-agnostic, see docs/data.md "How labels are computed"):
+
+1. Render the conversation once with the tokenizer's chat template: the *canonical* string C.
+2. Render it a second time with every non-empty text field (content, reasoning_content, the parts of an
+   inline <think> block) replaced by an opaque placeholder without whitespace. That *skeleton* S has the
+   template's literal text (role headers, tags, end-of-turn tokens) between placeholders. Placeholders are
+   only used to *find* spans, never tokenised, so they cannot leave residue.
+3. Align S against C: every literal of S must appear verbatim in C, in order; what lies between two
+   literals in C is the rendered field (whatever the template did to it: strip, trim, nothing). If a field
+   is absent from S (Qwen3 dropping history reasoning), it is absent from C too and nothing is located.
+   Alignment failure is an error, never a silent guess.
+4. Per trained message, the learned character region runs from the end of the assistant header (the
+   template's own generation prompt, found by a probe render) through the content and the end-of-turn
+   token (found by a probe render: the first special token after the assistant content).
+5. Tokenise C once with offsets; a token is learned iff it overlaps a learned character; its weight is the
+   largest weight among the learned characters it overlaps (tokens straddling a header/content boundary
+   are learned, so no content character is ever unlearned).
+
+Why not the two common shortcuts: sentinel-wrapping the content changes what `strip`/`trim` in the template
+removes (the markers shield the whitespace), and rendering prefixes messages[:i] and diffing breaks on
+templates that are not prefix-stable (Qwen3 renders a turn's reasoning only while it is after the last user
+query). tests/test_encode_chat_methods.py shows both failing where this method is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from distthink.data.schema import (DEFAULT_INSTRUCTION_FORMAT, Sample, validate_messages)
+from distthink.data.thinking import (THINK_CLOSE, THINK_OPEN, THINK_POLICIES, apply_think_policy,
+                                     split_inline_think, template_messages)
+from distthink.data.types import EncodedSample
+from distthink.errors import ConfigError, DataError
+from distthink.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+TRUNCATION_POLICIES = ("truncate_right", "truncate_left", "drop")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ChatPolicy:
+    """How a conversation becomes a training sample (config section `data.policy`, docs/data.md).
+
+    think:                    "supervise" | "mask" | "drop" (docs/thinking.md).
+    think_weight:             multiplies the weight of rendered reasoning tokens (think block) when supervised.
+    enable_thinking:          passed to the template when not None; a sample's own `enable_thinking` wins.
+    expand_turns:             one sample per trained assistant turn, rendered as seen at inference.
+    max_length:               token budget per sample (None = unlimited).
+    truncation:               "truncate_right" | "truncate_left" | "drop" for samples over max_length.
+    allow_full_sequence_loss: disable the label audit (labels == input_ids everywhere is then allowed).
+    instruction_format:       format string of the instruction/response form ({instruction}, {input}).
+    template_kwargs:          extra keyword arguments for apply_chat_template (e.g. tools, custom flags).
+    """
+
+    think: str = "supervise"
+    think_weight: float = 1.0
+    enable_thinking: bool | None = None
+    expand_turns: bool = False
+    max_length: int | None = None
+    truncation: str = "truncate_right"
+    allow_full_sequence_loss: bool = False
+    instruction_format: str = DEFAULT_INSTRUCTION_FORMAT
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.think not in THINK_POLICIES:
+            raise ConfigError(f"think={self.think!r} is not a thinking policy. Fix: use one of {THINK_POLICIES}")
+        tw = self.think_weight
+        if isinstance(tw, bool) or not isinstance(tw, (int, float)) or not tw >= 0:
+            raise ConfigError(f"think_weight={tw!r} must be a number >= 0. Fix: e.g. 1.0 (default) or 0.5")
+        self.think_weight = float(tw)
+        if self.enable_thinking is not None and not isinstance(self.enable_thinking, bool):
+            raise ConfigError(f"enable_thinking={self.enable_thinking!r} must be true, false or null")
+        if self.max_length is not None and (isinstance(self.max_length, bool)
+                                            or not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length={self.max_length!r} must be a positive integer or null")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ConfigError(f"truncation={self.truncation!r} is unknown. Fix: use one of {TRUNCATION_POLICIES}")
+        if not isinstance(self.template_kwargs, dict):
+            raise ConfigError("template_kwargs must be a mapping of apply_chat_template keyword arguments")
+        for k in ("enable_thinking", "tokenize", "add_generation_prompt", "conversation"):
+            if k in self.template_kwargs:
+                raise ConfigError(f"template_kwargs may not set '{k}'. Fix: "
+                                  + ("use the policy's enable_thinking" if k == "enable_thinking"
+                                     else "remove it; encode_chat controls it"))
+        if not isinstance(self.instruction_format, str) or "{instruction}" not in self.instruction_format:
+            raise ConfigError("instruction_format must be a string containing '{instruction}'")
+
+    @classmethod
+    def from_kwargs(cls, policy: "ChatPolicy | None" = None, **kwargs: Any) -> "ChatPolicy":
+        """A policy from keyword arguments (unknown keys are a ConfigError), optionally overriding `policy`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown policy option(s) {unknown}. Fix: use {sorted(names)}")
+        base = {f.name: getattr(policy, f.name) for f in fields(cls)} if policy is not None else {}
+        base.update(kwargs)
+        return cls(**base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Template probes (cached per template + kwargs): generation prompt, end-of-turn text, reasoning support.
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    gen_prompt: str          # what add_generation_prompt appends: the assistant header as seen at inference
+    header: str              # gen_prompt cut before any <think> it opens
+    eot: str                 # text that ends an assistant turn right after its content ("" if none)
+    renders_reasoning: bool  # does the template render reasoning_content on the last turn?
+
+
+_PROBE_A = "zqxjprobeanswer"
+_PROBE_R = "zqxjprobereasoning"
+_INFO_CACHE: dict[tuple, TemplateInfo] = {}
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """Texts of all special tokens (including added tokens flagged special), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            texts.add(str(tok.content if hasattr(tok, "content") else tok))
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def _render(tokenizer, messages, kwargs, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
+
+
+def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
+    key = (id(tokenizer), tokenizer.chat_template if isinstance(tokenizer.chat_template, str)
+           else repr(tokenizer.chat_template), repr(sorted(kwargs.items(), key=lambda kv: kv[0])),
+           tuple(special_token_texts(tokenizer)))
+    info = _INFO_CACHE.get(key)
+    if info is not None:
+        return info
+    user = [{"role": "user", "content": "zqxjprobequestion"}]
+    base = _render(tokenizer, user, kwargs)
+    with_gen = _render(tokenizer, user, kwargs, add_generation_prompt=True)
+    gen = with_gen[len(base):] if with_gen.startswith(base) else ""
+    header = gen.split(THINK_OPEN)[0] if THINK_OPEN in gen else gen
+    full = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A}], kwargs)
+    eot = ""
+    j = full.rfind(_PROBE_A)
+    if j >= 0:
+        rest = full[j + len(_PROBE_A):]
+        ws = len(rest) - len(rest.lstrip())
+        for sp in special_token_texts(tokenizer):
+            if rest.startswith(sp, ws):
+                eot = rest[:ws + len(sp)]
+                break
+    if not eot:
+        log.warning("chat template ends assistant turns with no special token: the model will not learn to "
+                    "stop. Consider a template that appends the eos/end-of-turn token.")
+    probe = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A, "reasoning_content": _PROBE_R}],
+                    kwargs)
+    info = TemplateInfo(gen_prompt=gen, header=header, eot=eot, renders_reasoning=_PROBE_R in probe)
+    _INFO_CACHE[key] = info
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Span location: placeholder skeleton aligned against the canonical render.
+
+_PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"
+_PH_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass
+class _Field:
+    msg: int
+    kind: str        # "content" | "reasoning"
+    value: str
+
+
+def _skeleton_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[_Field]]:
+    """Copy of the template messages with each non-empty text field replaced by a placeholder. Empty strings
+    stay empty and inline <think> tags stay in place, so the template takes the same branches."""
+    flds: list[_Field] = []
+
+    def ph(i: int, kind: str, value: str) -> str:
+        flds.append(_Field(i, kind, value))
+        return f"{_PH_OPEN}{len(flds) - 1}{_PH_CLOSE}"
+
+    out = []
+    for i, m in enumerate(msgs):
+        d = dict(m)
+        d["content"] = "".join(text if kind == "tag" else ph(i, kind, text)
+                               for kind, text in split_inline_think(m["content"]))
+        r = m.get("reasoning_content")
+        if r:
+            d["reasoning_content"] = ph(i, "reasoning", r)
+        out.append(d)
+    return out, flds
+
+
+def _candidates(v: str) -> list[str]:
+    seen, out = set(), []
+    for c in (v, v.strip(), v.strip("\n"), v.lstrip(), v.rstrip(), v.lstrip("\n"), v.rstrip("\n"),
+              v.strip(" ")):
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def _align(canonical: str, skeleton: str, flds: list[_Field]) -> list[tuple[int, int, int]]:
+    """[(field index, start, end)] in canonical order, or raise ValueError when the literals do not match."""
+    pieces = _PH_RE.split(skeleton)
+    lits, ids = pieces[0::2], [int(x) for x in pieces[1::2]]
+    if not canonical.startswith(lits[0]):
+        raise ValueError("the render does not start like its skeleton")
+    pos, n = len(lits[0]), len(canonical)
+    spans = []
+    for j, fid in enumerate(ids):
+        nxt, last = lits[j + 1], j == len(ids) - 1
+        end = None
+        for cand in _candidates(flds[fid].value):
+            e = pos + len(cand)
+            if canonical.startswith(cand, pos) and canonical.startswith(nxt, e) and (not last or e + len(nxt) == n):
+                end = e
+                break
+        if end is None:  # the template transformed the field in an unknown way: bracket it by literals
+            if last:
+                end = n - len(nxt) if canonical.endswith(nxt) and n - len(nxt) >= pos else -1
+            elif nxt:
+                end = canonical.find(nxt, pos)
+            else:
+                end = -1  # two adjacent fields with nothing between them cannot be told apart
+            if end < 0:
+                raise ValueError(f"cannot locate field {fid} ({flds[fid].kind} of message {flds[fid].msg})")
+        spans.append((fid, pos, end))
+        pos = end + len(nxt)
+    if not ids and canonical != lits[0]:
+        raise ValueError("the render differs from its skeleton")
+    if pos != n:
+        raise ValueError("the render is longer than its skeleton")
+    return spans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learned regions per message.
+
+_WS_CLOSE = re.compile(r"\s*</think>\s*")
+
+
+def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Field], spans, info: TemplateInfo,
+                     policy: ChatPolicy, specials: list[str]) -> tuple[list[tuple[int, int, float]], list, int]:
+    """Character regions [(start, end, weight)] that are learned, the think regions [(start, end)], and the
+    number of trained messages that were located."""
+    by_msg: dict[int, list[tuple[int, int, str]]] = {}
+    counts: dict[int, int] = {}
+    for fid, s, e in spans:
+        counts[fid] = counts.get(fid, 0) + 1
+        by_msg.setdefault(flds[fid].msg, []).append((s, e, flds[fid].kind))
+    ends_sorted = sorted(e for _, _, e in spans)
+    regions: list[tuple[int, int, float]] = []
+    think_regions: list[tuple[int, int]] = []
+    located = 0
+    for i, m in enumerate(msgs):
+        if not m.get("train") or m.get("loss_weight", 1.0) <= 0:
+            continue
+        sp = sorted(by_msg.get(i, []))
+        if not sp:
+            continue  # nothing of this turn is rendered (e.g. reasoning-only turn dropped from history)
+        if any(counts[fid] > 1 for fid, _, _ in spans if flds[fid].msg == i):
+            raise ValueError(f"the template renders message {i} more than once")
+        located += 1
+        first = sp[0][0]
+        prev_end = max([e for e in ends_sorted if e <= first], default=0)
+        start = first
+        if m["role"] == "assistant":
+            start = _output_start(canonical, prev_end, first, info, specials)
+        reasoning = [(s, e) for s, e, k in sp if k == "reasoning"]
+        r_end = max((e for _, e in reasoning), default=start)
+        answer = [(s, e) for s, e, k in sp if k == "content" and s >= r_end]
+        body_end = max(e for _, e, _ in sp)
+        if not answer:  # reasoning only: the think block closes after it
+            mt = _WS_CLOSE.match(canonical, body_end)
+            if mt:
+                body_end = mt.end()
+        think_end = answer[0][0] if answer else body_end
+        has_think = bool(reasoning) or THINK_OPEN in canonical[start:think_end]
+        if has_think and answer:
+            # The whitespace between </think> and the answer belongs to the think block, whether the template
+            # writes it as a literal (Qwen3) or it is part of inline content (<think>..</think>\n\nanswer).
+            a0, a1 = answer[0]
+            text = canonical[a0:a1]
+            think_end = a0 + (len(text) - len(text.lstrip()))
+        end = body_end
+        if info.eot and canonical.startswith(info.eot, body_end):
+            end = body_end + len(info.eot)
+        else:
+            ws = len(canonical[body_end:]) - len(canonical[body_end:].lstrip())
+            for sp_text in specials:
+                if canonical.startswith(sp_text, body_end + ws) and info.eot.strip() == sp_text:
+                    end = body_end + ws + len(sp_text)
+                    break
+        w = float(m.get("loss_weight", 1.0))
+        if has_think and think_end > start:
+            think_regions.append((start, think_end))
+            if policy.think != "mask" and w * policy.think_weight > 0:
+                regions.append((start, think_end, w * policy.think_weight))
+            if end > think_end:
+                regions.append((think_end, end, w))
+        elif end > start:
+            regions.append((start, end, w))
+    return regions, think_regions, located
+
+
+def _output_start(c: str, lo: int, hi: int, info: TemplateInfo, specials: list[str]) -> int:
+    """Where the assistant's own output begins: right after the template's generation prompt (what the model
+    is given at inference), searched in the literal gap before the turn's first field."""
+    gap = c[lo:hi]
+    for marker in (info.gen_prompt, info.header):
+        if marker:
+            j = gap.rfind(marker)
+            if j >= 0:
+                return lo + j + len(marker)
+    # No recognisable header: start at a <think> opening the turn, else at the first field.
+    k = gap.rfind(THINK_OPEN)
+    if k >= 0 and not any(sp in gap[k:] for sp in specials):
+        return lo + k
+    return hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenise + label.
+
+def _tokenize_with_offsets(tokenizer, text: str, add_special_tokens: bool):
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return ids, offs
+
+
+def _label(ids: list[int], offs: np.ndarray, regions: list[tuple[int, int, float]]):
+    """labels/weights from char regions through token offsets (overlap rule, max weight)."""
+    n = len(ids)
+    weights = np.zeros(n, dtype=np.float64)
+    learned = np.zeros(n, dtype=bool)
+    starts, ends = offs[:, 0], offs[:, 1]
+    nonempty = ends > starts
+    # Offsets of sequential tokens are non-decreasing; searchsorted relies on it.
+    for s, e, w in regions:
+        if e <= s:
+            continue
+        i0 = int(np.searchsorted(ends, s, side="right"))
+        i1 = int(np.searchsorted(starts, e, side="left"))
+        if i1 <= i0:
+            continue
+        sel = slice(i0, i1)
+        mask = nonempty[sel]
+        learned[sel] |= mask
+        weights[sel] = np.where(mask, np.maximum(weights[sel], w), weights[sel])
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    labels = np.where(learned, ids_arr, IGNORE_INDEX)
+    return labels, np.where(learned, weights, 0.0)
+
+
+def _token_ranges(offs: np.ndarray, char_regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    starts, ends = offs[:, 0], offs[:, 1]
+    for s, e in char_regions:
+        i0 = int(np.searchsorted(ends, s, side="right"))
+        i1 = int(np.searchsorted(starts, e, side="left"))
+        if i1 > i0:
+            out.append((i0, i1))
+    return out
+
+
+def _check_offsets(offs: np.ndarray, n_chars: int) -> bool:
+    if len(offs) == 0:
+        return n_chars == 0
+    s, e = offs[:, 0], offs[:, 1]
+    return (s[0] == 0 and e.max() == n_chars and bool(np.all(s[1:] >= s[:-1])) and bool(np.all(e[1:] >= e[:-1]))
+            and bool(np.all(s[1:] <= np.maximum.accumulate(e)[:-1])))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API.
+
+def _kwargs_for(policy: ChatPolicy, enable_thinking: bool | None) -> dict[str, Any]:
+    kwargs = dict(policy.template_kwargs)
+    et = enable_thinking if enable_thinking is not None else policy.enable_thinking
+    if et is not None:
+        kwargs["enable_thinking"] = et
+    return kwargs
+
+
+def prepare_messages(tokenizer, messages: list[dict[str, Any]], policy: ChatPolicy,
+                     enable_thinking: bool | None = None) -> list[dict[str, Any]]:
+    """The exact message list handed to the chat template for `messages` (validated + normalised) under
+    `policy`: think=drop removes reasoning; reasoning of a template that cannot render reasoning_content is
+    inlined as a <think> block. `apply_chat_template(prepare_messages(...), tokenize=False, **kwargs)` is the
+    canonical render that encode_chat's input_ids decode to."""
+    info = template_info(tokenizer, _kwargs_for(policy, enable_thinking))
+    msgs = apply_think_policy(messages, policy.think, template_renders_reasoning=info.renders_reasoning)
+    return template_messages(msgs)
+
+
+def _fail(reason: str, msg: str, fix: str, sample: Sample | None) -> DataError:
+    return DataError(msg, source=sample.source if sample else None, line=sample.line if sample else None,
+                     field="messages", fix=fix, reason=reason)
+
+
+def _finish(ids, labels, weights, think_tok, policy: ChatPolicy, meta: dict, sample: Sample | None):
+    n = len(ids)
+    meta = dict(meta)
+    meta["length_before_truncation"] = n
+    if policy.max_length is not None and n > policy.max_length:
+        if policy.truncation == "drop":
+            raise _fail("too_long", f"sample has {n} tokens > max_length={policy.max_length}",
+                        "raise max_length or use truncation: truncate_right/truncate_left", sample)
+        L = policy.max_length
+        if policy.truncation == "truncate_right":
+            sl, off = slice(0, L), 0
+        else:
+            sl, off = slice(n - L, n), n - L
+        ids, labels, weights = ids[sl], labels[sl], weights[sl]
+        think_tok = [(max(a - off, 0), min(b - off, L)) for a, b in think_tok if min(b - off, L) > max(a - off, 0)]
+        meta["truncated"] = policy.truncation
+    if not np.any(labels != IGNORE_INDEX):
+        raise _fail("no_learned_tokens",
+                    "no token of this sample is learned" + (" after truncation" if meta.get("truncated") else ""),
+                    "raise max_length, use truncate_left, or check loss_weight/think settings", sample)
+    meta["think_token_ranges"] = think_tok
+    return EncodedSample(input_ids=[int(x) for x in ids], labels=[int(x) for x in labels],
+                         loss_weights=[float(x) for x in weights], meta=meta)
+
+
+def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, enable_thinking: bool | None,
+                     sample: Sample | None, meta: dict) -> EncodedSample:
+    kwargs = _kwargs_for(policy, enable_thinking)
+    info = template_info(tokenizer, kwargs)
+    specials = special_token_texts(tokenizer)
+    prepared = apply_think_policy(msgs, policy.think, template_renders_reasoning=info.renders_reasoning)
+    if not any(m.get("train") and m.get("loss_weight", 1.0) > 0 for m in prepared):
+        raise _fail("no_learned_tokens", "no trained turn is left (reasoning-only turns under think=drop?)",
+                    "use think: supervise/mask for reasoning-only turns or add content", sample)
+    tmsgs = template_messages(prepared)
+    try:
+        canonical = _render(tokenizer, tmsgs, kwargs)
+        skel_msgs, flds = _skeleton_messages(tmsgs)
+        skeleton = _render(tokenizer, skel_msgs, kwargs)
+    except DataError:
+        raise
+    except Exception as e:  # jinja TemplateError / the template's own raise_exception
+        raise _fail("template_error", f"the chat template raised: {e}",
+                    "fix the conversation so the model's template accepts it (role order, system position)",
+                    sample) from None
+    if _PH_OPEN in canonical or _PH_CLOSE in canonical:
+        raise _fail("template_error", "text contains reserved private-use characters U+E000/U+E001",
+                    "remove them from the sample", sample)
+    try:
+        spans = _align(canonical, skeleton, flds)
+        regions, think_regions, located = _learned_regions(canonical, prepared, flds, spans, info, policy, specials)
+    except ValueError as e:
+        raise _fail("template_unaligned", f"cannot map the chat template's render back to the messages: {e}",
+                    "the template alters message text in a way distthink cannot follow; please report it "
+                    "with the template", sample) from None
+    ids, offs = _tokenize_with_offsets(tokenizer, canonical, add_special_tokens=False)
+    if not _check_offsets(offs, len(canonical)):
+        raise _fail("tokenizer_offsets", "the tokenizer's offset mapping does not cover the text",
+                    "use a fast tokenizer with trim_offsets=false", sample)
+    labels, weights = _label(ids, offs, regions)
+    meta = dict(meta, located_turns=located, text_chars=len(canonical))
+    return _finish(np.asarray(ids), labels, weights, _token_ranges(offs, think_regions), policy, meta, sample)
+
+
+def _encode_text(tokenizer, sample: Sample, policy: ChatPolicy) -> EncodedSample:
+    eos = tokenizer.eos_token or ""
+    completion = sample.completion if (not eos or sample.completion.endswith(eos)) else sample.completion + eos
+    text = sample.prompt + completion
+    ids, offs = _tokenize_with_offsets(tokenizer, text, add_special_tokens=True)
+    labels, weights = _label(ids, offs, [(len(sample.prompt), len(text), 1.0)])
+    meta = {"form": sample.meta.get("form", "prompt_completion"), "source": sample.source, "line": sample.line}
+    return _finish(np.asarray(ids), labels, weights, [], policy, meta, sample)
+
+
+def expand_turn_messages(msgs: list[dict[str, Any]]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """[(k, messages[:k+1] with only turn k (and the untrained-elsewhere non-assistant messages since the
+    previous trained assistant turn, under unmask) marked trained)] for each trained assistant turn k."""
+    out = []
+    prev = -1
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant" or not m.get("train") or m.get("loss_weight", 1.0) <= 0:
+            continue
+        sub = []
+        for j, mj in enumerate(msgs[:k + 1]):
+            d = dict(mj)
+            d["train"] = bool(mj.get("train")) and (j == k or (mj["role"] != "assistant" and j > prev))
+            sub.append(d)
+        out.append((k, sub))
+        prev = k
+    return out
+
+
+@dataclass
+class EncodeResult:
+    samples: list[EncodedSample]
+    skipped: list[DataError]
+
+
+def encode_sample(tokenizer, sample: Sample, policy: ChatPolicy) -> EncodeResult:
+    """Encode one validated `Sample` into 1 (or, with expand_turns, several) EncodedSamples. Per-turn
+    failures under expand_turns are returned in `skipped`; a single-sample failure raises DataError."""
+    if sample.kind == "text":
+        return EncodeResult([_encode_text(tokenizer, sample, policy)], [])
+    base_meta = {"form": "messages", "source": sample.source, "line": sample.line}
+    if not policy.expand_turns:
+        return EncodeResult([_encode_messages(tokenizer, sample.messages, policy, sample.enable_thinking, sample,
+                                              base_meta)], [])
+    out, skipped = [], []
+    for k, sub in expand_turn_messages(sample.messages):
+        try:
+            out.append(_encode_messages(tokenizer, sub, policy, sample.enable_thinking, sample,
+                                        dict(base_meta, turn=k)))
+        except DataError as e:
+            skipped.append(e)
+    if not out and skipped:
+        raise skipped[0]
+    return EncodeResult(out, skipped)
+
+
+def encode_chat(tokenizer, messages: list[dict[str, Any]], *, policy: ChatPolicy | None = None,
+                unmask: bool = False, source: str | None = None, line: int | None = None,
+                **policy_kwargs: Any) -> EncodedSample | list[EncodedSample]:
+    """Render `messages` with `tokenizer`'s chat template and label it exactly.
+
+    Returns an EncodedSample (input_ids, labels, loss_weights: lists of length T; labels unshifted, -100
+    where not learned; loss_weights 0 there) or, with expand_turns=True, a list of them (one per trained
+    assistant turn; turns left with nothing to learn are omitted and counted in `meta['skipped_turns']`).
+
+    Policy options come as keywords (see ChatPolicy) or `policy=`. `unmask=True` trains every non-system
+    role. Invalid messages raise DataError naming source/line/field; a sample with nothing learned (after
+    truncation) raises DataError(reason="no_learned_tokens").
+
+    Guarantee: tokenizer.decode(input_ids) == tokenizer.apply_chat_template(prepare_messages(...),
+    tokenize=False, **template_kwargs); prepare_messages returns `messages` unchanged except for think=drop and
+    templates that ignore reasoning_content (docs/thinking.md).
+    """
+    policy = ChatPolicy.from_kwargs(policy, **policy_kwargs)
+    msgs = validate_messages(messages, source=source, line=line, unmask=unmask)
+    sample = Sample("messages", messages=msgs, unmask=unmask, source=source, line=line)
+    res = encode_sample(tokenizer, sample, policy)
+    if policy.expand_turns:
+        for s in res.samples:
+            s.meta["skipped_turns"] = len(res.skipped)
+        return res.samples
+    return res.samples[0]
