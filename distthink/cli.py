@@ -12,6 +12,7 @@ from distthink.errors import DistthinkError
 
 # name -> module under distthink.commands. Add a line here when a subcommand lands.
 _COMMANDS = {
+    "inspect": "inspect",
 }
 
 
