@@ -5,12 +5,15 @@ The reference is the plain single-sample forward (no packing code involved); the
 through PackingCollator + model_inputs exactly as the trainer does. A leaky variant (packed row with
 one causal mask over the whole row) is asserted to differ, so these tests fail if the mask leaks."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from distthink.data.packing import IGNORE_INDEX, PackingCollator, model_inputs
+from distthink.data.packing import IGNORE_INDEX, PackedBatchSampler, PackingCollator, model_inputs
 from distthink.data.types import EncodedSample
 
 VOCAB = 96
@@ -136,3 +139,31 @@ def test_hf_implicit_packing_detection_needs_use_cache_false():
     assert _max_leak(model, batch, use_cache=False, **implicit) < TOL
     assert model.config.use_cache is True
     assert _max_leak(model, batch, **implicit) > 100 * TOL
+
+
+def test_real_encoded_samples_through_sampler_loader_and_model():
+    """End to end on real encode_chat output: bundled data -> sampler -> DataLoader + collator -> tiny
+    Qwen3 (tiny_qwen3_config) packed forward == per-sample forward, for every micro-batch."""
+    from distthink.commands.inspect import BUNDLED_DATA
+    from distthink.data.chat import ChatPolicy
+    from distthink.data.dataset import build_sft_dataset
+    from distthink.tiny import tiny_qwen3_config, tiny_tokenizer
+
+    tok = tiny_tokenizer("qwen3")
+    records = [json.loads(line) for line in BUNDLED_DATA.read_text(encoding="utf-8").splitlines()[:12]]
+    samples, _ = build_sft_dataset(records, tok, ChatPolicy())
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(attn_implementation="sdpa")).float().eval()
+    sampler = PackedBatchSampler([len(s) for s in samples], 256, seed=0)
+    loader = DataLoader(samples, batch_sampler=sampler, collate_fn=PackingCollator(pad_token_id=tok.pad_token_id))
+    seen = 0
+    for batch in loader:
+        assert batch["input_ids"].shape[1] <= 256
+        with torch.no_grad():
+            logits = model(**model_inputs(batch, "sdpa")).logits
+            for i in range(batch["num_samples"]):
+                where = batch["segment_ids"] == i
+                ref = model(input_ids=batch["input_ids"][where][None]).logits[0]
+                torch.testing.assert_close(logits[where], ref, atol=TOL, rtol=0)
+        seen += batch["num_samples"]
+    assert seen == len(samples) == 12

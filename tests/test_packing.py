@@ -199,3 +199,26 @@ def test_packing_efficiency_realistic():
     lengths = np.clip(rng.lognormal(6.5, 0.8, size=3000).astype(int), 16, 4096).tolist()
     plan = plan_bins(lengths, 4096, num_bins_multiple_of=8)
     assert packing_efficiency(lengths, plan, 4096) >= 0.97
+
+
+def test_encode_benchmark_smoke(capsys):
+    """benchmarks/encode.py runs and ends with the JSON line of its figures (tiny run)."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "encode.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--samples", "40", "--world-size", "2"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert e.value.code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["budget"] == 4096 and result["num_samples"] == 40
+    for key in ("samples_per_s", "packing_efficiency", "padded_vs_packed_tokens_ratio"):
+        assert result[key] > 0
+    assert result["padded_vs_packed_tokens_ratio"] >= 1.0
