@@ -1,0 +1,138 @@
+"""GPU row kernel for `fused_linear_cross_entropy`, built on Liger-Kernel's Triton cross-entropy kernel.
+
+The chunk orchestration (learned-row compaction, per-token scales, dynamic passes, grad_hidden and
+fp32 grad_weight accumulation) is shared with the torch path in `flce.py`. Here only the per-row work
+is replaced: `liger_cross_entropy_kernel` reads the (chunk, V) logits in their own dtype, computes the
+loss and the argmax in fp32 (online softmax) and overwrites the logits in place with the *unscaled*
+gradient softmax - onehot (reduction="sum" in the kernel's terms: no division by the token count).
+The per-token weights are applied afterwards on the (chunk, H) side - grad_hidden = (G @ W) * w and
+grad_weight += G.T @ (x * w) - so no extra (chunk, V) pass is needed for them.
+
+Requires liger-kernel >= 0.8.2 (earlier versions compute a wrong backward for reduction="none" in
+their own FLCE, and the kernel signature used here - with RETURN_PREDICTED_TOKENS and HAS_GRADIENTS -
+is the one of 0.8.2 .. 0.8.5). The signature is checked against the kernel's declared arguments on
+first use; a mismatch raises a clear error instead of a Triton failure deep inside.
+
+NOT YET RUN ON A GPU in this repository's CI session; see docs/ops.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from distthink.errors import ConfigError
+from distthink.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+MIN_VERSION = (0, 8, 2)
+# Liger uses 65536 // 2 as the largest block; larger blocks spill registers.
+_MAX_FUSED_SIZE = 32768
+
+_KERNEL_ARGS = (
+    "X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride",
+    "token_accuracy_ptr", "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride",
+    "n_cols", "n_non_ignore", "sum_non_ignore_weight", "weight_sum", "ignore_index", "lse_square_scale",
+    "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS", "RETURN_TOKEN_ACCURACY",
+    "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT", "HAS_SOFTCAPPING", "HAS_GRADIENTS",
+)
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for p in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """CUDA + triton + liger-kernel >= 0.8.2 (logs one line when the path is off)."""
+    from distthink.optional import has_liger
+
+    if not has_liger():
+        return False
+    from importlib.metadata import version
+
+    try:
+        found = version("liger-kernel")
+    except Exception:  # metadata missing: a source checkout; trust the import below
+        found = "0.0.0" if importlib.util.find_spec("liger_kernel") is None else "999"
+    if _version_tuple(found) < MIN_VERSION:
+        log.info("liger-kernel %s < 0.8.2: using the chunked torch path for fused linear cross-entropy", found)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    declared = getattr(liger_cross_entropy_kernel, "arg_names", None)
+    if declared is not None and tuple(declared) != _KERNEL_ARGS:
+        raise ConfigError("liger-kernel's liger_cross_entropy_kernel has an unexpected signature "
+                          f"{tuple(declared)}. Fix: install a tested version (liger-kernel>=0.8.2,<=0.8.5) "
+                          "or use backend='torch'.")
+    return liger_cross_entropy_kernel
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def liger_row_kernel(x, weight, bias, target, ws, need_grad: bool, need_argmax: bool):
+    """Chunk logits (logits dtype) -> CE (fp32), argmax, and in place the gradient softmax - onehot."""
+    from distthink.ops.flce import RowResult
+
+    c = x.shape[0]
+    logits = ws.logits[:c]
+    if bias is not None:
+        torch.addmm(bias, x, weight.t(), out=logits)
+    else:
+        torch.mm(x, weight.t(), out=logits)
+    v = logits.shape[1]
+    loss = torch.empty(c, dtype=torch.float32, device=x.device)
+    predicted = torch.empty(c, dtype=torch.int64, device=x.device) if need_argmax else None
+    target = target.contiguous()
+    _kernel()[(c,)](
+        X_ptr=logits, X_stride=logits.stride(-2),
+        Y_ptr=target, Y_stride=target.stride(-1),
+        weight_ptr=None,
+        loss_ptr=loss, z_loss_ptr=None, loss_stride=loss.stride(-1),
+        token_accuracy_ptr=None, token_accuracy_stride=0,
+        predicted_tokens_ptr=predicted, predicted_tokens_stride=predicted.stride(-1) if need_argmax else 0,
+        n_cols=v, n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0,
+        # Only learned rows reach the kernel; an ignore_index that never occurs keeps it that way.
+        ignore_index=-(2**31) + 1,
+        lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None,
+        RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=need_argmax,
+        BLOCK_SIZE=min(_MAX_FUSED_SIZE, _next_power_of_2(v)),
+        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=need_grad,
+        num_warps=32 if torch.version.hip is None else 16,
+    )
+    return RowResult(ce=loss, argmax=predicted, grad=logits if need_grad else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_out_dtype_ok(device_index: int) -> bool:
+    major = torch.cuda.get_device_capability(device_index)[0]
+    ver = _version_tuple(torch.__version__)
+    return torch.version.hip is None and major >= 8 and ver >= (2, 8, 0)
+
+
+def accumulate_weight_grad(grad_weight32: torch.Tensor, g: torch.Tensor, x_scaled32: torch.Tensor) -> None:
+    """grad_weight32 (fp32) += g.T @ x_scaled.
+
+    g is the kernel's bf16/fp16 gradient: on sm80+ with torch >= 2.8 a bf16 GEMM accumulates straight
+    into the fp32 buffer (addmm out_dtype); otherwise the chunk is upcast (a (chunk, V) fp32 temporary)."""
+    if g.dtype == torch.float32:
+        grad_weight32.addmm_(g.t(), x_scaled32)
+        return
+    if g.is_cuda and _addmm_out_dtype_ok(g.device.index or 0):
+        torch.addmm(grad_weight32, g.t(), x_scaled32.to(g.dtype), out_dtype=torch.float32, out=grad_weight32)
+        return
+    grad_weight32.addmm_(g.float().t(), x_scaled32)
