@@ -116,9 +116,9 @@ def test_pickle_needs_trust(tmp_path):
 
 
 def test_synthetic_is_deterministic_and_learnable(tmp_path):
-    a, b = generate(60, 50, seed=3), generate(60, 50, seed=3)
+    a, b = generate(60, 50, min_per_user=15, max_per_user=40, seed=3), generate(60, 50, min_per_user=15, max_per_user=40, seed=3)
     pd.testing.assert_frame_equal(a.interactions.ratings, b.interactions.ratings)
-    assert not generate(60, 50, seed=4).interactions.ratings.equals(a.interactions.ratings)
+    assert not generate(60, 50, min_per_user=15, max_per_user=40, seed=4).interactions.ratings.equals(a.interactions.ratings)
     r = a.interactions.ratings
     assert r.groupby("user_id").size().between(15, 40).all()
     assert a.interactions.items["title"].is_unique

@@ -92,7 +92,7 @@ class SyntheticData:
         return paths
 
 
-def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 15, max_per_user: int = 40,
+def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, max_per_user: int = 60,
              dim: int = 8, latent_scale: float = 1.0, noise: float = 0.4, seed: int = 0) -> SyntheticData:
     """Draw a synthetic world. Deterministic for a given (sizes, seed). See the module docstring."""
     if not 1 <= min_per_user <= max_per_user <= n_items:
