@@ -1,0 +1,1 @@
+"""Offline evaluation metrics (captioning). Recommendation metrics live in distthink.recsys.metrics."""
