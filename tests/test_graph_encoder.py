@@ -90,3 +90,23 @@ def test_bad_config_raises():
         GraphEncoder(num_layers=0)
     with pytest.raises(ConfigError):
         GraphEncoder(conv="gat")
+
+
+def test_collate_sample_graphs_feeds_packed_injection():
+    from distthink.models.graph import collate_sample_graphs
+
+    torch.manual_seed(0)
+    g = {s: smiles_to_graph(s) for s in MOLS}
+    # three packed samples: one molecule, none (text-only), two molecules
+    batch, counts = collate_sample_graphs([[g["CCO"]], [], [g["[Na+]"], g["c1ccccc1O"]]])
+    assert counts.tolist() == [1, 0, 2] and batch.num_graphs == 3
+    prefix = GraphPrefix(GraphEncoder(hidden=16, num_layers=1), llm_hidden=8, k=1, mult=1).eval()
+    G = 99
+    ids = torch.tensor([[G, 1, 2, 3, G, 4, G]])
+    seg = torch.tensor([[0, 0, 1, 1, 2, 2, 2]])
+    out = inject_placeholders(ids, torch.zeros(1, 7, 8), [prefix.slot(batch, G, counts)], segment_ids=seg)
+    with torch.no_grad():
+        solo = prefix(collate_graphs([g["[Na+]"]]))[0, 0]
+    torch.testing.assert_close(out[0, 4], solo)  # sample 2's first molecule lands on sample 2's first slot
+    none, zero = collate_sample_graphs([[], []])
+    assert none is None and zero.tolist() == [0, 0]

@@ -12,6 +12,8 @@ but without materialising them.
 - :class:`GraphPrefix`: encoder + :class:`~distthink.models.inject.Projector` -> k LLM-sized vectors per
   molecule, returned as a :class:`~distthink.models.inject.PlaceholderSlot` for ``<|graph|>`` tokens.
 - :func:`collate_graphs`: list of ``Data`` -> ``Batch`` (PyG's own batching).
+- :func:`collate_sample_graphs`: the graph side input of one packed micro-batch: the molecules of samples
+  0..S-1 in order, as one ``Batch``, plus ``graphs_per_sample`` (S,) for the injection count check.
 
 Both modules are plain ``nn.Module`` s: put them inside the module handed to the DeepSpeed engine and ZeRO-3
 partitions their parameters like the rest; freezing is ``requires_grad_(False)`` on the part to freeze.
@@ -29,7 +31,7 @@ from distthink.data.molecules import ATOM_DIMS, BOND_DIMS
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import PlaceholderSlot, Projector
 
-__all__ = ["GraphEncoder", "GraphEncoding", "GraphPrefix", "collate_graphs"]
+__all__ = ["GraphEncoder", "GraphEncoding", "GraphPrefix", "collate_graphs", "collate_sample_graphs"]
 
 
 class _CategoricalEncoder(nn.Module):
@@ -149,3 +151,16 @@ def collate_graphs(graphs: Sequence) -> "torch_geometric.data.Batch":  # noqa: F
         raise DistthinkError("collate_graphs got no graphs. Fix: only build a graph batch for micro-batches that "
                              "contain molecules.")
     return Batch.from_data_list(list(graphs))
+
+
+def collate_sample_graphs(graphs_per_sample: Sequence[Sequence]) -> tuple[object | None, torch.Tensor]:
+    """Side input of a packed micro-batch with S samples.
+
+    ``graphs_per_sample[s]``: the ``Data`` graphs of sample s, in the order their ``<|graph|>`` groups appear in
+    its prompt (usually one; empty for a text-only sample). Returns ``(batch, counts)``: one PyG ``Batch`` of
+    all graphs, sample-major (None when the micro-batch has no molecule), and ``counts`` (S,) long, to pass as
+    ``graphs_per_sample`` to :meth:`GraphPrefix.slot`.
+    """
+    counts = torch.tensor([len(g) for g in graphs_per_sample], dtype=torch.long)
+    flat = [g for sample in graphs_per_sample for g in sample]
+    return (collate_graphs(flat) if flat else None), counts

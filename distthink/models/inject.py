@@ -9,6 +9,8 @@ has a different number of placeholder tokens than vectors were provided for it, 
 names the sample: a silent shift would feed user A's embedding into user B's prompt.
 
 Everything is vectorised (one ``index_put`` for all kinds, bincounts for the checks): no per-sample Python loop.
+The checks cost a few host syncs per call (``nonzero``, one ``max`` for packed rows); that is the price of
+never injecting a vector into the wrong prompt, and it is small next to a decoder forward.
 
 Pieces:
 - :func:`add_placeholder_tokens`  registers the placeholders as added special tokens and grows the embedding
@@ -171,7 +173,6 @@ def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, sl
                                  f"{tuple(input_ids.shape)}.")
         flat_sample = segment_ids.reshape(-1).to(device)
         n_samples = int(flat_sample.max().item()) + 1 if flat_sample.numel() else 0
-        # row of each segment, for error messages only (computed lazily below on error)
     else:
         flat_sample = torch.arange(B, device=device).repeat_interleave(T)
         n_samples = B
@@ -210,19 +211,21 @@ def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, sl
     return flat.view(B, T, H)
 
 
+def _segment_rows(segment_ids: torch.Tensor, n_samples: int, B: int, T: int) -> torch.Tensor:
+    """Row of each segment (for error messages only)."""
+    flat_seg = segment_ids.reshape(-1)
+    rows = torch.arange(B, device=flat_seg.device).repeat_interleave(T)
+    sample_row = torch.full((max(n_samples, 1),), -1, dtype=torch.long, device=flat_seg.device)
+    valid = flat_seg >= 0
+    sample_row.scatter_(0, flat_seg[valid], rows[valid])
+    return sample_row
+
+
 def _check_counts(slot: PlaceholderSlot, vec: torch.Tensor, samp: torch.Tensor, n_samples: int,
                   segment_mode: bool, segment_ids: torch.Tensor | None, B: int, T: int) -> None:
     k = slot.tokens_per_id
     found = torch.bincount(samp, minlength=n_samples) if samp.numel() else torch.zeros(n_samples, dtype=torch.long,
                                                                                           device=samp.device)
-    sample_row = None
-    if segment_mode:
-        # row of each segment = row of its first token (for messages)
-        flat_seg = segment_ids.reshape(-1)
-        rows = torch.arange(B, device=flat_seg.device).repeat_interleave(T)
-        sample_row = torch.full((max(n_samples, 1),), -1, dtype=torch.long, device=flat_seg.device)
-        valid = flat_seg >= 0
-        sample_row.scatter_(0, flat_seg[valid], rows[valid])
     if slot.counts is not None:
         counts = torch.as_tensor(slot.counts, dtype=torch.long, device=samp.device).reshape(-1)
         if int(counts.sum()) * k != vec.shape[0]:
@@ -241,6 +244,7 @@ def _check_counts(slot: PlaceholderSlot, vec: torch.Tensor, samp: torch.Tensor, 
         diff = torch.nonzero(expected != found)
         if diff.numel():
             s = int(diff[0])
+            sample_row = _segment_rows(segment_ids, n_samples, B, T) if segment_mode else None
             raise DistthinkError(
                 f"{_describe_sample(s, segment_mode, sample_row)} has {int(found[s])} {slot.label} placeholder "
                 f"token(s) but {int(expected[s]) // k} id vector(s) x {k} token(s) per id = {int(expected[s])} were "
