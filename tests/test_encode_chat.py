@@ -379,3 +379,28 @@ def test_policy_validation():
                 {"enable_thinking": "yes"}, {"template_kwargs": {"enable_thinking": True}}, {"nonsense": 1}):
         with pytest.raises(ConfigError):
             ChatPolicy.from_kwargs(**bad)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_r1", "real_qwen3"])
+def test_multibyte_text_split_across_tokens(toks, family):
+    """Byte-level BPE splits multi-byte characters across tokens (several tokens share one character's
+    offsets): the learned tokens still decode to exactly the assistant output."""
+    tok = toks[family]
+    msgs = [{"role": "user", "content": "日本語 🎉 café"},
+            {"role": "assistant", "content": "🎉🎉 答え ok", "reasoning_content": "考え 🤔"}]
+    s = encode_chat(tok, msgs)
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(s.input_ids) == text
+    learned = tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100])
+    start = text.rindex(HEADER[family] + ("<think>\n" if family == "deepseek_r1" else "")) + len(HEADER[family])
+    start += len("<think>\n") if family == "deepseek_r1" else 0
+    assert learned == text[start:text.rindex(EOT[family]) + len(EOT[family])]
+
+
+def test_tokenizer_without_chat_template_is_a_config_error():
+    from distthink.errors import ConfigError
+
+    tok = tiny_tokenizer("qwen3")
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        encode_chat(tok, conv())

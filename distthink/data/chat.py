@@ -143,12 +143,25 @@ def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
     info = _INFO_CACHE.get(key)
     if info is not None:
         return info
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template. Fix: use a "
+                          "chat/instruct tokenizer, set tokenizer.chat_template, or use the prompt/completion or "
+                          "instruction/response sample forms")
     user = [{"role": "user", "content": "zqxjprobequestion"}]
-    base = _render(tokenizer, user, kwargs)
-    with_gen = _render(tokenizer, user, kwargs, add_generation_prompt=True)
+    try:
+        base = _render(tokenizer, user, kwargs)
+        with_gen = _render(tokenizer, user, kwargs, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render one user message is a config problem
+        raise ConfigError(f"the chat template cannot render a single user message: {e}. Fix: check the "
+                          "template or template_kwargs") from None
     gen = with_gen[len(base):] if with_gen.startswith(base) else ""
     header = gen.split(THINK_OPEN)[0] if THINK_OPEN in gen else gen
-    full = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A}], kwargs)
+    try:
+        full = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A}], kwargs)
+        probe = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A,
+                                            "reasoning_content": _PROBE_R}], kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"the chat template cannot render a user/assistant exchange: {e}") from None
     eot = ""
     j = full.rfind(_PROBE_A)
     if j >= 0:
@@ -161,8 +174,6 @@ def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
     if not eot:
         log.warning("chat template ends assistant turns with no special token: the model will not learn to "
                     "stop. Consider a template that appends the eos/end-of-turn token.")
-    probe = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A, "reasoning_content": _PROBE_R}],
-                    kwargs)
     info = TemplateInfo(gen_prompt=gen, header=header, eot=eot, renders_reasoning=_PROBE_R in probe)
     _INFO_CACHE[key] = info
     return info
