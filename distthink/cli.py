@@ -12,7 +12,10 @@ from distthink.errors import DistthinkError
 
 # name -> module under distthink.commands. Add a line here when a subcommand lands.
 _COMMANDS = {
+    "rec": "rec",
     "inspect": "inspect",
+    "train": "train",
+    "check": "check",
 }
 
 

@@ -1,0 +1,173 @@
+"""`distthink rec ...`: recommendation data and collaborative encoders for the ThinkRec recipe.
+
+    distthink rec synth     --out DIR [--users 300 --items 200 --seed 0 --format csv|parquet]
+    distthink rec prepare   --input PATH --format movielens|amazon|yelp|generic|pickle [--items PATH]
+                            --out DIR [--threshold 4 --history-len 10 --train-frac 0.8 --valid-frac 0.1
+                            --reasons none|template --output-format parquet|jsonl --trust-pickle]
+    distthink rec train-cf  --data PREPARED_DIR --model mf|lightgcn|sasrec --out DIR [--dim 64 ...]
+    distthink rec group     --cf CF_EXPORT_DIR --out DIR [--n-groups auto|K --method kmeans|ward
+                            --data PREPARED_DIR]
+
+Each action is a small function taking the parsed args; heavy imports happen inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_PICKLE_HELP = ("allow --format pickle. Unpickling executes arbitrary code embedded in the file, so only use "
+                "it on files you created yourself or fully trust; prefer converting them to Parquet/CSV")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rec", help="recommendation data, CF encoders and user groups (ThinkRec)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="rec_command", metavar="ACTION")
+
+    s = sub.add_parser("synth", help="write the synthetic movie world (generic CSV/Parquet + ground truth)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--users", type=int, default=300)
+    s.add_argument("--items", type=int, default=200)
+    s.add_argument("--min-per-user", type=int, default=20)
+    s.add_argument("--max-per-user", type=int, default=60)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    s.set_defaults(func=_synth)
+
+    s = sub.add_parser("prepare", help="labels, chronological splits, histories, cold flags, id maps")
+    s.add_argument("--input", required=True, help="ml-1m folder (movielens) or the interactions/reviews file; "
+                   "'synthetic' generates the synthetic world in memory")
+    s.add_argument("--format", default="generic", choices=("movielens", "amazon", "yelp", "generic", "pickle"),
+                   help="input format (default generic CSV/Parquet)")
+    s.add_argument("--items", default=None, help="item metadata file (generic items CSV/Parquet, Amazon meta "
+                   "JSON lines, Yelp business.json)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--threshold", type=float, default=4.0, help="label = rating >= threshold (default 4)")
+    s.add_argument("--history-len", type=int, default=10, help="history items per sample (default 10)")
+    s.add_argument("--train-frac", type=float, default=0.8)
+    s.add_argument("--valid-frac", type=float, default=0.1)
+    s.add_argument("--reasons", choices=("none", "template"), default="none",
+                   help="template: add a 'reason' column from item genres (synthetic/ML-1M style data)")
+    s.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet")
+    s.add_argument("--trust-pickle", action="store_true", help=_PICKLE_HELP)
+    s.add_argument("--seed", type=int, default=0, help="seed for --input synthetic")
+    s.set_defaults(func=_prepare)
+
+    s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec and export embeddings (safetensors)")
+    s.add_argument("--data", required=True, help="folder written by `distthink rec prepare`")
+    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec"), default="mf")
+    s.add_argument("--out", required=True, help="export folder")
+    s.add_argument("--dim", type=int, default=64)
+    s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks")
+    s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec 3e-3")
+    s.add_argument("--weight-decay", type=float, default=1e-4)
+    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--epochs", type=int, default=50, help="maximum epochs")
+    s.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a valid-AUC gain")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_train_cf)
+
+    s = sub.add_parser("group", help="K-means / ward user groups on standardised CF user vectors")
+    s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n-groups", default="auto", help="'auto' (k in --k-min..--k-max by silhouette) or an integer")
+    s.add_argument("--k-min", type=int, default=2)
+    s.add_argument("--k-max", type=int, default=10)
+    s.add_argument("--method", choices=("kmeans", "ward"), default="kmeans",
+                   help="ward (agglomerative) is O(n^2) memory: small user sets only")
+    s.add_argument("--sample", type=int, default=10000, help="users sampled (seeded) for the silhouette score")
+    s.add_argument("--data", default=None, help="prepared folder: also write per-group train/valid/test splits")
+    s.add_argument("--include-cold-users", action="store_true",
+                   help="also fit on users without train interactions (by default they are only assigned to "
+                   "the nearest centroid, since their CF vectors are untrained)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-plots", action="store_true")
+    s.set_defaults(func=_group)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _synth(args) -> int:
+    from distthink.recsys.synthetic import generate
+
+    d = generate(args.users, args.items, min_per_user=args.min_per_user, max_per_user=args.max_per_user,
+                 seed=args.seed)
+    paths = d.write(args.out, args.format)
+    print(json.dumps({"rows": len(d.interactions.ratings), **{k: str(v) for k, v in paths.items()}}))
+    return 0
+
+
+def _prepare(args) -> int:
+    from distthink.recsys.data import load_interactions
+    from distthink.recsys.prepare import prepare
+
+    if args.input == "synthetic":
+        from distthink.recsys.synthetic import generate
+
+        data = generate(seed=args.seed).interactions
+    else:
+        data = load_interactions(args.input, args.format, items=args.items, trust_pickle=args.trust_pickle)
+    meta = prepare(data, args.out, threshold=args.threshold, history_len=args.history_len,
+                   train_frac=args.train_frac, valid_frac=args.valid_frac, reasons=args.reasons,
+                   fmt=args.output_format)
+    print(json.dumps({"out": str(args.out), "n_users": meta["n_users"], "n_items": meta["n_items"],
+                      **{k: v["rows"] for k, v in meta["splits"].items()}}))
+    return 0
+
+
+def _train_cf(args) -> int:
+    import pandas as pd
+
+    from distthink.models.cf import CFConfig, export_cf, load_split, predict, train_cf
+    from distthink.recsys.metrics import auc, uauc
+    from distthink.recsys.prepare import find_split
+
+    data = Path(args.data)
+    meta_path = data / "prepare_meta.json"
+    history_len = json.loads(meta_path.read_text())["history_len"] if meta_path.is_file() else 10
+    n_users = len(pd.read_parquet(data / "users.parquet"))
+    n_items = len(pd.read_parquet(data / "items.parquet"))
+    splits = {s: load_split(find_split(data, s), n_items, history_len) for s in ("train", "valid", "test")}
+    cfg = CFConfig(model=args.model, dim=args.dim, layers=args.layers, lr=args.lr, weight_decay=args.weight_decay,
+                   batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience, seed=args.seed,
+                   history_len=history_len, progress=not args.no_progress)
+    res = train_cf(splits["train"], splits["valid"], n_users, n_items, cfg)
+    test = splits["test"]
+    extra = {}
+    if len(test):
+        y = test.label.numpy().astype("int64")
+        p = predict(res.model, test).numpy()
+        value, used, skipped = uauc(test.user.numpy(), y, p)
+        extra = {"test_auc": auc(y, p), "test_uauc": value, "test_uauc_users": used, "test_uauc_skipped": skipped}
+    out = export_cf(res, args.out, data, extra)
+    print(json.dumps({"out": str(out), "model": args.model, "best_epoch": res.best_epoch,
+                      "valid_auc": round(res.valid_auc, 4), **{k: (round(v, 4) if isinstance(v, float) else v)
+                                                               for k, v in extra.items()}}))
+    return 0
+
+
+def _group(args) -> int:
+    from distthink.recsys.grouping import GroupConfig, group_users
+
+    n_groups = args.n_groups if args.n_groups == "auto" else _int_or_error(args.n_groups)
+    cfg = GroupConfig(n_groups=n_groups, k_min=args.k_min, k_max=args.k_max, method=args.method,
+                      silhouette_sample=args.sample, seed=args.seed, only_trained_users=not args.include_cold_users,
+                      plots=not args.no_plots)
+    summary = group_users(args.cf, args.out, cfg, prepared_dir=args.data)
+    print(json.dumps({k: summary[k] for k in ("n_groups", "sizes", "silhouette", "out")}))
+    return 0
+
+
+def _int_or_error(text: str) -> int:
+    from distthink.errors import ConfigError
+
+    try:
+        k = int(text)
+    except ValueError:
+        raise ConfigError(f"--n-groups must be 'auto' or an integer >= 2, got {text!r}") from None
+    if k < 2:
+        raise ConfigError(f"--n-groups must be >= 2, got {k}")
+    return k
