@@ -1,0 +1,386 @@
+"""Typed, validated training configuration: one place for every key and its default.
+
+A run's config is the embedded default (distthink/configs/default.yaml) deep-merged with an optional
+YAML file and `key=value` overrides with dotted keys (`train.lr=1e-4 lora.r=16`). Every key is a field
+of a dataclass below; the field's `help` metadata is the documentation that docs/configuration.md is
+generated from (`python -m distthink.config --markdown`).
+
+Validation happens once, at start-up: an unknown key, a value of the wrong type or an impossible
+combination raises ConfigError naming the key and the fix, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from distthink.errors import ConfigError
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    """A dataclass field with documentation (and optional allowed values) attached."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(None, "Local path or hub name of a causal LM (Qwen3, Llama-3/3.1, ...). "
+                                        "Exclusive with `from_config`.")
+    from_config: str | None = _f("tiny-qwen3", "Build a randomly initialised model instead of loading weights: "
+                                               "`tiny-qwen3` (hidden 64, 2 layers, for tests and the default run) or "
+                                               "a directory holding a config.json.")
+    config_overrides: dict = _f({}, "Keys set on the model config before building it (e.g. num_hidden_layers).")
+    tokenizer: str | None = _f(None, "Tokenizer path or hub name; `tiny` = the offline tiny tokenizer. "
+                                     "Default: `name_or_path` if set, else `tiny`.")
+    dtype: str = _f("auto", "Parameter/compute dtype. `auto` = bfloat16 on GPU, float32 on CPU.",
+                    ("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = _f("auto", "`auto` = flash_attention_2 when flash-attn and a GPU are present, else sdpa.",
+                                  ("auto", "sdpa", "flash_attention_2", "eager"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = _f(False, "Passed to transformers when loading `name_or_path`.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "Train a LoRA adapter (peft). false = full fine-tuning.")
+    r: int = _f(8, "LoRA rank (ThinkRec paper default 8).")
+    alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list = _f(["q_proj", "v_proj"], "Module names that get an adapter.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with distthink.")
+    eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
+    max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
+    on_error: str = _f("skip", "Malformed samples: `skip` (counted and reported) or `raise`.", ("skip", "raise"))
+    policy: dict = _f({}, "Keyword arguments of distthink.data.chat.ChatPolicy (think, think_weight, "
+                          "enable_thinking, ...). Checked against ChatPolicy at start-up.")
+
+
+@dataclass
+class BatchConfig:
+    mode: str = _f("tokens", "`tokens`: micro-batches packed up to `max_tokens` tokens; `samples`: exactly "
+                             "`samples_per_micro` samples per micro-batch.", ("tokens", "samples"))
+    max_tokens: int = _f(2048, "Token budget of one packed micro-batch (mode=tokens).")
+    samples_per_micro: int = _f(1, "Samples per micro-batch (mode=samples).")
+    gradient_accumulation: int = _f(1, "Micro-batches per optimizer step on each rank.")
+    packing: bool = _f(True, "Padding-free packing of several samples in one row. false = one padded row per sample.")
+    shuffle: bool = _f(True, "Shuffle samples every epoch (seeded by train.seed and the epoch).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/default", "Where checkpoints, metrics.jsonl, TensorBoard logs and loss.png go.")
+    max_steps: int = _f(30, "Optimizer steps. 0 = run `epochs` epochs.")
+    epochs: int = _f(1, "Epochs when max_steps is 0.")
+    lr: float = _f(2e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    warmup_steps: int = _f(3, "Linear warm-up steps.")
+    scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    seed: int = _f(42, "Seed of model init, data order and dropout.")
+    device: str = _f("auto", "`auto` = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
+    nan_max_consecutive: int = _f(5, "Stop after this many non-finite loss/grad-norm steps in a row (each is skipped).")
+
+
+@dataclass
+class LossConfig:
+    impl: str = _f("fused", "`fused` = distthink.ops fused linear cross-entropy on hidden states (no logits "
+                            "materialised); `hf` = logits + plain weighted cross-entropy (reference).", ("fused", "hf"))
+    chunk_size: int = _f(1024, "Rows per chunk of the fused loss.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _f(10, "Evaluate on the held-out split every N optimizer steps (0 = only at the end).")
+    max_batches: int = _f(0, "Limit eval micro-batches per rank (0 = whole split).")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = only at the end / on preemption).")
+    keep_last: int = _f(2, "Keep this many step checkpoints (the `latest` one is never deleted).")
+    resume: str = _f("auto", "`auto` = resume from output_dir/checkpoints/latest when it exists; `never`; or a "
+                             "checkpoint directory.")
+    export: str = _f("auto", "Final export: `auto` (adapter with LoRA, full model otherwise), `adapter`, `full` "
+                             "(consolidated 16-bit safetensors) or `none`.", ("auto", "adapter", "full", "none"))
+    export_dtype: str = _f("bfloat16", "dtype of the exported full model.", ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed: str | None = _f(None, "DeepSpeed JSON (e.g. ds_configs/zero3.json). null = plain DDP / single process.")
+    backend: str = _f("auto", "Process-group backend: `auto` = nccl on GPU, gloo on CPU.", ("auto", "gloo", "nccl"))
+    timeout_s: int = _f(1800, "Process-group timeout in seconds.")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = _f(1, "Log metrics every N steps.")
+    progress: bool = _f(True, "tqdm progress bar on rank 0.")
+    tensorboard: bool = _f(True, "TensorBoard logs under output_dir/tb (accelerate tracker).")
+    wandb: bool = _f(False, "Also log to Weights & Biases (needs wandb installed and configured).")
+    plot: bool = _f(True, "Write output_dir/loss.png at the end.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: defaults <- YAML file <- overrides, each key checked against the dataclasses.
+# ----------------------------------------------------------------------------------------------------
+
+def default_yaml_text() -> str:
+    """The embedded default config (package data), so `python -m distthink.train` needs no file."""
+    return resources.files("distthink").joinpath("configs/default.yaml").read_text()
+
+
+def _allowed_types(tp) -> tuple:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return tuple(t for a in typing.get_args(tp) for t in _allowed_types(a))
+    if tp is type(None):
+        return (type(None),)
+    return (origin or tp,)
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(_OWNER[id(f)])
+    allowed = _allowed_types(hints[f.name])
+    if isinstance(value, bool) and bool not in allowed:
+        # bool is an int subclass in Python; `lora.r: true` is a mistake, not 1.
+        raise ConfigError(f"config key '{key}' must be {_type_names(allowed)}, got a boolean ({value!r}). "
+                          f"Fix: set {key} to {_type_names(allowed)}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if float in allowed and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` as a string; accept the number users mean.
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, allowed):
+        raise ConfigError(f"config key '{key}' must be {_type_names(allowed)}, got {type(value).__name__} "
+                          f"({value!r}). Fix: set {key} to {_type_names(allowed)}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(choices)}. "
+                          f"Fix: use one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _type_names(allowed: tuple) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in allowed)
+
+
+_OWNER: dict[int, type] = {}
+
+
+def _register_owners(cls) -> None:
+    for f in dataclasses.fields(cls):
+        _OWNER[id(f)] = cls
+        sub = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            _register_owners(sub)
+
+
+_register_owners(Config)
+
+
+def _merge_into(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got "
+                          f"{type(data).__name__}. Fix: write it as `key: value` lines")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{dotted}'. Fix: remove it or rename it; {hint}")
+        f = fields[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value if value is not None else {}, dotted + ".")
+        else:
+            setattr(obj, key, _check_value(dotted, value, f))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["train.lr=1e-4", "lora.enabled=false"]` -> nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value. Fix: write e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err}). Fix: quote it") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist. Fix: pass an existing YAML file to --config "
+                          f"(examples in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {err}") from None
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Build and validate the run config: embedded default <- `path` <- `overrides`."""
+    cfg = Config()
+    _merge_into(cfg, yaml.safe_load(default_yaml_text()) or {})
+    if path is not None:
+        _merge_into(cfg, _read_yaml(path))
+    if overrides:
+        _merge_into(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy saved in a checkpoint)."""
+    cfg = Config()
+    _merge_into(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible combinations, naming the keys involved and the fix."""
+    m = cfg.model
+    if m.name_or_path and m.from_config:
+        raise ConfigError("model.name_or_path and model.from_config are both set. Fix: keep one (set the other "
+                          "to null), e.g. model.from_config=null to load pretrained weights")
+    if not m.name_or_path and not m.from_config:
+        raise ConfigError("neither model.name_or_path nor model.from_config is set. Fix: set one of them")
+    positive = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "data.max_length": cfg.data.max_length,
+                "batch.max_tokens": cfg.batch.max_tokens, "batch.samples_per_micro": cfg.batch.samples_per_micro,
+                "batch.gradient_accumulation": cfg.batch.gradient_accumulation,
+                "loss.chunk_size": cfg.loss.chunk_size, "distributed.timeout_s": cfg.distributed.timeout_s,
+                "logging.every_steps": cfg.logging.every_steps,
+                "train.nan_max_consecutive": cfg.train.nan_max_consecutive}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}. Fix: use a positive value")
+    nonneg = {"train.max_steps": cfg.train.max_steps, "train.warmup_steps": cfg.train.warmup_steps,
+              "eval.every_steps": cfg.eval.every_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+              "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.max_grad_norm": cfg.train.max_grad_norm,
+              "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
+              "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("train.max_steps and train.epochs are both 0: nothing to train. Fix: set one of them")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas must have two numbers, got {cfg.train.betas}")
+    if cfg.batch.mode == "tokens" and cfg.batch.max_tokens < cfg.data.max_length:
+        raise ConfigError(f"batch.max_tokens ({cfg.batch.max_tokens}) < data.max_length ({cfg.data.max_length}): "
+                          "a full-length sample could never fit in a micro-batch. Fix: raise batch.max_tokens or "
+                          "lower data.max_length")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise ConfigError("lora.enabled is true but lora.target_modules is empty. Fix: list modules, e.g. "
+                          "[q_proj, v_proj], or set lora.enabled=false")
+    if cfg.checkpoint.export == "adapter" and not cfg.lora.enabled:
+        raise ConfigError("checkpoint.export=adapter needs lora.enabled=true (full fine-tuning has no adapter). "
+                          "Fix: use checkpoint.export=full or auto")
+    if cfg.train.device == "cpu" and cfg.model.dtype in ("float16",):
+        raise ConfigError("model.dtype=float16 on CPU is not supported. Fix: use float32 or bfloat16 on CPU")
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.train.device == "cpu":
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs a GPU. Fix: use sdpa or auto on CPU")
+    ds = cfg.distributed.deepspeed
+    if ds is not None:
+        if not Path(ds).is_file():
+            raise ConfigError(f"distributed.deepspeed='{ds}' does not exist. Fix: point it at a JSON file such as "
+                              "ds_configs/zero3.json, or set it to null")
+        if cfg.distributed.backend == "nccl" and cfg.train.device == "cpu":
+            raise ConfigError("distributed.backend=nccl with train.device=cpu. Fix: use backend gloo or auto")
+    if cfg.distributed.backend == "nccl" and cfg.train.device == "cpu":
+        raise ConfigError("distributed.backend=nccl needs GPUs but train.device=cpu. Fix: use gloo or auto")
+    res = cfg.checkpoint.resume
+    if res not in ("auto", "never") and not Path(res).exists():
+        raise ConfigError(f"checkpoint.resume='{res}' does not exist. Fix: use auto, never, or an existing "
+                          "checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documentation: docs/configuration.md is generated from the dataclasses above.
+# ----------------------------------------------------------------------------------------------------
+
+def markdown_reference() -> str:
+    lines = ["# Configuration reference", "",
+             "Generated from `distthink/config.py` (`python -m distthink.config --markdown > docs/configuration.md`).",
+             "Every key below can be set in a YAML file (`--config FILE`) or on the command line as a dotted",
+             "override (`train.lr=1e-4`). Unknown keys, wrong types and impossible combinations are refused at",
+             "start-up with a message naming the key and the fix.", ""]
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        lines += [f"## `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = getattr(sub, f.name)
+            text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                text += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+            lines.append(f"| `{section.name}.{f.name}` | {tp} | `{default!r}` | {text} |")
+        lines.append("")
+    lines += ["## The embedded default (`distthink/configs/default.yaml`)", "", "```yaml",
+              default_yaml_text().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--markdown" in sys.argv:
+        print(markdown_reference())
+    else:
+        print(yaml.safe_dump(load_config(None, sys.argv[1:]).to_dict(), sort_keys=False))

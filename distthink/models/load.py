@@ -1,0 +1,144 @@
+"""Model and tokenizer loading: pretrained or from config, LoRA or full fine-tuning, ZeRO-3 aware.
+
+Call `load_tokenizer` then `load_model` *after* `distributed.setup()`: when the DeepSpeed plugin is
+ZeRO-3, accelerate has registered the DeepSpeed config with transformers, so `from_pretrained` and
+`from_config` construct each parameter already partitioned across ranks (`deepspeed.zero.Init`) and
+no rank ever holds the full model. `is_partitioned(model)` lets tests check that it really happened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distthink.config import Config
+from distthink.errors import ConfigError
+from distthink.logging_utils import get_logger
+from distthink.optional import has_flash_attn
+
+log = get_logger(__name__)
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer)."""
+    name = cfg.model.tokenizer or cfg.model.name_or_path or "tiny"
+    if name == "tiny":
+        from distthink.tiny import tiny_tokenizer
+
+        return tiny_tokenizer("qwen3")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.tokenizer='{name}' cannot be loaded ({err}). Fix: point it at a directory with "
+                          "tokenizer.json / tokenizer_config.json, or use `tiny`") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def attn_implementation(cfg: Config, device: str) -> str:
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return "flash_attention_2" if device == "cuda" and has_flash_attn() else "sdpa"
+
+
+def build_model_config(cfg: Config, tokenizer):
+    """The transformers config of the model to build (from_config) with overrides applied."""
+    from transformers import AutoConfig
+
+    src = cfg.model.from_config
+    if src == "tiny-qwen3":
+        from distthink.tiny import tiny_qwen3_config
+
+        mcfg = tiny_qwen3_config(vocab_size=len(tokenizer))
+    elif src == "tiny-llama":
+        from distthink.tiny import tiny_llama_config
+
+        mcfg = tiny_llama_config(vocab_size=len(tokenizer))
+    elif src and Path(src).is_dir():
+        mcfg = AutoConfig.from_pretrained(src)
+    else:
+        raise ConfigError(f"model.from_config='{src}' is neither `tiny-qwen3`, `tiny-llama` nor a directory with a "
+                          "config.json. Fix: use one of those, or set model.name_or_path")
+    for key, value in cfg.model.config_overrides.items():
+        if not hasattr(mcfg, key):
+            raise ConfigError(f"model.config_overrides.{key}: {type(mcfg).__name__} has no attribute '{key}'")
+        setattr(mcfg, key, value)
+    return mcfg
+
+
+def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype):
+    """Build the causal LM (LoRA-wrapped when lora.enabled). Parameters are in `dtype`.
+
+    Under ZeRO-3 the returned parameters are partitioned (shape (0,) locally until gathered).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = attn_implementation(cfg, device)
+    torch.manual_seed(cfg.train.seed)  # identical random init on every rank and every launch
+    if cfg.model.name_or_path:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype,
+                                                         attn_implementation=attn,
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+        except OSError as err:
+            raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}' cannot be loaded ({err}). Fix: give "
+                              "a local directory with config.json + safetensors, or a hub name with network "
+                              "access") from None
+    else:
+        mcfg = build_model_config(cfg, tokenizer)
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation=attn)
+    vocab = model.get_input_embeddings().num_embeddings if not is_partitioned(model) else model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}. Fix: use "
+                          "the model's own tokenizer (model.tokenizer) or a model with a larger vocabulary")
+    model.config.use_cache = False  # training never needs a KV cache (and it defeats packed attention)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = wrap_lora(model, cfg)
+    n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    log.info("model: %s, %s, attention=%s, %s params, %s trainable (%s)", type(model).__name__, dtype, attn,
+             f"{n_all:,}", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full fine-tuning")
+    return model
+
+
+def wrap_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"lora.target_modules {missing} match no module of {type(model).__name__}. Fix: use "
+                          f"names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lcfg)
+    if cfg.model.gradient_checkpointing:
+        # With frozen embeddings nothing before the first checkpointed block requires grad.
+        model.enable_input_require_grads()
+    return model
+
+
+def is_partitioned(model) -> bool:
+    """True when ZeRO-3 has partitioned the parameters (each rank holds a shard, local shape (0,))."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def base_causal_lm(model):
+    """The plain transformers model inside optional PEFT / DeepSpeed / wrapper layers."""
+    m = model
+    for _ in range(6):
+        if hasattr(m, "module") and not hasattr(m, "lm_head"):
+            m = m.module
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        elif hasattr(m, "model") and not hasattr(m, "lm_head"):
+            m = m.model
+        else:
+            break
+    return m

@@ -1,0 +1,377 @@
+"""The training recipe. Read it top to bottom: this file *is* the training method.
+
+    accelerate launch [--config_file configs/accelerate/X.yaml] -m distthink.train [--config C.yaml] [k=v ...]
+    python -m distthink.train [--config C.yaml] [k=v ...]          # one process
+    distthink train [--config C.yaml] [k=v ...]                     # same as python -m
+
+With no --config it runs the embedded default (tiny Qwen3 from config, offline tiny tokenizer, bundled
+sample data with reasoning, CPU) and ends with a summary.
+
+One optimizer step:
+  1. take this rank's GA micro-batches of the step (deterministic plan indexed by (epoch, position));
+  2. all-reduce their target-weight sums -> W, the global weight total of the step (and the preemption
+     flag, so that every rank stops at the same step boundary);
+  3. for each micro-batch: loss_sum = sum w*CE (inside the engine forward), backward(loss_sum * W*GA/W);
+     accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
+     L = global sum / W (see distthink/objectives.py);
+  4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
+
+Exit codes: 0 done; 2 user error (config/data/checkpoint, message says the fix); 3 stopped by the
+NaN/Inf guard; 75 (REQUEUE_EXIT_CODE, EX_TEMPFAIL) preempted by SIGTERM/SIGUSR1 after saving a
+checkpoint: requeue the job with `checkpoint.resume=auto`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from distthink.config import Config, load_config
+from distthink.errors import DistthinkError
+from distthink.logging_utils import get_logger
+
+log = get_logger("distthink.train")
+
+REQUEUE_EXIT_CODE = 75
+NAN_STOP_EXIT_CODE = 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small pieces the recipe uses.
+# ----------------------------------------------------------------------------------------------------
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop checks it at step boundaries (never mid-step)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    warm, kind = cfg.train.warmup_steps, cfg.train.scheduler
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def tracker_config(cfg: Config) -> dict:
+    """Flat scalar view of the config for TensorBoard hparams."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train loss (global, weighted)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """Test hook: DISTTHINK_FAULT_KILL_AT_STEP=S:R makes rank R SIGKILL itself before step S."""
+    spec = os.environ.get("DISTTHINK_FAULT_KILL_AT_STEP")
+    if spec:
+        s, r = (int(x) for x in spec.split(":"))
+        if s == step and r == rank:
+            log.warning("DISTTHINK_FAULT_KILL_AT_STEP: rank %d kills itself (-9) before step %d", rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe.
+# ----------------------------------------------------------------------------------------------------
+
+def run(cfg: Config) -> int:
+    from distthink import checkpoint as ckpt
+    from distthink import distributed as dist
+    from distthink import train_data
+    from distthink.data.packing import attn_implementation_of, batch_to, model_inputs
+    from distthink.models.load import load_model, load_tokenizer
+    from distthink.objectives import LMLossModel, micro_batch_scale
+
+    t_start = time.time()
+    out_dir = Path(cfg.train.output_dir)
+    preempt = PreemptionFlag()
+
+    # 1. Process group first: under ZeRO-3 the DeepSpeed config must exist before the model is built.
+    trackers = (["tensorboard"] if cfg.logging.tensorboard else []) + (["wandb"] if cfg.logging.wandb else [])
+    accelerator = dist.setup(cfg, log_with=trackers, project_dir=str(out_dir))
+    try:
+        device, dtype = accelerator.device, dist.resolve_dtype(cfg)
+        world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.batch.gradient_accumulation
+        is_main = accelerator.is_main_process
+        use_ds = bool(cfg.distributed.deepspeed)
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+
+        # 2. Data: encode both splits, plan micro-batches per rank.
+        tokenizer = load_tokenizer(cfg)
+        policy = train_data.chat_policy(cfg)
+        train_set = train_data.load_split(cfg, "train", tokenizer, policy)
+        eval_set = train_data.load_split(cfg, "eval", tokenizer, policy) if cfg.data.eval else []
+        sampler = train_data.make_sampler(cfg, train_set, world=world, rank=rank, grad_accumulation=ga,
+                                          shuffle=cfg.batch.shuffle)
+        eval_sampler = (train_data.make_sampler(cfg, eval_set, world=world, rank=rank, grad_accumulation=1,
+                                                shuffle=False) if len(eval_set) >= world else None)
+        collate = train_data.make_collator(cfg, tokenizer)
+        steps_per_epoch = len(sampler.rank_batches(0)) // ga
+        total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+        # 3. Model (partitioned at construction under ZeRO-3), loss wrapper, optimizer, schedule.
+        model = load_model(cfg, tokenizer, device.type, dtype)
+        wrapped = LMLossModel(model, impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        # Different dropout streams per rank, reproducible per (seed, rank); restored exactly on resume.
+        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
+        attn_impl = attn_implementation_of(model)
+        if trackers:
+            accelerator.init_trackers("tb", config=tracker_config(cfg))
+
+        # 4. Resume (model, optimizer, RNG of every rank, data position, schedule, history).
+        step, epoch, micro_index, nan_streak, history = 0, 0, 0, 0, []
+        resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, str(out_dir))
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(accelerator, resume_from)
+            if state.get("world_size") != world or state.get("grad_accumulation") != ga:
+                log.warning("resuming with world_size=%d GA=%d, checkpoint had %s/%s: the data order continues "
+                            "but will not equal an uninterrupted run", world, ga, state.get("world_size"),
+                            state.get("grad_accumulation"))
+            step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
+            nan_streak, history = state.get("nan_streak", 0), state.get("history", [])
+            scheduler.load_state_dict(state["scheduler"])
+        metrics_path = out_dir / "metrics.jsonl"
+        if is_main:  # keep exactly the records up to the resumed step (a killed run may have logged more)
+            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+        def trainer_state() -> dict:
+            return {"step": step, "epoch": epoch, "micro_index": micro_index, "nan_streak": nan_streak,
+                    "scheduler": scheduler.state_dict(), "history": history, "world_size": world,
+                    "grad_accumulation": ga, "sampler_seed": cfg.train.seed}
+
+        def save() -> Path:
+            return ckpt.save_checkpoint(accelerator, str(out_dir), step, trainer_state(), cfg.to_dict(),
+                                        keep_last=cfg.checkpoint.keep_last)
+
+        def evaluate() -> float | None:
+            if eval_sampler is None:
+                return None
+            wrapped.eval()
+            batches = eval_sampler.rank_batches(0)
+            if cfg.eval.max_batches:
+                batches = batches[:cfg.eval.max_batches]
+            loss_sum, weight_sum = 0.0, 0.0
+            with torch.no_grad():
+                for b in batches:
+                    mb = batch_to(collate([eval_set[i] for i in b]), device)
+                    s = wrapped(targets=mb["targets"], target_weights=mb["target_weights"],
+                                **model_inputs(mb, attn_impl, dtype=dtype))
+                    loss_sum += float(s)
+                    weight_sum += mb["target_weight_sum"]
+            wrapped.train()
+            total_loss, total_w = dist.all_reduce_sum([loss_sum, weight_sum], device)
+            return total_loss / total_w if total_w > 0 else float("nan")
+
+        # 5. The loop.
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.logging.progress),
+                   dynamic_ncols=True, desc="train")
+        learned_tokens = sum(h.get("learned_tokens", 0) for h in history)
+        train_time = 0.0
+        last_ckpt: Path | None = resume_from
+        exit_code = 0
+        wrapped.train()
+        while step < total_steps:
+            batches = sampler.rank_batches(epoch)
+            if micro_index + ga > len(batches):
+                epoch, micro_index = epoch + 1, 0
+                continue
+            _fault_injection(step + 1, rank)
+            t0 = time.time()
+            # Prefetch this step's GA micro-batches, so the global weight total is known before backward.
+            micro = [collate([train_set[i] for i in b]) for b in batches[micro_index:micro_index + ga]]
+            local_w = sum(m["target_weight_sum"] for m in micro)
+            local_n = sum(m["num_target_tokens"] for m in micro)
+            W, N, stop = dist.all_reduce_sum([local_w, local_n, float(preempt.requested)], device)
+            if stop > 0:
+                log.warning("preemption signal received (%s): saving at step %d and exiting with code %d",
+                            preempt.signal_name or "on another rank", step, REQUEUE_EXIT_CODE)
+                last_ckpt = save()
+                exit_code = REQUEUE_EXIT_CODE
+                break
+            scale = micro_batch_scale(W, world, ga)
+            local_loss, local_bad = 0.0, 0.0
+            for m in micro:
+                mb = batch_to(m, device)
+                with accelerator.accumulate(wrapped):
+                    loss_sum = wrapped(targets=mb["targets"], target_weights=mb["target_weights"],
+                                       **model_inputs(mb, attn_impl, dtype=dtype))
+                    local_loss += float(loss_sum.detach())
+                    if not torch.isfinite(loss_sum.detach()):
+                        local_bad = 1.0
+                    accelerator.backward(loss_sum * scale)
+            # The last accumulate() synchronised the gradients (DeepSpeed: the engine has stepped).
+            if use_ds:
+                grad_norm = wrapped.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            else:
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
+            total_loss, bad = dist.all_reduce_sum([local_loss, local_bad], device)
+            loss = total_loss / W if W > 0 else float("nan")
+            finite = bad == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                if not use_ds:
+                    optimizer.step()
+                scheduler.step()
+                nan_streak = 0
+            else:
+                nan_streak += 1
+                log.warning("step %d: non-finite loss=%s grad_norm=%s: step skipped (%d in a row, limit %d)%s",
+                            step + 1, loss, grad_norm, nan_streak, cfg.train.nan_max_consecutive,
+                            " [DeepSpeed has already applied it: only counted]" if use_ds else "")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            micro_index += ga
+            dt = time.time() - t0
+            train_time += dt
+            learned_tokens += int(N)
+            record = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
+                      "lr": scheduler.get_last_lr()[0], "learned_tokens": int(N), "weight_sum": W,
+                      "learned_tokens_per_s": N / dt if dt > 0 else 0.0, "time_s": round(time.time() - t_start, 3)}
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+                record["eval_loss"] = evaluate()
+            history.append(record)
+            if is_main:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['learned_tokens_per_s']:.0f}",
+                                lr=f"{record['lr']:.2e}")
+                bar.update(1)
+            if step % cfg.logging.every_steps == 0 and trackers:
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            if nan_streak >= cfg.train.nan_max_consecutive:
+                log.error("%d non-finite steps in a row: stopping (lower train.lr, check the data)", nan_streak)
+                exit_code = NAN_STOP_EXIT_CODE
+                break
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
+                last_ckpt = save()
+        bar.close()
+
+        # 6. Final evaluation, checkpoint, export, plot and summary.
+        if exit_code == 0:
+            eval_loss = evaluate()
+            if history and eval_loss is not None:
+                history[-1]["eval_loss"] = eval_loss
+            if step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
+                last_ckpt = save()
+            export_path = None
+            kind = cfg.checkpoint.export
+            if kind == "auto":
+                kind = "adapter" if cfg.lora.enabled else "full"
+            if kind != "none":
+                export_dtype = getattr(torch, cfg.checkpoint.export_dtype)
+                export_path = ckpt.export_model(accelerator, wrapped, tokenizer, out_dir / "export", kind,
+                                                export_dtype, from_config=bool(cfg.model.from_config))
+            if is_main:
+                metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+                if cfg.logging.plot and history:
+                    plot_losses(history, out_dir / "loss.png")
+                summary = {
+                    "steps": step, "final_loss": history[-1]["loss"] if history else None,
+                    "eval_loss": eval_loss, "learned_tokens": learned_tokens,
+                    "learned_tokens_per_s": learned_tokens / train_time if train_time > 0 else None,
+                    "world_size": world, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                    "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
+                    "train_samples": len(train_set), "eval_samples": len(eval_set),
+                }
+                (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                print(_summary_text(summary), flush=True)
+        return exit_code
+    finally:
+        dist.teardown(accelerator)
+
+
+def _summary_text(s: dict) -> str:
+    def fmt(x, spec):
+        return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+    return "\n".join([
+        "=" * 64,
+        "distthink training summary",
+        f"  steps              {s['steps']} on {s['world_size']} rank(s), {s['train_samples']} train samples",
+        f"  final train loss   {fmt(s['final_loss'], '.4f')}",
+        f"  eval loss          {fmt(s['eval_loss'], '.4f')}  ({s['eval_samples']} held-out samples)",
+        f"  learned tokens     {s['learned_tokens']}",
+        f"  throughput         {fmt(s['learned_tokens_per_s'], '.0f')} learned tokens/s",
+        f"  checkpoint         {s['checkpoint']}",
+        f"  export             {s['export']}",
+        f"  wall time          {s['wall_s']} s",
+        "=" * 64,
+    ])
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="distthink.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded default run)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 lora.r=16")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg)
+    except DistthinkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Training data for the recipe: encode the splits, choose the micro-batch plan per rank.
+
+Two batching modes (config `batch.mode`):
+- `tokens` (default): distthink.data.packing.PackedBatchSampler packs samples up to a token budget.
+- `samples`: exactly `batch.samples_per_micro` samples per micro-batch (SampleCountBatchSampler). The
+  optimizer step k uses samples perm[k*S*GA*W : (k+1)*S*GA*W] of the epoch's permutation whatever the
+  split of S (samples per micro-batch), GA and W (ranks), which is what the normalisation-invariance
+  test needs: 1x4x1, 1x1x4 and 2x1x2 see the same four samples in every step.
+
+Both samplers expose `rank_batches(epoch) -> list[list[int]]`, with a length that is a multiple of GA
+and the same on every rank, so the recipe can index (epoch, step) directly for exact resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from distthink.config import Config
+from distthink.errors import ConfigError
+from distthink.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED = {"train": ASSETS / "sample_sft.jsonl", "eval": ASSETS / "sample_sft_eval.jsonl"}
+
+
+def resolve_path(spec: str, split: str) -> Path:
+    p = BUNDLED[split] if spec == "bundled" else Path(spec)
+    if not p.exists():
+        raise ConfigError(f"data.{split}='{spec}' does not exist. Fix: give a JSONL/Parquet file or `bundled`")
+    return p
+
+
+def chat_policy(cfg: Config):
+    """distthink.data.chat.ChatPolicy from data.policy (+ data.max_length), refusing unknown keys."""
+    from distthink.data.chat import ChatPolicy
+
+    kwargs = dict(cfg.data.policy)
+    kwargs.setdefault("max_length", cfg.data.max_length)
+    try:
+        return ChatPolicy(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"data.policy: {err}. Fix: use the fields of distthink.data.chat.ChatPolicy") from None
+    except ConfigError as err:
+        raise ConfigError(f"data.policy: {err}") from None
+
+
+def load_split(cfg: Config, split: str, tokenizer, policy) -> list:
+    """Encode one split into EncodedSamples; malformed rows are skipped and counted (or raise)."""
+    from distthink.data.dataset import build_sft_dataset
+
+    spec = cfg.data.train if split == "train" else cfg.data.eval
+    path = resolve_path(spec, split)
+    samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error)
+    log.info("%s split %s: %s", split, path, report.summary())
+    if not samples:
+        raise ConfigError(f"data.{split}='{spec}': no usable sample after encoding. Fix: check the file "
+                          f"(see the skip report above)")
+    return samples
+
+
+class SampleCountBatchSampler:
+    """Fixed number of samples per micro-batch; rank r takes micro-batches r, r+W, ... (see module doc).
+
+    The tail of an epoch that cannot fill a whole optimizer step on every rank is dropped (logged).
+    """
+
+    def __init__(self, num_samples: int, samples_per_micro: int, *, num_replicas: int, rank: int, seed: int,
+                 shuffle: bool, grad_accumulation: int):
+        self.n, self.s = num_samples, samples_per_micro
+        self.world, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
+        self.ga = grad_accumulation
+        per_step = self.s * self.ga * self.world
+        if self.n < per_step:
+            raise ConfigError(f"{self.n} samples cannot fill one optimizer step of {per_step} "
+                              f"(samples_per_micro x gradient_accumulation x ranks). Fix: use more data or "
+                              "smaller batch settings")
+        self.dropped = self.n % per_step
+        if self.dropped:
+            log.info("batch.mode=samples: the last %d samples of each epoch do not fill a step and are skipped",
+                     self.dropped)
+
+    def global_plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        usable = self.n - self.dropped
+        return [order[i:i + self.s].tolist() for i in range(0, usable, self.s)]
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        return self.global_plan(epoch)[self.rank::self.world]
+
+
+def make_sampler(cfg: Config, samples: list, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
+    if cfg.batch.mode == "samples":
+        return SampleCountBatchSampler(len(samples), cfg.batch.samples_per_micro, num_replicas=world, rank=rank,
+                                       seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
+    from distthink.data.packing import PackedBatchSampler
+
+    return PackedBatchSampler([len(s) for s in samples], cfg.batch.max_tokens, num_replicas=world, rank=rank,
+                              seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
+
+
+def make_collator(cfg: Config, tokenizer):
+    from distthink.data.packing import PackingCollator
+
+    return PackingCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=cfg.batch.packing)

@@ -1,0 +1,78 @@
+"""Config: embedded default, YAML + dotted overrides, refusal of unknown keys / wrong types / impossible
+combinations with a message naming the key and the fix, and the generated reference doc."""
+
+import pytest
+
+from distthink.config import Config, config_from_dict, load_config, markdown_reference, parse_overrides
+from distthink.errors import ConfigError
+
+
+def test_embedded_default_is_the_tiny_cpu_run():
+    cfg = load_config()
+    assert cfg.model.from_config == "tiny-qwen3" and cfg.model.name_or_path is None
+    assert cfg.model.tokenizer == "tiny" and cfg.data.train == "bundled" and cfg.data.eval == "bundled"
+    assert cfg.distributed.deepspeed is None
+    # library defaults of LoRA mirror the ThinkRec paper even though the demo run fine-tunes fully
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-4\n  max_steps: 7\nlora:\n  enabled: true\n  r: 4\n")
+    cfg = load_config(f, ["lora.r=16", "lora.target_modules=[q_proj,k_proj]", "data.eval=null"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)  # YAML 1.1 '1e-4' is a str
+    assert cfg.train.max_steps == 7 and cfg.lora.enabled is True and cfg.lora.r == 16
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"] and cfg.data.eval is None
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.lrr=1e-4"], "unknown config key 'train.lrr'"),
+    (["trian.lr=1"], "unknown config key 'trian'"),
+    (["lora.r=true"], "'lora.r' must be an integer"),
+    (["lora.r=abc"], "'lora.r' must be an integer"),
+    (["train.lr=fast"], "'train.lr' must be a number"),
+    (["batch.mode=rows"], "'batch.mode' = 'rows' is not one of"),
+    (["model.name_or_path=Qwen/Qwen3-8B"], "model.name_or_path and model.from_config are both set"),
+    (["model.from_config=null"], "neither model.name_or_path nor model.from_config"),
+    (["batch.gradient_accumulation=0"], "'batch.gradient_accumulation' must be >= 1"),
+    (["batch.max_tokens=100"], "batch.max_tokens (100) < data.max_length"),
+    (["checkpoint.export=adapter", "lora.enabled=false"], "checkpoint.export=adapter needs lora.enabled=true"),
+    (["distributed.deepspeed=/nope.json"], "distributed.deepspeed='/nope.json' does not exist"),
+    (["train.device=cpu", "model.attn_implementation=flash_attention_2"], "flash_attention_2 needs a GPU"),
+    (["checkpoint.resume=/nope"], "checkpoint.resume='/nope' does not exist"),
+    (["lora"], "is not key=value"),
+])
+def test_refusals_name_the_key_and_the_fix(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    msg = str(err.value)
+    assert needle in msg
+    assert "Fix" in msg or "did you mean" in msg or "must" in msg
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        load_config(None, ["train.lrr=1"])
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_roundtrip_through_dict():
+    cfg = load_config(None, ["train.max_steps=3", "lora.enabled=true"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_reference_doc_lists_every_key():
+    doc = markdown_reference()
+    cfg = Config().to_dict()
+    for section, values in cfg.items():
+        for key in values:
+            assert f"`{section}.{key}`" in doc
