@@ -14,8 +14,6 @@ from distthink.errors import DistthinkError
 _COMMANDS = {
     "rec": "rec",
     "inspect": "inspect",
-    "train": "train",
-    "check": "check",
 }
 
 
