@@ -167,3 +167,51 @@ def test_real_encoded_samples_through_sampler_loader_and_model():
                 torch.testing.assert_close(logits[where], ref, atol=TOL, rtol=0)
         seen += batch["num_samples"]
     assert seen == len(samples) == 12
+
+
+def _varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A plain-torch stand-in for flash-attn varlen, registered as a transformers attention function:
+    causal attention run separately on each [cu[i], cu[i+1]) slice of the flattened (B*T) tokens, exactly
+    what flash_attn_varlen_func computes. It reads only the cu_seq_lens kwargs (no mask), so it checks
+    that model_inputs' flash kwargs reach every attention layer through the HF model and delimit samples."""
+    B, H, T, D = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # a plain (unpacked) forward: one sequence per row
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32)
+    rep = H // key.shape[1]
+    q = query.transpose(1, 2).reshape(B * T, H, D)
+    k = key.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B * T, H, D)
+    v = value.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B * T, H, D)
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                  v[a:b].transpose(0, 1), is_causal=True,
+                                                  scale=scaling).transpose(0, 1)
+    return out.view(B, T, H, D), None
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_flash_varlen_kwargs_delimit_samples(packed):
+    """CPU check of the GPU path's plumbing: the kwargs model_inputs gives flash_attention_2
+    (cu_seq_lens_q/k, max_length_q/k, position_ids, no mask) yield per-sample-equal logits when the
+    attention kernel is a varlen reference. The real flash-attn kernel itself needs a GPU."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("distthink_varlen_reference", _varlen_reference_attention)
+    model = _tiny("qwen3", "distthink_varlen_reference")
+    samples = _samples()
+    ref_logits, ref_losses = _per_sample_reference(model, samples)
+    batch = PackingCollator(packed=packed, pad_to_multiple_of=8)(samples)
+    kwargs = model_inputs(batch, "flash_attention_2")
+    assert kwargs["attention_mask"] is None
+    with torch.no_grad():
+        logits = model(**kwargs).logits
+    for (lg, ls), rlg, rls in zip(_split_rows(batch, logits), ref_logits, ref_losses):
+        torch.testing.assert_close(lg, rlg, atol=TOL, rtol=0)
+        torch.testing.assert_close(ls, rls, atol=TOL, rtol=0)
+    # and without the cu_seq_lens kwargs the same kernel leaks across the packed row
+    if packed:
+        leaky = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+        with torch.no_grad():
+            logits = model(**leaky).logits
+        assert (logits[batch["segment_ids"] == 1] - ref_logits[1]).abs().max() > 100 * TOL
