@@ -254,6 +254,15 @@ def _use_color(choice: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `distthink inspect | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     from distthink.data.chat import ChatPolicy
     from distthink.data.dataset import audit_labels, build_sft_dataset
     from distthink.errors import LabelAuditError
