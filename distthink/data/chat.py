@@ -117,8 +117,8 @@ class TemplateInfo:
     renders_reasoning: bool  # does the template render reasoning_content on the last turn?
 
 
-_PROBE_A = "zqxjprobeanswer"
-_PROBE_R = "zqxjprobereasoning"
+_PROBE_A = "7301946285"   # digits survive case-changing filters (upper, title, ...)
+_PROBE_R = "5820193746"
 _INFO_CACHE: dict[tuple, TemplateInfo] = {}
 
 
@@ -485,7 +485,31 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
                     "use a fast tokenizer with trim_offsets=false", sample)
     labels, weights = _label(ids, offs, regions)
     meta = dict(meta, located_turns=located, text_chars=len(canonical))
+    if policy.think != "drop" and _final_reasoning_lost(msgs, prepared, flds, spans):
+        meta["reasoning_not_rendered"] = True
+        key = id(tokenizer)
+        if key not in _WARNED_REASONING:
+            _WARNED_REASONING.add(key)
+            log.warning("the chat template of %s does not render the reasoning of the final assistant turn "
+                        "(e.g. DeepSeek-R1's own template cuts everything before </think>): that reasoning is "
+                        "NOT trained. Counted per sample in the dataset report (reasoning_not_rendered). Fix: use "
+                        "a template that renders reasoning on the last turn, or think: drop to make it explicit",
+                        getattr(tokenizer, "name_or_path", "the tokenizer"))
     return _finish(np.asarray(ids), labels, weights, _token_ranges(offs, think_regions), policy, meta, sample)
+
+
+_WARNED_REASONING: set[int] = set()
+
+
+def _final_reasoning_lost(original, prepared, flds: list[_Field], spans) -> bool:
+    """True when the last trained assistant turn carried reasoning but none of it appears in the render."""
+    last = max((i for i, m in enumerate(prepared) if m["role"] == "assistant" and m.get("train")), default=None)
+    if last is None:
+        return False
+    m = original[last]
+    had = bool((m.get("reasoning_content") or "").strip()) or THINK_CLOSE in m["content"]
+    rendered = any(flds[fid].msg == last and flds[fid].kind == "reasoning" for fid, _, _ in spans)
+    return had and not rendered
 
 
 def _encode_text(tokenizer, sample: Sample, policy: ChatPolicy) -> EncodedSample:

@@ -38,6 +38,7 @@ class DatasetReport:
     learned_tokens: int = 0
     truncated: int = 0
     full_sequence_samples: int = 0
+    reasoning_not_rendered: int = 0   # samples whose final turn's reasoning the template does not render
 
     @property
     def num_skipped(self) -> int:
@@ -51,6 +52,9 @@ class DatasetReport:
         frac = self.learned_tokens / self.tokens if self.tokens else 0.0
         lines = [f"{self.source}: {self.records} records -> {self.samples} samples, {self.tokens} tokens "
                  f"({frac:.1%} learned), {self.truncated} truncated, {self.num_skipped} skipped"]
+        if self.reasoning_not_rendered:
+            lines.append(f"  warning: {self.reasoning_not_rendered} samples carry reasoning on their final turn "
+                         "that the chat template does not render (not trained; see docs/thinking.md)")
         for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  skipped {n:>6} x {reason}: e.g. {self.examples[reason]}")
         return "\n".join(lines)
@@ -58,7 +62,8 @@ class DatasetReport:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "records": self.records, "samples": self.samples,
                 "skipped": dict(self.skipped), "tokens": self.tokens, "learned_tokens": self.learned_tokens,
-                "truncated": self.truncated, "full_sequence_samples": self.full_sequence_samples}
+                "truncated": self.truncated, "full_sequence_samples": self.full_sequence_samples,
+                "reasoning_not_rendered": self.reasoning_not_rendered}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,8 +216,9 @@ def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None
             report.tokens += len(s)
             report.learned_tokens += s.num_learned
             report.truncated += 1 if s.meta.get("truncated") else 0
+            report.reasoning_not_rendered += 1 if s.meta.get("reasoning_not_rendered") else 0
     report.samples = len(samples)
-    if report.num_skipped:
+    if report.num_skipped or report.reasoning_not_rendered:
         log.warning("%s", report.summary())
     if audit:
         report.full_sequence_samples = audit_labels(samples, policy.allow_full_sequence_loss, source)
