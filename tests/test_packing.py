@@ -222,3 +222,25 @@ def test_encode_benchmark_smoke(capsys):
     for key in ("samples_per_s", "packing_efficiency", "padded_vs_packed_tokens_ratio"):
         assert result[key] > 0
     assert result["padded_vs_packed_tokens_ratio"] >= 1.0
+
+
+def test_shuffle_false_has_no_randomness():
+    lengths = _lengths(200)
+    assert plan_bins(lengths, 256, shuffle=False, seed=1) == plan_bins(lengths, 256, shuffle=False, seed=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_path_keeps_invariants(monkeypatch, seed):
+    """Force the fallback (best-fit bins split until the count is a multiple of W x GA) and check the
+    same invariants; random sizes, budgets and multiples."""
+    import distthink.data.packing as packing
+
+    monkeypatch.setattr(packing, "_balanced_fill", lambda *a, **k: None)
+    rng = np.random.default_rng(seed)
+    budget = int(rng.integers(64, 512))
+    lengths = rng.integers(1, budget + 1, size=int(rng.integers(40, 300))).tolist()
+    m = int(rng.choice([1, 2, 3, 8, 16]))
+    plan = plan_bins(lengths, budget, num_bins_multiple_of=m, seed=seed)
+    assert len(plan) % m == 0 and all(plan)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    assert max(sum(lengths[i] for i in b) for b in plan) <= budget

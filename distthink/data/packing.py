@@ -351,8 +351,9 @@ def plan_bins(lengths: Sequence[int], token_budget: int, *, num_bins_multiple_of
     #samples > budget/2) rounded up). If the balanced fill does not fit, the best-fit bins are split
     (the bins with most samples, in two) until the count is reached. Every index appears exactly once.
 
-    Deterministic in (lengths, token_budget, num_bins_multiple_of, seed, epoch, shuffle); the order of
-    bins is shuffled with the same seed so long and short micro-batches interleave.
+    Deterministic in (lengths, token_budget, num_bins_multiple_of, seed, epoch, shuffle); with shuffle the
+    order of bins is shuffled with the same seed so long and short micro-batches interleave (shuffle=False:
+    no randomness at all, e.g. for evaluation).
     """
     lengths_np = np.asarray(lengths, dtype=np.int64)
     _check_lengths(lengths_np, token_budget)
@@ -363,8 +364,9 @@ def plan_bins(lengths: Sequence[int], token_budget: int, *, num_bins_multiple_of
     if n < m:
         raise ConfigError(
             f"{n} samples cannot fill {m} micro-batches (world size x grad accumulation): every rank needs "
-            "work in every step and samples are never duplicated",
-            )
+            "work in every step and samples are never duplicated. Fix: use fewer ranks or a smaller grad "
+            "accumulation, or more data",
+        )
     rng = np.random.default_rng([seed, epoch])
     base = rng.permutation(n) if shuffle else np.arange(n)
     # Longest first; ties keep the shuffled order, so equal-length samples mix differently each epoch.
@@ -385,7 +387,7 @@ def plan_bins(lengths: Sequence[int], token_budget: int, *, num_bins_multiple_of
             )
         balanced = _balanced_fill(order, lengths_np, token_budget, k) if k > k_low else None
         bins = balanced if balanced is not None else _split_until(bfd, k)
-    perm = rng.permutation(len(bins))
+    perm = rng.permutation(len(bins)) if shuffle else range(len(bins))
     return [sorted(bins[i]) for i in perm]
 
 
