@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="longest sample in tokens; longer ones follow --truncation (default: no limit)")
     p.add_argument("--truncation", choices=["truncate_left", "truncate_right", "drop"], default=None,
-                   help="what --max-length does to a longer sample (default: the encoder's default)")
+                   help="what --max-length does to a longer sample: cut the start, cut the end, or drop the "
+                        "sample (counted as too_long). Default: truncate_right")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="raise: stop at the first bad row with file/line/field/fix (default); "
                         "skip: skip bad rows and report counts by reason")
