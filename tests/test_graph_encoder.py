@@ -3,7 +3,7 @@ import torch
 
 from distthink.data.molecules import smiles_to_graph
 from distthink.errors import ConfigError
-from distthink.models.graph import GraphEncoder, GraphPrefix, collate_graphs
+from distthink.models.graph import GraphEncoder, GraphPrefix, collate_graphs, collate_sample_graphs
 from distthink.models.inject import inject_placeholders
 
 MOLS = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "[Na+]", "C[N+](C)(C)C"]
@@ -93,8 +93,6 @@ def test_bad_config_raises():
 
 
 def test_collate_sample_graphs_feeds_packed_injection():
-    from distthink.models.graph import collate_sample_graphs
-
     torch.manual_seed(0)
     g = {s: smiles_to_graph(s) for s in MOLS}
     # three packed samples: one molecule, none (text-only), two molecules
@@ -110,3 +108,28 @@ def test_collate_sample_graphs_feeds_packed_injection():
     torch.testing.assert_close(out[0, 4], solo)  # sample 2's first molecule lands on sample 2's first slot
     none, zero = collate_sample_graphs([[], []])
     assert none is None and zero.tolist() == [0, 0]
+
+
+def test_swapping_one_molecule_changes_tiny_qwen3_logits_at_that_prompt_only():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from distthink.models.inject import embed_with_injection
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = Qwen3ForCausalLM(cfg).eval()
+    prefix = GraphPrefix(GraphEncoder(hidden=32, num_layers=2), llm_hidden=64, k=2, mult=2).eval()
+    G = 100
+    ids = torch.tensor([[3, G, G, 4, 5], [6, 7, G, G, 8]])
+
+    def logits(mols):
+        batch, counts = collate_sample_graphs([[smiles_to_graph(m)] for m in mols])
+        with torch.no_grad():
+            emb = embed_with_injection(model, ids, [prefix.slot(batch, G, counts)])
+            return model(inputs_embeds=emb).logits
+
+    base, swapped = logits(["CCO", "c1ccccc1O"]), logits(["CCO", "CC(=O)O"])
+    torch.testing.assert_close(swapped[0], base[0])
+    torch.testing.assert_close(swapped[1, :2], base[1, :2])  # before the graph tokens (causal)
+    assert (swapped[1, 2:] - base[1, 2:]).abs().amax(-1).min() > 1e-5

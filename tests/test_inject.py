@@ -178,3 +178,11 @@ def test_add_placeholder_tokens_never_shrinks_embeddings(qwen3_tokenizer):
     model = _tiny_qwen3(big)
     add_placeholder_tokens(tok, ["<|graph|>"], model=model)
     assert model.get_input_embeddings().weight.shape[0] == big
+
+
+def test_no_placeholders_and_no_vectors_is_a_no_op():
+    emb = torch.randn(2, 3, H)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = inject_placeholders(ids, emb, [PlaceholderSlot(U, torch.zeros(0, H), counts=torch.tensor([0, 0]))])
+    torch.testing.assert_close(out, emb)
+    assert inject_placeholders(ids, emb, []) is emb
