@@ -146,3 +146,13 @@ def test_template_reason_begins_with_verdict_and_cites_evidence():
                         [["horror"], ["horror"]], [0, 0])
     assert r.startswith("No. because the user disliked several horror movies")
     assert template_reason(0, "Elf Sword (2000)", ["fantasy"], [], [], []).startswith("No. because")
+
+
+def test_synthetic_personas_are_planted_groups():
+    d = generate(200, 150, seed=0, n_personas=3)
+    aff, persona = d.truth["affinity"], d.truth["persona"]
+    assert set(persona.tolist()) == {0, 1, 2}
+    for p in range(3):
+        loved = (aff[persona == p] >= 1.0)
+        assert loved.all(axis=0).sum() == 2  # every member shares the persona's two loved genres
+    assert (generate(50, 40, min_per_user=5, max_per_user=10, seed=0, n_personas=0).truth["persona"] == -1).all()

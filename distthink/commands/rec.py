@@ -1,6 +1,6 @@
 """`distthink rec ...`: recommendation data and collaborative encoders for the ThinkRec recipe.
 
-    distthink rec synth     --out DIR [--users 300 --items 200 --seed 0 --format csv|parquet]
+    distthink rec synth     --out DIR [--users 300 --items 200 --personas 4 --seed 0 --format csv|parquet]
     distthink rec prepare   --input PATH --format movielens|amazon|yelp|generic|pickle [--items PATH]
                             --out DIR [--threshold 4 --history-len 10 --train-frac 0.8 --valid-frac 0.1
                             --reasons none|template --output-format parquet|jsonl --trust-pickle]
@@ -32,13 +32,15 @@ def register(subparsers) -> None:
     s.add_argument("--items", type=int, default=200)
     s.add_argument("--min-per-user", type=int, default=20)
     s.add_argument("--max-per-user", type=int, default=60)
+    s.add_argument("--personas", type=int, default=4, help="planted user taste groups (0: every user independent)")
+    s.add_argument("--latent-scale", type=float, default=1.0, help="strength of the hidden CF-only term")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=("csv", "parquet"), default="csv")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("prepare", help="labels, chronological splits, histories, cold flags, id maps")
     s.add_argument("--input", required=True, help="ml-1m folder (movielens) or the interactions/reviews file; "
-                   "'synthetic' generates the synthetic world in memory")
+                   "'synthetic' generates the default synthetic world in memory (see `rec synth` for sizes)")
     s.add_argument("--format", default="generic", choices=("movielens", "amazon", "yelp", "generic", "pickle"),
                    help="input format (default generic CSV/Parquet)")
     s.add_argument("--items", default=None, help="item metadata file (generic items CSV/Parquet, Amazon meta "
@@ -94,7 +96,7 @@ def _synth(args) -> int:
     from distthink.recsys.synthetic import generate
 
     d = generate(args.users, args.items, min_per_user=args.min_per_user, max_per_user=args.max_per_user,
-                 seed=args.seed)
+                 n_personas=args.personas, latent_scale=args.latent_scale, seed=args.seed)
     paths = d.write(args.out, args.format)
     print(json.dumps({"rows": len(d.interactions.ratings), **{k: str(v) for k, v in paths.items()}}))
     return 0

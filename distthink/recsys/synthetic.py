@@ -12,7 +12,9 @@ embedded default config and the tests can check that each stage learns something
 
 Generative story (all draws from one `numpy.random.Generator(seed)`):
 
-    affinity[u, g]  = +1.5 for 2 loved genres, -1.5 for 1 hated genre, N(0, 0.3) otherwise
+    affinity[u, g]  = +1.5 for 2 loved genres, -1.5 for 1 hated genre, N(0, 0.3) otherwise; with
+                      n_personas > 0 (default 4) every user takes the loved/hated genres of a random
+                      persona, so there are planted user groups (truth["persona"])
     genres(i)       = 1 or 2 genres; quality[i] ~ N(0, 0.3)
     latent          = U[u] . V[i], a unit-variance low-rank term scaled to std 0.8 * latent_scale
     true_score[u,i] = mean_{g in genres(i)} affinity[u, g] + latent + quality[i]
@@ -83,7 +85,8 @@ class SyntheticData:
         summary = {
             "genres": list(GENRES),
             "users": {f"u{u:05d}": {"loved": [GENRES[g] for g in np.flatnonzero(aff[u] >= 1.0)],
-                                    "hated": [GENRES[g] for g in np.flatnonzero(aff[u] <= -1.0)]}
+                                    "hated": [GENRES[g] for g in np.flatnonzero(aff[u] <= -1.0)],
+                                    "persona": int(self.truth["persona"][u])}
                       for u in range(aff.shape[0])},
             "config": self.truth["config"],
         }
@@ -93,17 +96,25 @@ class SyntheticData:
 
 
 def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, max_per_user: int = 60,
-             dim: int = 8, latent_scale: float = 1.0, noise: float = 0.4, seed: int = 0) -> SyntheticData:
+             dim: int = 8, latent_scale: float = 1.0, noise: float = 0.4, n_personas: int = 4,
+             seed: int = 0) -> SyntheticData:
     """Draw a synthetic world. Deterministic for a given (sizes, seed). See the module docstring."""
     if not 1 <= min_per_user <= max_per_user <= n_items:
         raise ValueError("need 1 <= min_per_user <= max_per_user <= n_items")
     rng = np.random.default_rng(seed)
     n_genres = len(GENRES)
 
-    # --- users: 2 loved genres, 1 hated genre, mild noise elsewhere
-    affinity = rng.normal(0.0, 0.3, size=(n_users, n_genres))
-    order = np.argsort(rng.random((n_users, n_genres)), axis=1)  # a random permutation per user
+    # --- users: 2 loved genres, 1 hated genre, mild noise elsewhere. With personas, users share the
+    # loved/hated genres of their persona (planted user groups for the mixture-of-LoRA stage).
     rows = np.arange(n_users)
+    if n_personas > 0:
+        persona_order = np.argsort(rng.random((n_personas, n_genres)), axis=1)
+        persona = rng.integers(0, n_personas, n_users)
+        order = persona_order[persona]
+    else:
+        persona = np.full(n_users, -1)
+        order = np.argsort(rng.random((n_users, n_genres)), axis=1)  # a random permutation per user
+    affinity = rng.normal(0.0, 0.3, size=(n_users, n_genres))
     affinity[rows, order[:, 0]] = 1.5
     affinity[rows, order[:, 1]] = 1.5
     affinity[rows, order[:, 2]] = -1.5
@@ -152,11 +163,11 @@ def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, 
     items = pd.DataFrame({"item_id": np.array([f"i{i:05d}" for i in range(n_items)], dtype=object),
                           "title": titles, "description": descriptions, "genres": genre_str})
     truth = {"affinity": affinity, "user_latent": user_latent, "item_latent": item_latent,
-             "item_genres": item_genres, "quality": quality, "true_score": true_score,
+             "item_genres": item_genres, "quality": quality, "true_score": true_score, "persona": persona,
              "genres": np.array(GENRES),
              "config": {"n_users": n_users, "n_items": n_items, "min_per_user": min_per_user,
                         "max_per_user": max_per_user, "dim": dim, "latent_scale": latent_scale,
-                        "noise": noise, "seed": seed}}
+                        "noise": noise, "n_personas": n_personas, "seed": seed}}
     return SyntheticData(Interactions(ratings, items, source=f"synthetic:seed={seed}"), truth)
 
 
