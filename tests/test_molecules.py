@@ -129,11 +129,32 @@ def test_aspirin_caption_from_rdkit_facts():
     assert caption_from_facts(hexane).startswith("This molecule is acyclic. It has none of the common functional")
 
 
+def _same_rdkit_as_shipped():
+    import rdkit
+
+    from distthink.data.molecule_demo import demo_meta
+
+    built = demo_meta().get("rdkit_version")
+    if built != rdkit.__version__:
+        pytest.skip(f"shipped demo set was built with RDKit {built}, this is {rdkit.__version__}: canonical SMILES "
+                    "and fragment SMARTS may differ; regenerate with `python -m distthink.data.molecule_demo`")
+
+
+def test_shipped_demo_set_splits():
+    from distthink.data.molecule_demo import demo_meta, load_demo
+
+    train, test = load_demo("train"), load_demo("test")
+    assert 200 <= len(train) + len(test) <= 400 and 0.1 <= len(test) / (len(train) + len(test)) <= 0.3
+    assert not {r["smiles"] for r in train} & {r["smiles"] for r in test}  # held-out molecules
+    assert demo_meta()["counts"] == {"train": len(train), "test": len(test)}
+
+
 def test_shipped_demo_set_is_consistent():
     from rdkit import Chem
 
     from distthink.data.molecule_demo import caption_from_facts, load_demo, molecule_facts, split_of
 
+    _same_rdkit_as_shipped()
     train, test = load_demo("train"), load_demo("test")
     assert 200 <= len(train) + len(test) <= 400 and 0.1 <= len(test) / (len(train) + len(test)) <= 0.3
     assert not {r["smiles"] for r in train} & {r["smiles"] for r in test}  # held-out molecules
@@ -151,6 +172,7 @@ def test_shipped_demo_set_is_consistent():
 def test_shipped_demo_files_equal_a_fresh_build():
     from distthink.data.molecule_demo import SPLIT_FILES, build_demo_records, load_demo
 
+    _same_rdkit_as_shipped()
     records = build_demo_records()
     for split in SPLIT_FILES:
         assert load_demo(split) == [r for r in records if r["split"] == split]
@@ -166,3 +188,20 @@ def test_caption_messages_graph_and_text_only():
     assert "<|graph|>" not in t[1]["content"] and "/no_think" not in t[0]["content"] and len(t) == 2
     with pytest.raises(DataError):
         caption_messages("CCO", use_graph=False, include_smiles=False)
+
+
+def test_load_molecule_jsonl_raise_and_skip(tmp_path):
+    from distthink.data.molecules import load_molecule_jsonl
+
+    p = tmp_path / "mols.jsonl"
+    p.write_text('{"smiles": "CCO", "description": "ethanol"}\n\n{"smiles": "C1CC"}\n{"name": "x"}\nnot json\n'
+                 '{"smiles": "c1ccccc1"}\n')
+    with pytest.raises(DataError, match=r"mols.jsonl, line 3, field 'smiles': RDKit cannot parse"):
+        load_molecule_jsonl(p)
+    out = load_molecule_jsonl(p, on_error="skip")
+    assert out.lines == [1, 6] and [g.smiles for g in out.graphs] == ["CCO", "c1ccccc1"]
+    assert out.records[0]["description"] == "ethanol"
+    assert dict(out.skipped) == {"invalid_smiles": 1, "missing_smiles": 1, "invalid_json": 1}
+    assert out.skipped_lines == [3, 4, 5]
+    with pytest.raises(DataError, match="file not found"):
+        load_molecule_jsonl(tmp_path / "nope.jsonl")

@@ -28,6 +28,7 @@ from distthink.errors import DataError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "molecules"
 SPLIT_FILES = {"train": "demo_train.jsonl", "test": "demo_test.jsonl"}
+META_FILE = "demo_meta.json"
 DEFAULT_N = 320
 TEST_FRACTION = 0.2
 ALLOWED_ELEMENTS = ("C", "N", "O", "S", "F", "Cl", "Br", "I", "P")
@@ -190,6 +191,8 @@ def build_demo_records(n: int = DEFAULT_N, source: Path | None = None) -> list[d
 
 def write_demo(out_dir: Path = ASSET_DIR, n: int = DEFAULT_N) -> dict[str, int]:
     """Write demo_train.jsonl / demo_test.jsonl under ``out_dir``; returns the row count per split."""
+    import rdkit
+
     records = build_demo_records(n)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -199,7 +202,17 @@ def write_demo(out_dir: Path = ASSET_DIR, n: int = DEFAULT_N) -> dict[str, int]:
             for r in rows:
                 fh.write(json.dumps(r, sort_keys=True) + "\n")
         counts[split] = len(rows)
+    meta = {"rdkit_version": rdkit.__version__, "n": n, "counts": counts,
+            "source": "rdkit/Data/NCI/first_5K.smi", "test_fraction": TEST_FRACTION}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return counts
+
+
+def demo_meta(asset_dir: Path = ASSET_DIR) -> dict:
+    """How the shipped files were built (RDKit version, size, counts). Canonical SMILES and fragment SMARTS
+    can change between RDKit releases, so a fresh build is only expected to match under the same version."""
+    path = asset_dir / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_demo(split: str = "train", asset_dir: Path = ASSET_DIR) -> list[dict]:

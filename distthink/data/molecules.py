@@ -250,6 +250,66 @@ def smiles_to_graphs(smiles: Sequence[str] | Iterable[str], *, on_error: Literal
     return out
 
 
+@dataclass
+class MoleculeRecords:
+    """Rows of a molecule JSONL file that converted, with their graphs. ``lines[i]`` is the 1-based line of
+    ``records[i]``; ``skipped`` counts rows dropped under ``on_error='skip'`` by reason."""
+
+    records: list[dict]
+    graphs: list
+    lines: list[int]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_lines: list[int] = field(default_factory=list)
+
+
+def load_molecule_jsonl(path: str | os.PathLike, *, smiles_field: str = "smiles",
+                        on_error: Literal["raise", "skip"] = "raise", cache: GraphCache | None = None
+                        ) -> MoleculeRecords:
+    """Read a JSONL file of molecule records (e.g. the demo set) and convert each row's SMILES.
+
+    Blank lines are ignored. Invalid JSON, a missing/non-string ``smiles_field`` or an invalid SMILES raise a
+    DataError naming the file and line, or, with ``on_error='skip'``, are skipped and counted by reason
+    (``invalid_json``, ``missing_smiles``, ``invalid_smiles``) and logged once.
+    """
+    import json
+
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}", field="on_error",
+                        fix="set on_error: raise or on_error: skip")
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", source=str(path), fix="check the data path in the config")
+    out = MoleculeRecords(records=[], graphs=[], lines=[])
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"invalid JSON ({err.msg})", source=str(path), line=n,
+                                    fix="each line must be one JSON object", reason="invalid_json") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(smiles_field), str):
+                    raise DataError("missing or non-string SMILES", source=str(path), line=n, field=smiles_field,
+                                    fix=f"give every row a '{smiles_field}' string (or set smiles_field)",
+                                    reason="missing_smiles")
+                graph = smiles_to_graph(rec[smiles_field], row=n, source=str(path), cache=cache)
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                out.skipped[err.reason] += 1
+                out.skipped_lines.append(n)
+                continue
+            out.records.append(rec)
+            out.graphs.append(graph)
+            out.lines.append(n)
+    if out.skipped:
+        log.warning("%s: skipped %d rows %s (lines %s%s)", path, sum(out.skipped.values()), dict(out.skipped),
+                    out.skipped_lines[:10], " ..." if len(out.skipped_lines) > 10 else "")
+    return out
+
+
 def one_hot_atoms(x: torch.Tensor) -> torch.Tensor:
     """(N, 6) categorical atom features -> (N, sum(ATOM_DIMS)) float one-hot, columns in ATOM_FEATURES order."""
     return _one_hot(x, ATOM_DIMS)
