@@ -282,7 +282,14 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
             continue
         sp = sorted(by_msg.get(i, []))
         if not sp:
-            continue  # nothing of this turn is rendered (e.g. reasoning-only turn dropped from history)
+            # A turn whose only output is non-text (tool calls, empty content) has no field to anchor on. A turn
+            # whose reasoning the template dropped (Qwen3 history) is simply not in the sample.
+            if m["role"] == "assistant" and not m["content"] and not m.get("reasoning_content"):
+                reg = _fieldless_turn(canonical, i, by_msg, info)
+                if reg is not None:
+                    located += 1
+                    regions.append((reg[0], reg[1], float(m.get("loss_weight", 1.0))))
+            continue
         if any(counts[fid] > 1 for fid, _, _ in spans if flds[fid].msg == i):
             raise ValueError(f"the template renders message {i} more than once")
         located += 1
@@ -307,15 +314,7 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
             a0, a1 = answer[0]
             text = canonical[a0:a1]
             think_end = a0 + (len(text) - len(text.lstrip()))
-        end = body_end
-        if info.eot and canonical.startswith(info.eot, body_end):
-            end = body_end + len(info.eot)
-        else:
-            ws = len(canonical[body_end:]) - len(canonical[body_end:].lstrip())
-            for sp_text in specials:
-                if canonical.startswith(sp_text, body_end + ws) and info.eot.strip() == sp_text:
-                    end = body_end + ws + len(sp_text)
-                    break
+        end = _turn_end(canonical, body_end, i, m["role"], spans, flds, info)
         w = float(m.get("loss_weight", 1.0))
         if has_think and think_end > start:
             think_regions.append((start, think_end))
@@ -326,6 +325,44 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
         elif end > start:
             regions.append((start, end, w))
     return regions, think_regions, located
+
+
+def _fieldless_turn(c: str, msg: int, by_msg: dict, info: TemplateInfo) -> tuple[int, int] | None:
+    """Region of an assistant turn that has no text field in the render (empty content, e.g. only tool
+    calls): between the neighbouring messages' fields there must be exactly one assistant header, followed by
+    an end-of-turn token. Otherwise the turn cannot be placed without guessing and is left unlearned."""
+    lo = max((e for j, sp in by_msg.items() if j < msg for _, e, _ in sp), default=0)
+    hi = min((s for j, sp in by_msg.items() if j > msg for s, _, _ in sp), default=len(c))
+    gap = c[lo:hi]
+    header, core = info.gen_prompt or info.header, info.eot.strip()
+    if not header or not core or gap.count(header) != 1:
+        return None
+    start = lo + gap.index(header) + len(header)
+    j = c.find(core, start, hi)
+    return (start, j + len(core)) if j >= 0 else None
+
+
+def _turn_end(c: str, body_end: int, msg: int, role: str, spans, flds: list[_Field], info: TemplateInfo) -> int:
+    """End of a trained message's learned region: through its end-of-turn token.
+
+    Assistant: everything the template writes after the content up to the first end-of-turn token is what the
+    model generates before stopping (e.g. Qwen3's rendered tool calls), so it is learned, as long as that stays
+    before the next message's text and does not contain an assistant header. Other roles (unmask): only an
+    end-of-turn token that directly follows the content (whitespace allowed)."""
+    core = info.eot.strip()
+    if not core:
+        return body_end
+    if role != "assistant":
+        k = len(c[body_end:]) - len(c[body_end:].lstrip())
+        return body_end + k + len(core) if c.startswith(core, body_end + k) else body_end
+    nxt = min((s for fid, s, _ in spans if s >= body_end and flds[fid].msg != msg), default=len(c))
+    j = c.find(core, body_end, nxt)
+    if j < 0:
+        return body_end
+    gap = c[body_end:j]
+    if (info.gen_prompt and info.gen_prompt in gap) or (info.header.strip() and info.header.strip() in gap):
+        return body_end
+    return j + len(core)
 
 
 def _output_start(c: str, lo: int, hi: int, info: TemplateInfo, specials: list[str]) -> int:
@@ -484,7 +521,8 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
         raise _fail("tokenizer_offsets", "the tokenizer's offset mapping does not cover the text",
                     "use a fast tokenizer with trim_offsets=false", sample)
     labels, weights = _label(ids, offs, regions)
-    meta = dict(meta, located_turns=located, text_chars=len(canonical))
+    trained = sum(1 for m in prepared if m.get("train") and m.get("loss_weight", 1.0) > 0)
+    meta = dict(meta, trained_turns=trained, located_turns=located, text_chars=len(canonical))
     if policy.think != "drop" and _final_reasoning_lost(msgs, prepared, flds, spans):
         meta["reasoning_not_rendered"] = True
         key = id(tokenizer)

@@ -20,6 +20,8 @@ from typing import Any
 from distthink.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+# Keys distthink interprets; any other message key is handed to the chat template as is.
+_OWN_KEYS = ("role", "content", "reasoning_content", "loss_weight", "train")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAG = re.compile(r"</?think>")
 
@@ -125,7 +127,7 @@ def validate_messages(messages: Any, *, source: str | None = None, line: int | N
             raise _err("inline <think>/</think> tags are unbalanced", "unbalanced_think",
                        "close every <think> with </think> (or move the reasoning to reasoning_content)",
                        source, line, f"{where}.content")
-        if role == "assistant" and not content.strip() and not (reasoning or "").strip():
+        if role == "assistant" and not content.strip() and not (reasoning or "").strip() and not m.get("tool_calls"):
             raise _err("assistant turn has neither content nor reasoning", "empty_assistant",
                        "fill in the assistant's answer or remove the turn", source, line, where)
         weight = m.get("loss_weight", 1.0)
@@ -134,7 +136,9 @@ def validate_messages(messages: Any, *, source: str | None = None, line: int | N
                        "use e.g. 1.0 (default), 0.5 to down-weight, 0 to not train this turn", source, line,
                        f"{where}.loss_weight")
         train = role == "assistant" and train_assistant or (unmask and role != "system")
-        out.append({"role": role, "content": content, "reasoning_content": reasoning,
+        # Other keys (tool_calls, name, tool_call_id, ...) are passed to the chat template unchanged.
+        extra = {k: v for k, v in m.items() if k not in _OWN_KEYS}
+        out.append({**extra, "role": role, "content": content, "reasoning_content": reasoning,
                     "loss_weight": float(weight), "train": bool(train)})
     return out
 

@@ -16,6 +16,7 @@ from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_POLICIES = ("supervise", "mask", "drop")
+_INTERNAL = ("loss_weight", "train", "dropped_empty")  # distthink's own keys, never shown to a template
 _SPLIT = re.compile(r"(</?think>)")
 _BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
@@ -80,11 +81,13 @@ def apply_think_policy(messages: list[dict[str, Any]], think: str, *,
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the keys a chat template should see; reasoning_content only when set (templates test
-    `is defined`)."""
+    """The message dicts a chat template sees: the user's keys (role, content, tool_calls, name, ...) minus
+    distthink's own (loss_weight, train); reasoning_content only when set (templates test `is defined`)."""
     out = []
     for m in messages:
-        d = {"role": m["role"], "content": m["content"]}
+        d = {k: v for k, v in m.items() if k not in _INTERNAL}
+        d["role"], d["content"] = m["role"], m["content"]
+        d.pop("reasoning_content", None)
         if m.get("reasoning_content") is not None:
             d["reasoning_content"] = m["reasoning_content"]
         out.append(d)
