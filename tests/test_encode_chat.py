@@ -425,3 +425,34 @@ def test_real_qwen3_tool_calls_are_learned(toks):
     assert "<tool_call>" in first and learned.startswith(first)
     assert learned.count('"name": "add"') == 2 and "<tool_response>" not in learned
     assert learned.endswith("It is 5.<|im_end|>") and "Add 2 and 3." not in learned
+
+
+def test_expand_turns_counts_turns_left_without_learned_tokens(toks):
+    tok = toks["qwen3"]
+    out = encode_chat(tok, conv(), expand_turns=True)
+    # the second turn's sample is longer; cut it just before its first learned token
+    L = next(i for i, lab in enumerate(out[1].labels) if lab != -100)
+    assert L >= len(out[0])
+    kept = encode_chat(tok, conv(), expand_turns=True, max_length=L)
+    assert len(kept) == 1 and kept[0].input_ids == out[0].input_ids and kept[0].meta["skipped_turns"] == 1
+    samples, report = build_sft_dataset([{"messages": conv()}], tok, ChatPolicy(expand_turns=True, max_length=L),
+                                        on_error="skip")
+    assert len(samples) == 1 and report.skipped == {"no_learned_tokens": 1}
+    with pytest.raises(DataError):
+        build_sft_dataset([{"messages": conv()}], tok, ChatPolicy(expand_turns=True, max_length=L))
+
+
+def test_drop_reasoning_only_turn(toks):
+    tok = toks["qwen3"]
+    msgs = conv()
+    msgs[2] = {"role": "assistant", "content": "", "reasoning_content": R1}
+    s = encode_chat(tok, msgs, think="drop")
+    learned = tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100])
+    assert learned == "<think>\n\n</think>\n\n" + A2 + "<|im_end|>"  # only the turn that still has an answer
+    with pytest.raises(DataError) as e:
+        encode_chat(tok, msgs[:3], think="drop")
+    assert e.value.reason == "no_learned_tokens"
+    # supervise keeps a reasoning-only last turn: think block + end-of-turn
+    s = encode_chat(tok, msgs[:3])
+    learned = tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100])
+    assert learned == f"<think>\n{R1}\n</think>\n\n<|im_end|>"
