@@ -119,6 +119,12 @@ def _fault_injection(step: int, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _fault_nan(step: int) -> bool:
+    """Test hook: DISTTHINK_FAULT_NAN_STEPS=2,3 makes the loss of those steps NaN (NaN/Inf guard test)."""
+    spec = os.environ.get("DISTTHINK_FAULT_NAN_STEPS", "")
+    return bool(spec) and step in {int(x) for x in spec.split(",")}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The recipe.
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ def run(cfg: Config) -> int:
     from distthink import distributed as dist
     from distthink import train_data
     from distthink.data.packing import attn_implementation_of, batch_to, model_inputs
-    from distthink.models.load import load_model, load_tokenizer
+    from distthink.models.load import is_partitioned, load_model, load_tokenizer
     from distthink.objectives import LMLossModel, micro_batch_scale
 
     t_start = time.time()
@@ -161,6 +167,9 @@ def run(cfg: Config) -> int:
 
         # 3. Model (partitioned at construction under ZeRO-3), loss wrapper, optimizer, schedule.
         model = load_model(cfg, tokenizer, device.type, dtype)
+        partitioned = is_partitioned(model)
+        if use_ds and dist.zero_stage(accelerator) == 3:
+            log.info("ZeRO-3: parameters partitioned at construction: %s", partitioned)
         wrapped = LMLossModel(model, impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
@@ -252,6 +261,8 @@ def run(cfg: Config) -> int:
                 with accelerator.accumulate(wrapped):
                     loss_sum = wrapped(targets=mb["targets"], target_weights=mb["target_weights"],
                                        **model_inputs(mb, attn_impl, dtype=dtype))
+                    if _fault_nan(step + 1):
+                        loss_sum = loss_sum * float("nan")
                     local_loss += float(loss_sum.detach())
                     if not torch.isfinite(loss_sum.detach()):
                         local_bad = 1.0
@@ -329,6 +340,7 @@ def run(cfg: Config) -> int:
                     "world_size": world, "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
+                    "zero_stage": dist.zero_stage(accelerator), "zero3_partitioned": partitioned,
                 }
                 (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
                 print(_summary_text(summary), flush=True)

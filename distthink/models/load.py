@@ -91,6 +91,8 @@ def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype):
     else:
         mcfg = build_model_config(cfg, tokenizer)
         model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation=attn)
+        if is_partitioned(model):
+            _copy_unpartitioned_init(model, mcfg, dtype, attn, cfg.train.seed)
     vocab = model.get_input_embeddings().num_embeddings if not is_partitioned(model) else model.config.vocab_size
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}. Fix: use "
@@ -105,6 +107,43 @@ def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype):
     log.info("model: %s, %s, attention=%s, %s params, %s trainable (%s)", type(model).__name__, dtype, attn,
              f"{n_all:,}", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full fine-tuning")
     return model
+
+
+def _copy_unpartitioned_init(model, mcfg, dtype, attn: str, seed: int) -> None:
+    """Give a ZeRO-3-partitioned random-init model the exact weights the same seed gives without ZeRO.
+
+    `zero.Init` initialises parameters shard by shard, which consumes the RNG differently: the same
+    seed would give another model under ZeRO-3 than under DDP or on one process, and runs could not be
+    compared. Rank 0 builds the reference model unpartitioned (full size in memory: meant for
+    from_config test/benchmark models; pretrained weights load exactly anyway) and each module's
+    parameters are overwritten inside GatheredParameters(modifier_rank=0), which re-partitions them.
+    """
+    import deepspeed
+    import torch.distributed as tdist
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref_modules = None
+    if tdist.get_rank() == 0:
+        ds_cfg = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
+        hf_ds.unset_hf_deepspeed_config()
+        try:
+            torch.manual_seed(seed)
+            ref = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation=attn)
+        finally:
+            if ds_cfg is not None:
+                hf_ds.set_hf_deepspeed_config(ds_cfg)
+        ref_modules = dict(ref.named_modules())
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if ref_modules is not None:
+                src = dict(ref_modules[name].named_parameters(recurse=False))
+                with torch.no_grad():
+                    for pname, p in params:
+                        p.data.copy_(src[pname].data)
 
 
 def wrap_lora(model, cfg: Config):
@@ -125,8 +164,9 @@ def wrap_lora(model, cfg: Config):
 
 
 def is_partitioned(model) -> bool:
-    """True when ZeRO-3 has partitioned the parameters (each rank holds a shard, local shape (0,))."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    """True when ZeRO-3 has partitioned the parameters: a rank's local tensor is smaller than the
+    parameter (shape (0,) until gathered), so no rank ever holds the full model."""
+    return any(hasattr(p, "ds_id") and p.data.numel() < p.ds_numel for p in model.parameters())
 
 
 def base_causal_lm(model):
