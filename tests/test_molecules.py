@@ -205,3 +205,9 @@ def test_load_molecule_jsonl_raise_and_skip(tmp_path):
     assert out.skipped_lines == [3, 4, 5]
     with pytest.raises(DataError, match="file not found"):
         load_molecule_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_non_string_smiles_raise_naming_row():
+    for bad in (None, 3.0, ["CCO"]):
+        with pytest.raises(DataError, match="line 4"):
+            smiles_to_graph(bad, row=4)

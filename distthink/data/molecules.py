@@ -169,15 +169,15 @@ class GraphCache:
 
     def get(self, smiles: str, *, row: int | None = None, source: str | None = None):
         """Graph for ``smiles``; DataError naming ``row``/``source`` if it is invalid (invalid ones are not cached)."""
-        key = smiles.strip() if isinstance(smiles, str) else smiles
+        if not isinstance(smiles, str):
+            parse_smiles(smiles, row=row, source=source)  # raises the DataError naming the row
+        key = smiles.strip()
         if key in self._lru:
             self._lru.move_to_end(key)
             self.hits += 1
             return self._lru[key].clone()
         self.misses += 1
         mol = parse_smiles(smiles, row=row, source=source)
-        from rdkit import Chem
-
         mol, canonical = canonicalise(mol)
         graph = None
         if self.cache_dir is not None:

@@ -33,10 +33,13 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from distthink.errors import DataError
 from distthink.generate_parse import parse_generation
+
+if TYPE_CHECKING:
+    import pandas
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -126,11 +129,9 @@ class _NoSynonyms:
 
 
 def meteor_available() -> bool:
-    try:
-        import nltk.translate.meteor_score  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("nltk") is not None
 
 
 def meteor_nosyn(hyp: Sequence[str], ref: Sequence[str]) -> float:
@@ -147,7 +148,7 @@ class CaptionReport:
     """``summary``: corpus figures (dict, JSON-ready). ``per_sample``: a pandas DataFrame, one row per output."""
 
     summary: dict
-    per_sample: "pandas.DataFrame"  # noqa: F821
+    per_sample: pandas.DataFrame
 
 
 def evaluate_captions(generations: Sequence[dict | str], references: Sequence[str], *,

@@ -22,7 +22,7 @@ partitions their parameters like the rest; freezing is ``requires_grad_(False)``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from torch import nn
 from distthink.data.molecules import ATOM_DIMS, BOND_DIMS
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import PlaceholderSlot, Projector
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch
 
 __all__ = ["GraphEncoder", "GraphEncoding", "GraphPrefix", "collate_graphs", "collate_sample_graphs"]
 
@@ -143,7 +146,7 @@ class GraphPrefix(nn.Module):
         return PlaceholderSlot(token_id=token_id, vectors=self(batch), counts=graphs_per_sample, name=name)
 
 
-def collate_graphs(graphs: Sequence) -> "torch_geometric.data.Batch":  # noqa: F821
+def collate_graphs(graphs: Sequence) -> Batch:
     """PyG ``Batch.from_data_list``; graph i of the list is graph i of the batch (``batch.batch`` == i)."""
     from torch_geometric.data import Batch
 
@@ -153,7 +156,7 @@ def collate_graphs(graphs: Sequence) -> "torch_geometric.data.Batch":  # noqa: F
     return Batch.from_data_list(list(graphs))
 
 
-def collate_sample_graphs(graphs_per_sample: Sequence[Sequence]) -> tuple[object | None, torch.Tensor]:
+def collate_sample_graphs(graphs_per_sample: Sequence[Sequence]) -> tuple[Batch | None, torch.Tensor]:
     """Side input of a packed micro-batch with S samples.
 
     ``graphs_per_sample[s]``: the ``Data`` graphs of sample s, in the order their ``<|graph|>`` groups appear in
