@@ -124,15 +124,17 @@ def _addmm_out_dtype_ok(device_index: int) -> bool:
     return torch.version.hip is None and major >= 8 and ver >= (2, 8, 0)
 
 
-def accumulate_weight_grad(grad_weight32: torch.Tensor, g: torch.Tensor, x_scaled32: torch.Tensor) -> None:
-    """grad_weight32 (fp32) += g.T @ x_scaled.
+def accumulate_weight_grad(grad_weight32: torch.Tensor, g: torch.Tensor, x_scaled32: torch.Tensor,
+                           beta: float = 1.0) -> None:
+    """grad_weight32 (fp32) = beta * grad_weight32 + g.T @ x_scaled (beta=0 ignores the old contents).
 
     g is the kernel's bf16/fp16 gradient: on sm80+ with torch >= 2.8 a bf16 GEMM accumulates straight
     into the fp32 buffer (addmm out_dtype); otherwise the chunk is upcast (a (chunk, V) fp32 temporary)."""
     if g.dtype == torch.float32:
-        grad_weight32.addmm_(g.t(), x_scaled32)
+        torch.addmm(grad_weight32, g.t(), x_scaled32, beta=beta, out=grad_weight32)
         return
     if g.is_cuda and _addmm_out_dtype_ok(g.device.index or 0):
-        torch.addmm(grad_weight32, g.t(), x_scaled32.to(g.dtype), out_dtype=torch.float32, out=grad_weight32)
+        torch.addmm(grad_weight32, g.t(), x_scaled32.to(g.dtype), beta=beta, out_dtype=torch.float32,
+                    out=grad_weight32)
         return
-    grad_weight32.addmm_(g.float().t(), x_scaled32)
+    torch.addmm(grad_weight32, g.float().t(), x_scaled32, beta=beta, out=grad_weight32)
