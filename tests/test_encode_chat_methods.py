@@ -102,3 +102,26 @@ def test_adversarial_contents_do_not_confuse_alignment(qwen3_tokenizer):
     t2 = text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
     covered = "".join(text[a:b] for a, b in learned)
     assert covered == text[t1:t1 + len("a<|im_end|>")] + text[t2:text.rindex("<|im_end|>") + len("<|im_end|>")]
+
+
+def test_template_branching_on_content_edges(qwen3_tokenizer):
+    """Real Qwen3 treats a user message that starts with <tool_response> and ends with </tool_response> as a
+    tool result, which moves the 'last query' and so changes which reasoning is rendered. Opaque placeholders
+    would take the other branch; encode_chat falls back to placeholders that keep the value's edges."""
+    tok = qwen3_tokenizer
+    msgs = [{"role": "user", "content": "Look it up."},
+            {"role": "assistant", "content": "Searching.", "reasoning_content": "Need the tool."},
+            {"role": "user", "content": "<tool_response>\n42\n</tool_response>"},
+            {"role": "assistant", "content": "It is 42.", "reasoning_content": "The tool said 42."}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert "Need the tool." in text  # the first turn is after the last *query*, so its reasoning renders
+    s = encode_chat(tok, msgs)
+    assert tok.decode(s.input_ids) == text
+    learned = learned_text(tok, s)
+    for part in ("Need the tool.", "Searching.", "The tool said 42.", "It is 42."):
+        assert part in learned
+    assert "42\n</tool_response>" not in learned and "Look it up." not in learned
+    # attribution is exact, not just coverage: under think=mask the reasoning of both turns is context
+    masked = learned_text(tok, encode_chat(tok, msgs, think="mask"))
+    assert "Need the tool." not in masked and "The tool said 42." not in masked
+    assert "Searching." in masked and "It is 42." in masked

@@ -193,14 +193,22 @@ class _Field:
     value: str
 
 
-def _skeleton_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[_Field]]:
+def _skeleton_messages(msgs: list[dict[str, Any]], keep: int = 0) -> tuple[list[dict[str, Any]], list[_Field]]:
     """Copy of the template messages with each non-empty text field replaced by a placeholder. Empty strings
-    stay empty and inline <think> tags stay in place, so the template takes the same branches."""
+    stay empty and inline <think> tags stay in place, so the template takes the same branches.
+
+    keep > 0 (fallback pass): the first/last `keep` characters of each value stay around the placeholder, so
+    templates that branch on `content.startswith(...)`/`endswith(...)` (Qwen3's <tool_response> check) or
+    strip leading/trailing whitespace behave exactly as on the real text."""
     flds: list[_Field] = []
 
     def ph(i: int, kind: str, value: str) -> str:
         flds.append(_Field(i, kind, value))
-        return f"{_PH_OPEN}{len(flds) - 1}{_PH_CLOSE}"
+        marker = f"{_PH_OPEN}{len(flds) - 1}{_PH_CLOSE}"
+        if not keep:
+            return marker
+        a, b = _edges(value, keep)
+        return a + marker + b
 
     out = []
     for i, m in enumerate(msgs):
@@ -214,6 +222,12 @@ def _skeleton_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     return out, flds
 
 
+def _edges(value: str, keep: int) -> tuple[str, str]:
+    ka = min(keep, len(value) // 2)
+    kb = min(keep, len(value) - ka)
+    return value[:ka], value[len(value) - kb:]
+
+
 def _candidates(v: str) -> list[str]:
     seen, out = set(), []
     for c in (v, v.strip(), v.strip("\n"), v.lstrip(), v.rstrip(), v.lstrip("\n"), v.rstrip("\n"),
@@ -224,18 +238,39 @@ def _candidates(v: str) -> list[str]:
     return out
 
 
-def _align(canonical: str, skeleton: str, flds: list[_Field]) -> list[tuple[int, int, int]]:
-    """[(field index, start, end)] in canonical order, or raise ValueError when the literals do not match."""
+def _align(canonical: str, skeleton: str, flds: list[_Field], keep: int = 0,
+           guard: tuple[str, ...] = ()) -> tuple[list[tuple[int, int, int]], int]:
+    """([(field index, start, end)] in canonical order, number of weak matches), or raise ValueError when the
+    literals do not match. A weak match is a field bracketed by the literals around it because none of the
+    known renderings of its value (as is, stripped) fits; it must not swallow structure (`guard` texts such
+    as special tokens or think tags that the value itself does not contain).
+
+    With keep > 0 the kept edges of each value are cut off the neighbouring literals first (as the template
+    rendered them: whole, or with leading/trailing whitespace stripped) and become part of the field again."""
     pieces = _PH_RE.split(skeleton)
     lits, ids = pieces[0::2], [int(x) for x in pieces[1::2]]
+    cands: dict[int, list[str]] = {}
+    for j, fid in enumerate(ids):
+        v = flds[fid].value
+        if not keep:
+            cands[j] = _candidates(v)
+            continue
+        a, b = _edges(v, keep)
+        a_r = next((c for c in (a, a.lstrip(), a.lstrip("\n"), a.lstrip(" "), "") if lits[j].endswith(c)), "")
+        lits[j] = lits[j][:len(lits[j]) - len(a_r)]
+        b_r = next((c for c in (b, b.rstrip(), b.rstrip("\n"), b.rstrip(" "), "") if lits[j + 1].startswith(c)), "")
+        lits[j + 1] = lits[j + 1][len(b_r):]
+        if (a.strip() and not a_r) or (b.strip() and not b_r):
+            raise ValueError(f"the template changes the text of field {fid} (not only its whitespace)")
+        cands[j] = [a_r + v[len(a):len(v) - len(b)] + b_r]
     if not canonical.startswith(lits[0]):
         raise ValueError("the render does not start like its skeleton")
     pos, n = len(lits[0]), len(canonical)
-    spans = []
+    spans, weak = [], 0
     for j, fid in enumerate(ids):
         nxt, last = lits[j + 1], j == len(ids) - 1
         end = None
-        for cand in _candidates(flds[fid].value):
+        for cand in cands[j]:
             e = pos + len(cand)
             if canonical.startswith(cand, pos) and canonical.startswith(nxt, e) and (not last or e + len(nxt) == n):
                 end = e
@@ -249,13 +284,43 @@ def _align(canonical: str, skeleton: str, flds: list[_Field]) -> list[tuple[int,
                 end = -1  # two adjacent fields with nothing between them cannot be told apart
             if end < 0:
                 raise ValueError(f"cannot locate field {fid} ({flds[fid].kind} of message {flds[fid].msg})")
+            weak += 1
+            got = canonical[pos:end]
+            if any(g in got and g not in flds[fid].value for g in guard):
+                raise ValueError(f"field {fid} ({flds[fid].kind} of message {flds[fid].msg}) would swallow "
+                                 "template structure: the template took another branch on the real text")
         spans.append((fid, pos, end))
         pos = end + len(nxt)
     if not ids and canonical != lits[0]:
         raise ValueError("the render differs from its skeleton")
     if pos != n:
         raise ValueError("the render is longer than its skeleton")
-    return spans
+    return spans, weak
+
+
+def locate_fields(tokenizer, tmsgs: list[dict[str, Any]], kwargs: dict[str, Any], canonical: str,
+                  guard: tuple[str, ...] = (THINK_OPEN, THINK_CLOSE)):
+    """(fields, spans) of every rendered text field of `tmsgs` in `canonical`.
+
+    Pass 1 uses opaque placeholders. If a field needed a weak (bracketed) match or the alignment failed, pass 2
+    uses placeholders that keep each value's edges (templates that branch on content.startswith(...)); its
+    result wins when all its matches are strong. A weak-but-sane pass 1 (e.g. a template that upper-cases
+    content) is used otherwise."""
+    results, err = [], None
+    for keep in (0, 16):
+        skel_msgs, flds = _skeleton_messages(tmsgs, keep)
+        try:
+            skeleton = _render(tokenizer, skel_msgs, kwargs)
+            spans, weak = _align(canonical, skeleton, flds, keep, guard)
+        except Exception as e:  # noqa: BLE001 - ValueError from _align, or the template rejecting the skeleton
+            err = e
+            continue
+        if weak == 0:
+            return flds, spans
+        results.append((flds, spans))
+    if results:
+        return results[0]
+    raise ValueError(str(err))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,10 +563,6 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
     tmsgs = template_messages(prepared)
     try:
         canonical = _render(tokenizer, tmsgs, kwargs)
-        skel_msgs, flds = _skeleton_messages(tmsgs)
-        skeleton = _render(tokenizer, skel_msgs, kwargs)
-    except DataError:
-        raise
     except Exception as e:  # jinja TemplateError / the template's own raise_exception
         raise _fail("template_error", f"the chat template raised: {e}",
                     "fix the conversation so the model's template accepts it (role order, system position)",
@@ -510,7 +571,7 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
         raise _fail("template_error", "text contains reserved private-use characters U+E000/U+E001",
                     "remove them from the sample", sample)
     try:
-        spans = _align(canonical, skeleton, flds)
+        flds, spans = locate_fields(tokenizer, tmsgs, kwargs, canonical, (THINK_OPEN, THINK_CLOSE, *specials))
         regions, think_regions, located = _learned_regions(canonical, prepared, flds, spans, info, policy, specials)
     except ValueError as e:
         raise _fail("template_unaligned", f"cannot map the chat template's render back to the messages: {e}",
