@@ -186,3 +186,49 @@ def test_no_placeholders_and_no_vectors_is_a_no_op():
     out = inject_placeholders(ids, emb, [PlaceholderSlot(U, torch.zeros(0, H), counts=torch.tensor([0, 0]))])
     torch.testing.assert_close(out, emb)
     assert inject_placeholders(ids, emb, []) is emb
+
+
+def test_inplace_matches_out_of_place_with_the_same_gradients():
+    torch.manual_seed(3)
+    ids = torch.tensor([[1, U, 2, I], [U, 4, I, I]])
+    grads = []
+    outs = []
+    for inplace in (False, True):
+        torch.manual_seed(4)
+        emb = nn.Embedding(100, H)
+        proj = Projector(4, H, mult=2)
+        x = torch.randn(2, 4)
+        e = emb(ids)
+        out = inject_placeholders(ids, e, [PlaceholderSlot(U, proj(x), counts=torch.tensor([1, 1])),
+                                           PlaceholderSlot(I, torch.ones(3, H), counts=torch.tensor([1, 2]))],
+                                  inplace=inplace)
+        assert (out is e) == inplace
+        (out.sin().sum()).backward()
+        outs.append(out.detach())
+        grads.append([emb.weight.grad.clone()] + [p.grad.clone() for p in proj.parameters()])
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_embed_with_injection_trains_frozen_model_projector_only():
+    model = _tiny_qwen3(128)
+    model.requires_grad_(False)
+    proj = Projector(8, 64, mult=2)
+    ids = torch.tensor([[5, U, 7], [U, 9, 10]])
+    e = embed_with_injection(model, ids, [PlaceholderSlot(U, proj(torch.randn(2, 8)).squeeze(1))])
+    model(inputs_embeds=e).logits.sum().backward()
+    assert all(p.grad is not None for p in proj.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_embed_with_injection_under_enable_input_require_grads():
+    # LoRA + gradient checkpointing: HF makes the frozen embedding's output a grad-requiring leaf.
+    model = _tiny_qwen3(128)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    proj = Projector(8, 64, mult=2)
+    ids = torch.tensor([[5, U, 7]])
+    e = embed_with_injection(model, ids, [PlaceholderSlot(U, proj(torch.randn(1, 8)))])
+    model(inputs_embeds=e).logits.sum().backward()
+    assert all(p.grad is not None for p in proj.parameters())

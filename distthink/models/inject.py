@@ -145,7 +145,8 @@ def _describe_sample(sample: int, segment_mode: bool, sample_row: torch.Tensor |
 
 
 def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, slots: Sequence[PlaceholderSlot],
-                        *, segment_ids: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                        *, segment_ids: torch.Tensor | None = None, num_samples: int | None = None,
+                        inplace: bool = False) -> torch.Tensor:
     """Return a copy of ``inputs_embeds`` with placeholder rows replaced by the slots' vectors.
 
     Shapes: ``input_ids`` (B, T) long; ``inputs_embeds`` (B, T, H); ``segment_ids`` (B, T) long with -1 on
@@ -154,6 +155,10 @@ def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, sl
     Ordering: the vectors of a slot are consumed sample by sample (sample index = segment id, or row index),
     and within a sample in order of appearance. Gradients flow into both the slot vectors (hence the projector)
     and ``inputs_embeds`` at non-placeholder positions. The result has ``inputs_embeds``' dtype.
+
+    ``inplace=True`` writes into ``inputs_embeds`` instead of copying it (one full (B, T, H) copy saved). Only
+    use it on a fresh tensor nobody else reads, such as the output of the embedding layer (autograd allows it:
+    the embedding backward does not need its output); :func:`embed_with_injection` does exactly that.
 
     Raises DistthinkError when a placeholder sits on padding, or when the number of placeholder tokens of a kind
     in a sample differs from the number of vectors given for it (naming the first such sample).
@@ -205,10 +210,12 @@ def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, sl
     positions = torch.cat(all_pos)
     vectors = torch.cat(all_vec)
     flat = inputs_embeds.reshape(B * T, H)
-    # Out-of-place index_put: autograd sends gradients to `vectors` at the placeholder rows and to `inputs_embeds`
-    # everywhere else (its rows at placeholder positions get zero gradient, which is what we want).
-    flat = flat.index_put((positions,), vectors)
-    return flat.view(B, T, H)
+    # index_put: autograd sends gradients to `vectors` at the placeholder rows and to `inputs_embeds` everywhere
+    # else (its rows at placeholder positions get zero gradient, which is what we want).
+    if inplace:
+        flat.index_put_((positions,), vectors)
+        return inputs_embeds
+    return flat.index_put((positions,), vectors).view(B, T, H)
 
 
 def _segment_rows(segment_ids: torch.Tensor, n_samples: int, B: int, T: int) -> torch.Tensor:
@@ -272,4 +279,9 @@ def embed_with_injection(model: nn.Module, input_ids: torch.Tensor, slots: Seque
         if not 0 <= slot.token_id < vocab:
             raise DistthinkError(f"placeholder {slot.label} (id {slot.token_id}) is outside the embedding matrix "
                                  f"({vocab} rows). Fix: call add_placeholder_tokens(tokenizer, tokens, model=model).")
-    return inject_placeholders(input_ids, emb(input_ids), slots, segment_ids=segment_ids)
+    embeds = emb(input_ids)
+    # The embedding output is a fresh tensor only we hold: inject in place and save a (B, T, H) copy. Except when
+    # it is a grad-requiring leaf: HF's enable_input_require_grads() (gradient checkpointing with a frozen
+    # embedding, the usual LoRA set-up) makes it one, and autograd forbids in-place writes to such leaves.
+    inplace = not (embeds.is_leaf and embeds.requires_grad)
+    return inject_placeholders(input_ids, embeds, slots, segment_ids=segment_ids, inplace=inplace)
