@@ -162,15 +162,16 @@ def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
                                             "reasoning_content": _PROBE_R}], kwargs)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"the chat template cannot render a user/assistant exchange: {e}") from None
+    # End of turn: whatever the template writes after the (last) assistant content up to and including the
+    # first special token there (usually just that token: <|im_end|>, <|eot_id|>, eos).
     eot = ""
     j = full.rfind(_PROBE_A)
     if j >= 0:
         rest = full[j + len(_PROBE_A):]
-        ws = len(rest) - len(rest.lstrip())
-        for sp in special_token_texts(tokenizer):
-            if rest.startswith(sp, ws):
-                eot = rest[:ws + len(sp)]
-                break
+        hits = [(rest.find(sp), -len(sp), sp) for sp in special_token_texts(tokenizer) if sp in rest]
+        if hits:
+            k, _, sp = min(hits)
+            eot = rest[:k + len(sp)]
     if not eot:
         log.warning("chat template ends assistant turns with no special token: the model will not learn to "
                     "stop. Consider a template that appends the eos/end-of-turn token.")
@@ -398,13 +399,13 @@ def _fieldless_turn(c: str, msg: int, by_msg: dict, info: TemplateInfo) -> tuple
     an end-of-turn token. Otherwise the turn cannot be placed without guessing and is left unlearned."""
     lo = max((e for j, sp in by_msg.items() if j < msg for _, e, _ in sp), default=0)
     hi = min((s for j, sp in by_msg.items() if j > msg for s, _, _ in sp), default=len(c))
-    gap = c[lo:hi]
-    header, core = info.gen_prompt or info.header, info.eot.strip()
-    if not header or not core or gap.count(header) != 1:
-        return None
-    start = lo + gap.index(header) + len(header)
-    j = c.find(core, start, hi)
-    return (start, j + len(core)) if j >= 0 else None
+    gap, core = c[lo:hi], info.eot.strip()
+    for header in (info.gen_prompt, info.header):
+        if header and core and gap.count(header) == 1:
+            start = lo + gap.index(header) + len(header)
+            j = c.find(core, start, hi)
+            return (start, j + len(core)) if j >= 0 else None
+    return None
 
 
 def _turn_end(c: str, body_end: int, msg: int, role: str, spans, flds: list[_Field], info: TemplateInfo) -> int:

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from distthink.data.chat import ChatPolicy, encode_sample
 from distthink.data.schema import validate_record
