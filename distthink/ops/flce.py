@@ -442,9 +442,11 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
         backend = "liger" if hidden.is_cuda and flce_liger.available() else "torch"
     elif backend == "liger":
         if not hidden.is_cuda:
-            raise ConfigError("fused_linear_cross_entropy: backend='liger' needs CUDA tensors. "
-                              "Fix: use backend='auto' or 'torch' on CPU.")
-        if not flce_liger.available():
+            # tests may run the real Liger kernel through Triton's CPU interpreter (TRITON_INTERPRET=1)
+            if not flce_liger.interpreter_available():
+                raise ConfigError("fused_linear_cross_entropy: backend='liger' needs CUDA tensors. "
+                                  "Fix: use backend='auto' or 'torch' on CPU.")
+        elif not flce_liger.available():
             raise ConfigError("fused_linear_cross_entropy: backend='liger' needs liger-kernel>=0.8.2 and triton. "
                               "Fix: pip install 'distthink[gpu]', or use backend='torch'.")
     key = (backend, hidden.device.type)

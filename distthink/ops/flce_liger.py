@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -56,16 +57,27 @@ def available() -> bool:
 
     if not has_liger():
         return False
-    from importlib.metadata import version
+    return _version_ok()
+
+
+def _version_ok() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
         found = version("liger-kernel")
-    except Exception:  # metadata missing: a source checkout; trust the import below
-        found = "0.0.0" if importlib.util.find_spec("liger_kernel") is None else "999"
+    except PackageNotFoundError:
+        return importlib.util.find_spec("liger_kernel") is not None  # a source checkout: trust it
     if _version_tuple(found) < MIN_VERSION:
         log.info("liger-kernel %s < 0.8.2: using the chunked torch path for fused linear cross-entropy", found)
         return False
     return True
+
+
+def interpreter_available() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1) with liger-kernel importable: lets the tests run the
+    real Liger kernel on CPU tensors (slowly). Never selected by backend='auto'."""
+    return (os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+            and importlib.util.find_spec("liger_kernel") is not None and _version_ok())
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,99 @@
+"""The Liger-Kernel GPU path of `fused_linear_cross_entropy` against the torch path and the naive reference.
+
+- GPU tests (marker `gpu`) run the Triton kernel on CUDA; skipped without CUDA + liger-kernel>=0.8.2.
+- Without a GPU, if triton and liger-kernel are importable, the same checks run the *real* Liger kernel
+  through Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess because the variable must be set
+  before triton is imported). Skipped when they are not installed (the default CPU environment).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from distthink.ops import fused_linear_cross_entropy
+from distthink.ops.flce_reference import naive_fused_linear_cross_entropy
+
+from test_flce import close, grads_of, make
+
+HAVE_LIGER = importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+
+
+def _liger_case(device, dtype, dynamic=None, reduction="sum", bias=False):
+    """Compare liger vs torch backends vs naive (fp32 upcast truth); returns max relative errors."""
+    torch.manual_seed(0)
+    hidden, weight, b, target, g = make(n=67, h=64, v=2048, bias=bias, dtype=dtype)
+    hidden = hidden.detach().to(device).requires_grad_()
+    weight = weight.detach().to(device).requires_grad_()
+    b = b.detach().to(device).requires_grad_() if b is not None else None
+    target = target.to(device)
+    target[3:9] = -100
+    w = (torch.rand(67, generator=g) + 0.5).to(device)
+    kw = dict(token_weights=w, normalizer=13.0, reduction=reduction)
+    if dynamic:
+        with torch.no_grad():  # make </think> (id 5) the argmax at a few positions
+            weight[5] = hidden[[10, 30, 50]].mean(0) * 4
+        kw.update(dynamic=dynamic, think_end_id=5, position_ids=(torch.arange(67, device=device) % 25))
+    go = torch.randn(67, device=device) if reduction == "none" else None
+    out = {}
+    for backend in ("liger", "torch"):
+        loss, stats = fused_linear_cross_entropy(hidden, weight, target, bias=b, chunk_size=16, backend=backend,
+                                                 return_stats=True, **kw)
+        assert stats.backend == backend
+        out[backend] = (loss, *grads_of(loss, (hidden, weight, b), go), stats.num_correct, stats.weight_sum)
+    ref, _ = naive_fused_linear_cross_entropy(hidden, weight, target, bias=b, upcast=True, **kw)
+    out["ref"] = (ref, *grads_of(ref, (hidden, weight, b), go))
+    # same argmax-based statistics from both backends
+    assert int(out["liger"][-2]) == int(out["torch"][-2])
+    close(out["liger"][-1], out["torch"][-1], 1e-6)
+    return out
+
+
+def _check(out, rtol_loss, rtol_grad):
+    for backend in ("liger", "torch"):
+        close(out[backend][0], out["ref"][0], rtol_loss)
+        for a, b in zip(out[backend][1:-2], out["ref"][1:]):
+            close(a.float(), b.float(), rtol_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and HAVE_LIGER), reason="needs CUDA and liger-kernel>=0.8.2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dynamic", [None, "argmax", "soft"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_liger_gpu_matches_torch_and_naive(dtype, dynamic, reduction):
+    out = _liger_case("cuda", dtype, dynamic, reduction, bias=dtype == torch.float32)
+    if dtype == torch.float32:  # TF32 off by default for matmul in torch; kernel math in fp32
+        _check(out, 1e-5, 1e-4)
+    else:
+        _check(out, 2e-3, 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and HAVE_LIGER), reason="needs CUDA and liger-kernel>=0.8.2")
+def test_auto_backend_is_liger_on_gpu():
+    hidden, weight, _, target, _ = make(n=8)
+    _, stats = fused_linear_cross_entropy(hidden.cuda(), weight.cuda(), target.cuda(), return_stats=True)
+    assert stats.backend == "liger"
+
+
+@pytest.mark.skipif(CUDA or not HAVE_LIGER, reason="CPU-only check; needs triton + liger-kernel importable")
+def test_liger_kernel_through_triton_interpreter():
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from test_flce_liger import _liger_case, _check
+        for dynamic in (None, "argmax", "soft"):
+            for reduction in ("sum", "none"):
+                _check(_liger_case("cpu", torch.float32, dynamic, reduction, bias=dynamic is None), 1e-5, 1e-5)
+        _check(_liger_case("cpu", torch.bfloat16), 2e-3, 3e-2)
+        print("OK")
+    """ % os.path.dirname(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
