@@ -456,3 +456,15 @@ def test_drop_reasoning_only_turn(toks):
     s = encode_chat(tok, msgs[:3])
     learned = tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100])
     assert learned == f"<think>\n{R1}\n</think>\n\n<|im_end|>"
+
+
+def test_text_is_normalised_like_the_tokenizer(toks):
+    """Real Qwen3 NFC-normalises text; the render is built from normalised messages so decode reproduces it."""
+    import unicodedata
+
+    tok = toks["real_qwen3"]
+    msgs = [{"role": "user", "content": "cafe\u0301?"}, {"role": "assistant", "content": "Cafe\u0301 ok"}]
+    s = encode_chat(tok, msgs)
+    nfc = [dict(m, content=unicodedata.normalize("NFC", m["content"])) for m in msgs]
+    assert tok.decode(s.input_ids) == tok.apply_chat_template(nfc, tokenize=False)
+    assert tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100]).endswith("Café ok<|im_end|>")

@@ -511,6 +511,28 @@ def _kwargs_for(policy: ChatPolicy, enable_thinking: bool | None) -> dict[str, A
     return kwargs
 
 
+def _normalizer(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    norm = getattr(backend, "normalizer", None)
+    return norm.normalize_str if norm is not None else None
+
+
+def normalize_texts(tokenizer, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Apply the tokenizer's own normalizer (Qwen: NFC) to message texts before rendering, so that the render
+    is exactly what the tokenizer sees and decode(input_ids) reproduces it. Without a normalizer: unchanged."""
+    norm = _normalizer(tokenizer)
+    if norm is None:
+        return messages
+    out = []
+    for m in messages:
+        d = dict(m)
+        d["content"] = norm(m["content"])
+        if m.get("reasoning_content"):
+            d["reasoning_content"] = norm(m["reasoning_content"])
+        out.append(d)
+    return out
+
+
 def prepare_messages(tokenizer, messages: list[dict[str, Any]], policy: ChatPolicy,
                      enable_thinking: bool | None = None) -> list[dict[str, Any]]:
     """The exact message list handed to the chat template for `messages` (validated + normalised) under
@@ -518,7 +540,8 @@ def prepare_messages(tokenizer, messages: list[dict[str, Any]], policy: ChatPoli
     inlined as a <think> block. `apply_chat_template(prepare_messages(...), tokenize=False, **kwargs)` is the
     canonical render that encode_chat's input_ids decode to."""
     info = template_info(tokenizer, _kwargs_for(policy, enable_thinking))
-    msgs = apply_think_policy(messages, policy.think, template_renders_reasoning=info.renders_reasoning)
+    msgs = apply_think_policy(normalize_texts(tokenizer, messages), policy.think,
+                              template_renders_reasoning=info.renders_reasoning)
     return template_messages(msgs)
 
 
@@ -557,7 +580,8 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
     kwargs = _kwargs_for(policy, enable_thinking)
     info = template_info(tokenizer, kwargs)
     specials = special_token_texts(tokenizer)
-    prepared = apply_think_policy(msgs, policy.think, template_renders_reasoning=info.renders_reasoning)
+    prepared = apply_think_policy(normalize_texts(tokenizer, msgs), policy.think,
+                                  template_renders_reasoning=info.renders_reasoning)
     if not any(m.get("train") and m.get("loss_weight", 1.0) > 0 for m in prepared):
         raise _fail("no_learned_tokens", "no trained turn is left (reasoning-only turns under think=drop?)",
                     "use think: supervise/mask for reasoning-only turns or add content", sample)
@@ -615,9 +639,11 @@ def _final_reasoning_lost(original, prepared, flds: list[_Field], spans) -> bool
 def _encode_text(tokenizer, sample: Sample, policy: ChatPolicy) -> EncodedSample:
     eos = tokenizer.eos_token or ""
     completion = sample.completion if (not eos or sample.completion.endswith(eos)) else sample.completion + eos
-    text = sample.prompt + completion
+    norm = _normalizer(tokenizer) or (lambda text: text)
+    prompt, completion = norm(sample.prompt), norm(completion)
+    text = prompt + completion
     ids, offs = _tokenize_with_offsets(tokenizer, text, add_special_tokens=True)
-    labels, weights = _label(ids, offs, [(len(sample.prompt), len(text), 1.0)])
+    labels, weights = _label(ids, offs, [(len(prompt), len(text), 1.0)])
     meta = {"form": sample.meta.get("form", "prompt_completion"), "source": sample.source, "line": sample.line}
     return _finish(np.asarray(ids), labels, weights, [], policy, meta, sample)
 
