@@ -83,10 +83,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     accelerator.save_state(str(tmp))  # model/adapter, optimizer (ZeRO shards), RNG of every rank
     barrier()
     if accelerator.is_main_process:
-        fault = float(os.environ.get("DISTTHINK_FAULT_SAVE_SLEEP", "0") or 0)
-        if fault:  # fault injection for tests/test_checkpoint_atomic.py: a window to kill mid-save
-            log.info("DISTTHINK_FAULT_SAVE_SLEEP: sleeping %.1fs inside the save of %s", fault, name)
-            time.sleep(fault)
+        fault = os.environ.get("DISTTHINK_FAULT_SAVE_SLEEP_AT", "")  # "STEP:SECONDS", test hook
+        if fault and int(fault.split(":")[0]) == step:  # a window to kill mid-save (test_checkpoint_atomic)
+            log.info("DISTTHINK_FAULT_SAVE_SLEEP_AT: sleeping %ss inside the save of %s", fault.split(":")[1], name)
+            time.sleep(float(fault.split(":")[1]))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / COMPLETE).write_text(f"{step}\n")
