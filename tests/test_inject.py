@@ -232,3 +232,12 @@ def test_embed_with_injection_under_enable_input_require_grads():
     e = embed_with_injection(model, ids, [PlaceholderSlot(U, proj(torch.randn(1, 8)))])
     model(inputs_embeds=e).logits.sum().backward()
     assert all(p.grad is not None for p in proj.parameters())
+
+
+def test_inplace_on_non_contiguous_embeds_still_injects():
+    emb = torch.zeros(3, 2, H).transpose(0, 1)  # (2, 3, H), non-contiguous
+    ids = torch.tensor([[1, U, 2], [3, 4, U]])
+    vec = torch.randn(2, H)
+    out = inject_placeholders(ids, emb, [PlaceholderSlot(U, vec)], inplace=True)
+    torch.testing.assert_close(out[0, 1], vec[0])
+    torch.testing.assert_close(out[1, 2], vec[1])

@@ -147,7 +147,7 @@ def _describe_sample(sample: int, segment_mode: bool, sample_row: torch.Tensor |
 def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, slots: Sequence[PlaceholderSlot],
                         *, segment_ids: torch.Tensor | None = None, num_samples: int | None = None,
                         inplace: bool = False) -> torch.Tensor:
-    """Return a copy of ``inputs_embeds`` with placeholder rows replaced by the slots' vectors.
+    """Return ``inputs_embeds`` with placeholder rows replaced by the slots' vectors (a copy unless ``inplace``).
 
     Shapes: ``input_ids`` (B, T) long; ``inputs_embeds`` (B, T, H); ``segment_ids`` (B, T) long with -1 on
     padding (packed rows, see the batch contract) or None, in which case each row is one sample.
@@ -212,7 +212,7 @@ def inject_placeholders(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, sl
     flat = inputs_embeds.reshape(B * T, H)
     # index_put: autograd sends gradients to `vectors` at the placeholder rows and to `inputs_embeds` everywhere
     # else (its rows at placeholder positions get zero gradient, which is what we want).
-    if inplace:
+    if inplace and inputs_embeds.is_contiguous():  # reshape is then a view, so the write lands in inputs_embeds
         flat.index_put_((positions,), vectors)
         return inputs_embeds
     return flat.index_put((positions,), vectors).view(B, T, H)
