@@ -262,3 +262,14 @@ def test_gathered_lm_head_is_a_noop_without_zero3():
     weight = torch.nn.Parameter(torch.randn(8, 4))
     with gathered_lm_head(weight) as w:
         assert w is weight
+
+
+def test_autocast_does_not_change_the_computation():
+    """Inside a bf16 autocast region the op still computes in its inputs' dtype (fp32 here)."""
+    hidden, weight, _, target, _ = make(n=30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=8)
+    ref, _ = naive_fused_linear_cross_entropy(hidden, weight, target)
+    close(loss, ref)
+    for a, b in zip(grads_of(loss, (hidden, weight)), grads_of(ref, (hidden, weight))):
+        close(a, b)

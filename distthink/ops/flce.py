@@ -338,8 +338,21 @@ class _Accumulator:
 # ----------------------------------------------------------------------------------------------------
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Autocast is switched off inside: the GEMMs run in the inputs' own dtype (with fp32 accumulation
+    where it matters), whatever autocast context the trainer is in."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, job: _Job):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _FusedLinearCrossEntropy._forward(ctx, hidden, weight, bias, job)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_correct, _g_wsum):
+        with torch.autocast(device_type=grad_loss.device.type, enabled=False):
+            return _FusedLinearCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, job: _Job):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         any_grad = need_h or need_w or need_b
         fused = any_grad and job.reduction == "sum"
@@ -375,7 +388,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss, correct, weight_sum
 
     @staticmethod
-    def backward(ctx, grad_loss, _g_correct, _g_wsum):
+    def _backward(ctx, grad_loss):
         if ctx.fused:
             if ctx.grads is None:
                 raise DistthinkError("fused_linear_cross_entropy: backward ran twice on the same graph; its "
