@@ -141,7 +141,17 @@ def _iter_datasets(src: str):
     except ImportError:
         raise ConfigError(f"cannot read '{src}': not a .jsonl/.json/.parquet file and the optional 'datasets' "
                           f"package is not installed. Fix: convert to JSONL or `pip install datasets`") from None
-    ds = datasets.load_dataset(src, split="train")
+    path = Path(src)
+    builders = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
+    if path.is_file() and path.suffix.lower() in builders:
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
+    elif path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))  # a Dataset.save_to_disk directory
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+    else:  # a hub id or a local dataset script/directory
+        ds = datasets.load_dataset(src, split="train")
     for i, rec in enumerate(ds, start=1):
         yield src, i, _from_arrow(dict(rec))
 
