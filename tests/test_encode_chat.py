@@ -468,3 +468,15 @@ def test_text_is_normalised_like_the_tokenizer(toks):
     nfc = [dict(m, content=unicodedata.normalize("NFC", m["content"])) for m in msgs]
     assert tok.decode(s.input_ids) == tok.apply_chat_template(nfc, tokenize=False)
     assert tok.decode([t for t, lab in zip(s.input_ids, s.labels) if lab != -100]).endswith("Café ok<|im_end|>")
+
+
+def test_prepare_messages_is_what_the_template_sees(toks):
+    from distthink.data.chat import prepare_messages
+
+    for family in ("llama3", "qwen3"):
+        tok = toks[family]
+        for think in ("supervise", "drop"):
+            s = encode_chat(tok, conv(), think=think)
+            prepared = prepare_messages(tok, conv(), ChatPolicy(think=think))
+            assert prepared == template_view(family, conv(), think)
+            assert tok.decode(s.input_ids) == tok.apply_chat_template(prepared, tokenize=False)

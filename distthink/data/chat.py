@@ -549,6 +549,7 @@ def prepare_messages(tokenizer, messages: list[dict[str, Any]], policy: ChatPoli
     inlined as a <think> block. `apply_chat_template(prepare_messages(...), tokenize=False, **kwargs)` is the
     canonical render that encode_chat's input_ids decode to."""
     info = template_info(tokenizer, _kwargs_for(policy, enable_thinking))
+    messages = validate_messages(messages)
     msgs = apply_think_policy(normalize_texts(tokenizer, messages), policy.think,
                               template_renders_reasoning=info.renders_reasoning)
     return template_messages(msgs)
