@@ -480,3 +480,24 @@ def test_prepare_messages_is_what_the_template_sees(toks):
             prepared = prepare_messages(tok, conv(), ChatPolicy(think=think))
             assert prepared == template_view(family, conv(), think)
             assert tok.decode(s.input_ids) == tok.apply_chat_template(prepared, tokenize=False)
+
+
+def test_the_oracle_catches_wrong_labels(toks):
+    """The property check is not vacuous: one unlearned end-of-turn token, one learned header token, or one
+    wrong weight each make it fail."""
+    tok = toks["qwen3"]
+    good = encode_chat(tok, conv(), think_weight=0.25)
+    check("qwen3", tok, conv(), good, visible_turns("qwen3", "supervise"), think_weight=0.25)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    last_eot = max(i for i, t in enumerate(good.input_ids) if t == eot and good.labels[i] != -100)
+    header = next(i for i, t in enumerate(good.input_ids) if t == tok.convert_tokens_to_ids("<|im_start|>"))
+    for mutate in ("unlearn_eot", "learn_header", "weight"):
+        bad = encode_chat(tok, conv(), think_weight=0.25)
+        if mutate == "unlearn_eot":
+            bad.labels[last_eot], bad.loss_weights[last_eot] = -100, 0.0
+        elif mutate == "learn_header":
+            bad.labels[header], bad.loss_weights[header] = bad.input_ids[header], 1.0
+        else:
+            bad.loss_weights[last_eot] = 1.0
+        with pytest.raises(AssertionError):
+            check("qwen3", tok, conv(), bad, visible_turns("qwen3", "supervise"), think_weight=0.25)
