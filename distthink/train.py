@@ -232,7 +232,7 @@ def run(cfg: Config) -> int:
         bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
         learned_tokens = sum(h.get("learned_tokens", 0) for h in history)
-        train_time = 0.0
+        tokens_seen, train_time = 0, 0.0  # of this launch (throughput figures)
         last_ckpt: Path | None = resume_from
         exit_code = 0
         wrapped.train()
@@ -247,7 +247,8 @@ def run(cfg: Config) -> int:
             micro = [collate([train_set[i] for i in b]) for b in batches[micro_index:micro_index + ga]]
             local_w = sum(m["target_weight_sum"] for m in micro)
             local_n = sum(m["num_target_tokens"] for m in micro)
-            W, N, stop = dist.all_reduce_sum([local_w, local_n, float(preempt.requested)], device)
+            local_tok = sum(int((m["segment_ids"] >= 0).sum()) for m in micro)  # real (non-pad) tokens
+            W, N, ntok, stop = dist.all_reduce_sum([local_w, local_n, local_tok, float(preempt.requested)], device)
             if stop > 0:
                 log.warning("preemption signal received (%s): saving at step %d and exiting with code %d",
                             preempt.signal_name or "on another rank", step, REQUEUE_EXIT_CODE)
@@ -292,9 +293,10 @@ def run(cfg: Config) -> int:
             dt = time.time() - t0
             train_time += dt
             learned_tokens += int(N)
+            tokens_seen += int(ntok)
             record = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
                       "lr": scheduler.get_last_lr()[0], "learned_tokens": int(N), "weight_sum": W,
-                      "learned_tokens_per_s": N / dt if dt > 0 else 0.0, "time_s": round(time.time() - t_start, 3)}
+                      "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0, "time_s": round(time.time() - t_start, 3)}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 record["eval_loss"] = evaluate()
             history.append(record)
@@ -329,6 +331,7 @@ def run(cfg: Config) -> int:
                 export_dtype = getattr(torch, cfg.checkpoint.export_dtype)
                 export_path = ckpt.export_model(accelerator, wrapped, tokenizer, out_dir / "export", kind,
                                                 export_dtype, from_config=bool(cfg.model.from_config))
+            peak_mb = max(dist.all_gather_object(_peak_memory_mb(device)))
             if is_main:
                 metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
                 if cfg.logging.plot and history:
@@ -337,6 +340,8 @@ def run(cfg: Config) -> int:
                     "steps": step, "final_loss": history[-1]["loss"] if history else None,
                     "eval_loss": eval_loss, "learned_tokens": learned_tokens,
                     "learned_tokens_per_s": learned_tokens / train_time if train_time > 0 else None,
+                    "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
+                    "train_time_s": round(train_time, 3), "peak_memory_mb": peak_mb,
                     "world_size": world, "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
@@ -347,6 +352,15 @@ def run(cfg: Config) -> int:
         return exit_code
     finally:
         dist.teardown(accelerator)
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _summary_text(s: dict) -> str:
@@ -360,7 +374,8 @@ def _summary_text(s: dict) -> str:
         f"  final train loss   {fmt(s['final_loss'], '.4f')}",
         f"  eval loss          {fmt(s['eval_loss'], '.4f')}  ({s['eval_samples']} held-out samples)",
         f"  learned tokens     {s['learned_tokens']}",
-        f"  throughput         {fmt(s['learned_tokens_per_s'], '.0f')} learned tokens/s",
+        f"  throughput         {fmt(s['learned_tokens_per_s'], '.0f')} learned tokens/s "
+        f"({fmt(s['tokens_per_s'], '.0f')} tokens/s), peak memory {fmt(s['peak_memory_mb'], '.0f')} MiB/rank",
         f"  checkpoint         {s['checkpoint']}",
         f"  export             {s['export']}",
         f"  wall time          {s['wall_s']} s",
