@@ -132,48 +132,97 @@ class ModelShape:
                               f"Fix: use some of {sorted(shapes)}")
         return self.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
-    def activation_bytes_per_token_layer(self, dtype_bytes: int) -> float:
+    def activation_bytes_per_token_layer(self, dtype_bytes: int, attention: str = "flash", row_tokens: int = 0,
+                                         lora_targets: list[str] | None = None) -> float:
         """Bytes one decoder layer keeps for backward, per token, with no checkpointing.
 
-        Counted from what HF Llama/Qwen layers save: each RMSNorm keeps its input and an fp32 copy
-        (HF norms upcast), the projections keep their inputs, SDPA/flash keeps q, k, v, its output and
-        an fp32 log-sum-exp per head, and the SwiGLU MLP keeps gate, up, silu(gate) and their product.
+        Counted with `torch.autograd.graph.saved_tensors_hooks` on transformers' Llama/Qwen3 layers
+        (tests/test_plan_activations.py re-counts it on real models, full and LoRA, fp32 and bf16, so a
+        transformers change that saves more fails a test). b = dtype size; `lora_targets` None = full
+        fine-tuning (every weight trains), else the LoRA target modules (base weights frozen):
+        - each RMSNorm keeps its input upcast to fp32 (4 B; the input itself when b = 4) and an fp32
+          rsqrt per row; when its weight trains it also keeps the normed output (b);
+        - the attention input (q/k/v) and the MLP input (gate/up) are kept when one of those projections
+          trains (b H each);
+        - SwiGLU keeps gate, up and silu(gate) (3 b I), and silu(gate)*up when down_proj trains (b I);
+        - attention, sdpa (CPU, and GPU without flash-attn): q, k and v repeated to all heads (GQA), the
+          output: 4 b q, an fp32 log-sum-exp per head, and the packed block-diagonal mask converted per
+          layer: b T per token. flash (varlen, GPU): q, k, v at their own width and the output:
+          b (2 q + 2 kv) + 4 heads (derived, not validated: no GPU in this project's CI);
+        - Qwen3's q/k norms: like the layer norms, over q + kv, with an rsqrt per head.
+        The LoRA branches themselves are `lora_bytes_per_token_layer`.
         """
         h, q, kv, i, b = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size, dtype_bytes
-        norm = h * b + h * 4 + h * b  # input, fp32 upcast, normed output
-        attn = (q + 2 * kv) * b + q * b + self.num_heads * 4  # q, k, v, attention output, lse
+        full = lora_targets is None
+        trains = (lambda name: True) if full else (lambda name: name in lora_targets)
+        norm_elem = 4 + (b if full else 0)
+        n = 2 * norm_elem * h + 8
+        if trains("q_proj") or trains("k_proj") or trains("v_proj"):
+            n += b * h
+        if trains("gate_proj") or trains("up_proj"):
+            n += b * h
+        n += 3 * b * i + (b * i if trains("down_proj") else 0)
+        if attention == "flash":
+            n += b * (2 * q + 2 * kv) + 4 * self.num_heads
+        else:
+            n += 4 * b * q + 4 * self.num_heads + b * row_tokens
         if self.qk_norm:
-            attn += (q + kv) * (4 + b)
-        mlp = 4 * i * b  # gate, up, silu(gate), gate*up (the down_proj input)
-        residual = h * b
-        return 2 * norm + attn + mlp + residual
+            n += norm_elem * (q + kv) + 4 * (self.num_heads + self.num_kv_heads)
+        return n
+
+    def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float) -> float:
+        """LoRA branches: each keeps lora_A's output (r) for lora_B; with dropout > 0 peft applies a
+        separate dropout per target, which keeps its output and mask (measured: b + 2 bytes per input
+        element)."""
+        shapes = self.linear_shapes()
+        return sum(rank * dtype_bytes + (shapes[t][0] * (dtype_bytes + 2) if dropout > 0 else 0) for t in targets)
 
 
 @dataclass
 class RunShape:
-    """What the training config says about one optimizer step."""
+    """What the training config says about one optimizer step on one GPU."""
 
-    tokens_per_micro_batch: int  # the packed token budget of one micro-batch on one GPU
+    tokens_per_micro_batch: int  # the packed token budget of one micro-batch (one row) on one GPU
     seq_len: int  # typical sample length, for the attention FLOPs (causal: mean context = seq_len / 2)
     grad_accum: int = 1
     lora_rank: int | None = 8  # None = full fine-tuning
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: float = 0.0
     gradient_checkpointing: bool = True
     fused_loss: bool = True
-    fused_chunk_tokens: int = 2048
-    dtype_bytes: int = 2  # bf16 on GPU
+    fused_chunk_tokens: int = 1024  # loss.chunk_size
+    learned_fraction: float = 1.0  # learned tokens / tokens: the fused loss only multiplies learned rows
+    dtype_bytes: int = 2  # bf16 on GPU; 4 = fp32 (CPU runs)
+    attention: str = "flash"  # "flash" (varlen, GPU) or "sdpa" (explicit block-diagonal mask)
+    device: str = "cuda"  # "cpu": no CUDA context, no allocator fragmentation
+    reduce_bucket_elems: float = 5e7  # what distthink.distributed fills for reduce_bucket_size "auto"
+    prefetch_bucket_elems: float = 5e7  # stage3_prefetch_bucket_size
+    zero2_overlap_comm: bool = True  # ds_configs/zero2.json: two reduce buckets
+
+    @property
+    def full(self) -> bool:
+        return self.lora_rank is None
 
 
-CANDIDATES = ("zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_params")
+CANDIDATES = ("ddp", "zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_params")
+DESCRIPTIONS = {
+    "ddp": "no DeepSpeed (distributed.deepspeed=null): DDP / one process, torch AdamW on the params",
+    "zero2": "ds_configs/zero2.json",
+    "zero3": "ds_configs/zero3.json",
+    "zero3_offload_optimizer": "ZeRO-3, optimizer (fp32 master, Adam, grads) on the host",
+    "zero3_offload_params": "ds_configs/zero3_offload.json: ZeRO-3, optimizer and parameters on the host",
+}
 CUDA_CONTEXT_BYTES = 0.75 * GiB  # CUDA/NCCL context outside the torch allocator
-FRAGMENTATION = 0.10  # margin on top of what the allocator hands out
+FRAGMENTATION = 0.10  # caching-allocator margin on top of the peak of live tensors
 
 
 @dataclass
 class Estimate:
     candidate: str
-    memory: dict[str, float]  # bytes per GPU, by term
-    total_bytes: float
+    memory: dict[str, float]  # bytes per GPU, by term (see estimate())
+    allocated_bytes: float  # peak of live tensor bytes (what torch.cuda.max_memory_allocated reports)
+    total_bytes: float  # + CUDA context + fragmentation margin: compare with the GPU's memory
+    capacity_bytes: float
     fits: bool
     step_seconds: float
     compute_seconds: float
@@ -188,66 +237,148 @@ class Estimate:
         return asdict(self)
 
 
+def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) -> dict[str, float]:
+    """Bytes per GPU by term. The peak is modelled in two phases that do not overlap in time:
+
+    peak = persistent states + max(start of backward, optimizer step)
+
+    - persistent: params (+ ZeRO-3 gathered working set), fp32 master, Adam m and v, the ZeRO gradient
+      partition, DeepSpeed/DDP communication buckets;
+    - start of backward: saved activations, the loss buffers (fused: chunk workspace, grad of the hidden
+      states, the lm_head gradient it computes in forward), LoRA branch activations;
+    - optimizer step: the full gradients (no ZeRO) or the flattened gradient partition (ZeRO), and
+      Adam's sqrt(v) temporary (torch's foreach AdamW allocates one state-sized buffer).
+    """
+    b = run.dtype_bytes
+    mixed = b != 4
+    p = model.num_params
+    lora = 0 if run.full else model.lora_params(run.lora_rank, run.lora_targets)
+    trainable = p if run.full else lora
+    zero3 = candidate.startswith("zero3")
+    m: dict[str, float] = {}
+
+    # --- persistent states ---------------------------------------------------------------------
+    # ZeRO-3 working set: parameters gathered whole while in use: the current layer plus what the
+    # prefetcher gathers ahead (up to stage3_prefetch_bucket_size elements); with the fused loss the
+    # lm_head is an external parameter of the loss module, whole for the model's forward.
+    gathered = model.params_per_layer + min(run.prefetch_bucket_elems, (model.num_layers - 1) * model.params_per_layer)
+    if run.fused_loss:
+        gathered += model.embedding_params
+    gathered = min(gathered, p)
+    if candidate in ("ddp", "zero2"):
+        m["params"] = (p + lora) * b
+    elif candidate == "zero3_offload_params":
+        m["params"] = gathered * b
+    else:
+        m["params"] = (p + lora) * b / n + gathered * b
+    offload_opt = candidate.startswith("zero3_offload")
+    if candidate == "ddp":
+        master = 0.0  # distthink without DeepSpeed: torch AdamW updates the params in their own dtype
+        optim = 2 * trainable * b
+    elif offload_opt:
+        master = optim = 0.0
+    else:
+        # stage_1_and_2.py clones the partition into an fp32 master copy even in fp32; stage3.py shares it
+        # when the params are already fp32 on the same device.
+        master = trainable * 4 / n if (mixed or candidate == "zero2") else 0.0
+        optim = 8 * trainable / n
+    m["master_weights"] = master
+    m["optimizer"] = optim
+    # ZeRO keeps this rank's reduced gradient partition (grad_accum_dtype = param dtype by default).
+    m["grad_partition"] = 0.0 if (candidate == "ddp" or offload_opt) else trainable * b / n
+    if candidate == "ddp":
+        m["buckets"] = trainable * b if n > 1 else 0.0  # DDP reducer buckets (gradient_as_bucket_view off)
+    elif candidate == "zero2":
+        m["buckets"] = run.reduce_bucket_elems * b * (2 if run.zero2_overlap_comm else 1)
+    else:
+        m["buckets"] = run.reduce_bucket_elems * b
+
+    # --- start of backward ---------------------------------------------------------------------
+    t = run.tokens_per_micro_batch
+    targets = None if run.full else list(run.lora_targets)
+    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets)
+    final = t * model.hidden_size * (4 + b)  # final norm (fp32 copy + output), the hidden states
+    m["activations_no_ckpt"] = t * model.num_layers * per_layer + final
+    # Checkpointing: each layer keeps only its input; one layer is recomputed whole during backward.
+    m["activations_ckpt"] = t * (model.num_layers * model.hidden_size * b + per_layer) + final
+    m["activations"] = m["activations_ckpt"] if run.gradient_checkpointing else m["activations_no_ckpt"]
+    lora_act = 0.0
+    if not run.full:
+        lora_act = t * model.lora_bytes_per_token_layer(b, run.lora_rank, targets, run.lora_dropout)
+        lora_act *= 1 if run.gradient_checkpointing else model.num_layers
+    m["lora_activations"] = lora_act
+    # ZeRO-3 coalesced all-gather (partition_parameters.py): a flat buffer receives a prefetch bucket of
+    # parameters, then each parameter is copied out of it (torch.cat): the bucket briefly exists twice.
+    m["gather_buffer"] = (min(run.prefetch_bucket_elems, model.num_layers * model.params_per_layer) * b
+                          if zero3 else 0.0)
+    v, h = model.vocab_size, model.hidden_size
+    # Plain loss: logits (b), their fp32 copy and the fp32 log-softmax kept for backward, then its grad.
+    m["loss_plain"] = t * v * (8 + (b if mixed else 0))
+    # Fused loss (distthink/ops/flce.py): the (chunk, V) workspace (logits in b, + an fp32 copy when
+    # b != 4), grad of the hidden states (t, H) in b, and, when the lm_head trains, its (V, H) gradient
+    # computed in forward in fp32 (+ its copy in b, held until backward).
+    rows = max(1, min(run.fused_chunk_tokens, int(t * run.learned_fraction)))
+    head_grad = v * h * (4 + (b if mixed else 0)) if run.full else 0.0
+    m["loss_fused"] = rows * v * (b + (4 if mixed else 0)) + t * h * b + head_grad + rows * h * 8
+    m["loss"] = m["loss_fused"] if run.fused_loss else m["loss_plain"]
+
+    # --- optimizer step ------------------------------------------------------------------------
+    # torch AdamW: on CUDA the foreach path allocates sqrt(v) for all its tensors at once (1 x states);
+    # on CPU the per-tensor path allocates sqrt(v) and sqrt(v)/bias_correction for one tensor at a time
+    # (2 x the largest tensor). Under ZeRO the optimizer sees one flat partition tensor.
+    if candidate == "ddp":
+        grads = trainable * b
+        if run.device == "cpu":
+            shapes = model.linear_shapes()
+            largest = (max(model.embedding_params, max(a * c for a, c in shapes.values())) if run.full else
+                       max(run.lora_rank * max(shapes[x]) for x in run.lora_targets))
+            step_tmp = 2 * largest * b
+        else:
+            step_tmp = trainable * b
+    elif offload_opt:
+        grads = 0.0
+        step_tmp = 0.0  # on the host
+    else:
+        grads = 0.0
+        # flatten(grad partition) in b, its fp32 copy when mixed, then sqrt(v) in fp32.
+        step_tmp = trainable / n * (b + (4 if mixed else 0) + (8 if run.device == "cpu" else 4))
+    m["gradients"] = grads
+    m["optimizer_step_tmp"] = step_tmp
+    return m
+
+
+PERSISTENT = ("params", "master_weights", "optimizer", "grad_partition", "buckets")
+BACKWARD = ("activations", "lora_activations", "loss", "gather_buffer")
+STEP = ("gradients", "optimizer_step_tmp")
+
+
+def peak_allocated(m: dict[str, float]) -> float:
+    return sum(m[k] for k in PERSISTENT) + max(sum(m[k] for k in BACKWARD), sum(m[k] for k in STEP))
+
+
 def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int, gpu: GpuSpec,
              gpu_mem_bytes: float | None = None, candidate: str = "zero3", hfu: float = 0.45,
              comm_overlap: float = 0.7, cpu_adam_params_per_s: float = 1.0e9,
-             dataset_tokens: float | None = None, epochs: float = 1.0) -> Estimate:
-    """Memory and speed of one candidate setting. See the module docstring for the model."""
+             dataset_tokens: float | None = None, epochs: float = 1.0, max_steps: int | None = None) -> Estimate:
+    """Memory and speed of one candidate setting. See memory_terms() and docs/scaling.md."""
     if candidate not in CANDIDATES:
         raise ConfigError(f"unknown candidate {candidate!r}; choose one of {CANDIDATES}")
     n = nodes * gpus_per_node
-    full = run.lora_rank is None
-    p = model.num_params
-    trainable = p if full else model.lora_params(run.lora_rank, run.lora_targets)
-    zero3 = candidate.startswith("zero3")
-    b = run.dtype_bytes
-
-    mem: dict[str, float] = {}
-    # Parameters. Under ZeRO-3 every rank holds 1/N of them plus the layers gathered right now
-    # (current + prefetched). LoRA adapters are tiny but counted like any trainable parameter.
-    working_set = 2 * model.params_per_layer * b
-    if run.fused_loss:
-        working_set += model.embedding_params * b  # the fused loss gathers the lm_head
-    if candidate == "zero2":
-        mem["params"] = p * b
-    elif candidate == "zero3_offload_params":
-        mem["params"] = working_set
-    else:
-        mem["params"] = p * b / n + working_set
-    # Gradients (ZeRO-2 and 3 both partition them): the bf16 partition plus the fp32 partition the
-    # optimizer step reads. The full-size bf16 grads live only bucket by bucket (counted in buffers).
-    mem["gradients"] = trainable * (b + 4) / n
-    # Optimizer: fp32 master + Adam m + v.
-    mem["optimizer"] = 0.0 if candidate.startswith("zero3_offload") else 12 * trainable / n
-
-    t = run.tokens_per_micro_batch
-    per_layer = model.activation_bytes_per_token_layer(b)
-    if run.gradient_checkpointing:
-        # Each layer's input survives; one layer is recomputed in full during backward.
-        mem["activations"] = t * (model.num_layers * model.hidden_size * b + per_layer)
-    else:
-        mem["activations"] = t * model.num_layers * per_layer
-    mem["activations_no_ckpt"] = t * model.num_layers * per_layer
-    mem["activations_ckpt"] = t * (model.num_layers * model.hidden_size * b + per_layer)
-    # Loss. Plain: bf16 logits, their fp32 upcast, the fp32 log-softmax kept for backward, and its grad.
-    plain = t * model.vocab_size * (b + 4 + 4 + 4)
-    chunk = min(t, run.fused_chunk_tokens)
-    fused = chunk * model.vocab_size * 4 * 2 + t * model.hidden_size * 4
-    mem["loss"] = fused if run.fused_loss else plain
-    mem["loss_plain"] = plain
-    mem["loss_fused"] = fused
-    # DeepSpeed buckets ("auto" sizes = hidden^2 elements): reduce bucket + ZeRO-3 prefetch bucket.
-    h2 = model.hidden_size ** 2
-    mem["buffers"] = h2 * b * (2 if zero3 else 1) + CUDA_CONTEXT_BYTES
-
-    counted = ("params", "gradients", "optimizer", "activations", "loss", "buffers")
-    allocated = sum(mem[k] for k in counted if k != "buffers")
-    mem["fragmentation"] = FRAGMENTATION * allocated
-    total = allocated + mem["buffers"] + mem["fragmentation"]
+    mem = memory_terms(model, run, n=n, candidate=candidate)
+    allocated = peak_allocated(mem)
+    on_gpu = run.device != "cpu"
+    mem["cuda_context"] = CUDA_CONTEXT_BYTES if on_gpu else 0.0
+    mem["fragmentation"] = FRAGMENTATION * allocated if on_gpu else 0.0
+    total = allocated + mem["cuda_context"] + mem["fragmentation"]
     capacity = gpu_mem_bytes if gpu_mem_bytes is not None else gpu.mem_bytes
 
     # Time.
-    tokens_per_gpu_step = t * run.grad_accum
+    full = run.full
+    p = model.num_params
+    trainable = p if full else model.lora_params(run.lora_rank, run.lora_targets)
+    b = run.dtype_bytes
+    zero3 = candidate.startswith("zero3")
+    tokens_per_gpu_step = run.tokens_per_micro_batch * run.grad_accum
     flops_per_token = model_flops_per_token(model, run)
     # hfu: the fraction of peak reached on the arithmetic actually executed (recomputation included).
     compute = tokens_per_gpu_step * flops_per_token / (gpu.bf16_flops * hfu)
@@ -256,9 +387,12 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
     if zero3:
         # Per micro-batch: all-gather params in forward and again in backward; reduce-scatter grads.
         comm_bytes = run.grad_accum * (2 * p * b + trainable * b) * ring
-    else:
+    elif candidate == "zero2":
         # Per micro-batch: reduce-scatter grads; per step: all-gather the updated params.
         comm_bytes = (run.grad_accum * trainable * b + trainable * b) * ring
+    else:
+        # DDP: all-reduce (= reduce-scatter + all-gather) of the grads once per step (no_sync in between).
+        comm_bytes = 2 * trainable * b * ring
     comm = comm_bytes / bw if n > 1 else 0.0
     offload = 0.0
     if candidate.startswith("zero3_offload"):
@@ -268,12 +402,16 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
         offload += run.grad_accum * 2 * p * b / n / gpu.pcie_bw
     step = compute + max(0.0, comm - comm_overlap * compute) + offload
     tokens_per_s = tokens_per_gpu_step * n / step
-    eta = dataset_tokens * epochs / tokens_per_s if dataset_tokens else None
+    if max_steps:
+        eta = max_steps * step
+    else:
+        eta = dataset_tokens * epochs / tokens_per_s if dataset_tokens else None
     model_flops = tokens_per_gpu_step * model_flops_per_token(model, run, recompute=False)
     mfu = model_flops / (gpu.bf16_flops * step)
-    return Estimate(candidate=candidate, memory=mem, total_bytes=total, fits=total <= capacity,
-                    step_seconds=step, compute_seconds=compute, comm_seconds=comm, offload_seconds=offload,
-                    comm_bytes=comm_bytes, tokens_per_s=tokens_per_s, mfu=mfu, eta_seconds=eta)
+    return Estimate(candidate=candidate, memory=mem, allocated_bytes=allocated, total_bytes=total,
+                    capacity_bytes=capacity, fits=total <= capacity, step_seconds=step, compute_seconds=compute,
+                    comm_seconds=comm, offload_seconds=offload, comm_bytes=comm_bytes, tokens_per_s=tokens_per_s,
+                    mfu=mfu, eta_seconds=eta)
 
 
 def model_flops_per_token(model: ModelShape, run: RunShape, *, recompute: bool | None = None) -> float:
@@ -300,18 +438,124 @@ def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
     """The fastest candidate that fits (offload is only worth it when nothing faster fits)."""
     fitting = [e for e in estimates if e.fits]
     if fitting:
-        best = min(fitting, key=lambda e: e.step_seconds)
-        return best, f"recommended: {best.candidate} (fits, fastest of {len(fitting)} that fit)"
+        best = min(fitting, key=lambda e: (e.step_seconds, e.total_bytes))
+        return best, (f"recommended: {best.candidate} ({DESCRIPTIONS[best.candidate]}): fits, fastest of "
+                      f"{len(fitting)} that fit")
     smallest = min(estimates, key=lambda e: e.total_bytes)
-    top = max((k for k in ("activations", "loss", "params", "optimizer", "gradients")),
-              key=lambda k: smallest.memory[k])
+    groups = {"activations": smallest.memory["activations"] + smallest.memory["lora_activations"],
+              "loss": smallest.memory["loss"],
+              "params": smallest.memory["params"],
+              "optimizer": smallest.memory["optimizer"] + smallest.memory["master_weights"],
+              "gradients": smallest.memory["gradients"] + smallest.memory["grad_partition"]}
+    top = max(groups, key=groups.get)
     advice = {
-        "activations": "turn on gradient checkpointing or lower the packed token budget per micro-batch "
-                       "(keep the global batch with more gradient accumulation)",
-        "loss": "use the fused loss (loss.impl: fused) or a smaller token budget",
-        "params": "add GPUs/nodes (ZeRO-3 divides parameters by the GPU count) or use LoRA",
+        "activations": "turn on gradient checkpointing (model.gradient_checkpointing=true) or lower the packed "
+                       "token budget per micro-batch (batch.max_tokens; keep the global batch with more "
+                       "batch.gradient_accumulation)",
+        "loss": "use the fused loss (loss.impl=fused), a smaller loss.chunk_size, or a smaller batch.max_tokens",
+        "params": "add GPUs/nodes (ZeRO-3 divides parameters by the GPU count), offload parameters, or use LoRA",
         "optimizer": "offload the optimizer, add GPUs, or use LoRA",
         "gradients": "add GPUs or use LoRA",
     }[top]
     return None, (f"nothing fits: the smallest setting ({smallest.candidate}) needs "
-                  f"{smallest.total_bytes / GiB:.1f} GiB per GPU, mostly {top}. Fix: {advice}")
+                  f"{smallest.total_bytes / GiB:.1f} GiB per GPU of {smallest.capacity_bytes / GiB:.1f}, "
+                  f"mostly {top} ({groups[top] / GiB:.1f} GiB). Fix: {advice}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# From a distthink training config (distthink.config.Config) to the shapes above.
+# ----------------------------------------------------------------------------------------------------
+
+def hf_config_from_config(cfg) -> Any:
+    """The transformers config of the run's model, without weights (AutoConfig / the tiny configs)."""
+    from transformers import AutoConfig
+
+    from distthink.models.load import build_model_config
+
+    if cfg.model.name_or_path:
+        try:
+            mcfg = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': its config cannot be read ({err}). "
+                              "Fix: give a local directory with config.json, or a hub name with network "
+                              "access (only config.json is fetched, no weights)") from None
+        for key, value in cfg.model.config_overrides.items():
+            setattr(mcfg, key, value)
+        return mcfg
+    tokenizer = None
+    if str(cfg.model.from_config).startswith("tiny-"):
+        from distthink.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+    return build_model_config(cfg, tokenizer)
+
+
+def model_shape_from_config(cfg) -> ModelShape:
+    return ModelShape.from_hf_config(hf_config_from_config(cfg))
+
+
+def run_shape_from_config(cfg, *, tokens_per_micro_batch: int | None = None, device: str = "cuda",
+                          seq_len: int | None = None, learned_fraction: float = 1.0) -> RunShape:
+    """RunShape of a distthink Config. device="cuda" plans for GPUs (dtype auto = bf16, flash-attn when
+    attn_implementation is auto); device="cpu" reproduces a CPU run (dtype auto = fp32, sdpa)."""
+    if cfg.batch.mode == "tokens":
+        tokens = cfg.batch.max_tokens
+    else:
+        tokens = cfg.batch.samples_per_micro * cfg.data.max_length
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        attn = "flash" if device == "cuda" else "sdpa"
+    attention = "flash" if attn.startswith("flash") else "sdpa"
+    reduce_bucket, prefetch = 5e7, 5e7
+    overlap = True
+    if cfg.distributed.deepspeed:
+        import json
+        from pathlib import Path
+
+        try:
+            zero = json.loads(Path(cfg.distributed.deepspeed).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError):
+            zero = {}
+        if zero.get("reduce_bucket_size", "auto") != "auto":
+            reduce_bucket = float(zero["reduce_bucket_size"])
+        if zero.get("stage3_prefetch_bucket_size", "auto") != "auto":
+            prefetch = float(zero["stage3_prefetch_bucket_size"])
+        overlap = bool(zero.get("overlap_comm", True))
+    return RunShape(
+        tokens_per_micro_batch=int(tokens_per_micro_batch or tokens),
+        seq_len=int(seq_len or min(cfg.data.max_length, tokens)),
+        grad_accum=cfg.batch.gradient_accumulation,
+        lora_rank=cfg.lora.r if cfg.lora.enabled else None,
+        lora_targets=list(cfg.lora.target_modules),
+        lora_dropout=cfg.lora.dropout if cfg.lora.enabled else 0.0,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        fused_loss=cfg.loss.impl == "fused",
+        fused_chunk_tokens=cfg.loss.chunk_size,
+        learned_fraction=learned_fraction,
+        dtype_bytes=4 if dtype == "float32" else 2,
+        attention=attention,
+        device=device,
+        reduce_bucket_elems=reduce_bucket,
+        prefetch_bucket_elems=prefetch,
+        zero2_overlap_comm=overlap,
+    )
+
+
+def candidate_of_config(cfg) -> str:
+    """Which candidate a config's distributed.deepspeed JSON corresponds to."""
+    import json
+    from pathlib import Path
+
+    ds = cfg.distributed.deepspeed
+    if not ds:
+        return "ddp"
+    zero = json.loads(Path(ds).read_text()).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        if zero.get("offload_param"):
+            return "zero3_offload_params"
+        return "zero3_offload_optimizer" if zero.get("offload_optimizer") else "zero3"
+    return "zero2" if stage == 2 else "ddp"

@@ -1,0 +1,263 @@
+"""`distthink plan`: will this run fit in GPU memory, which ZeRO setting does it need, how fast will it go?
+
+Reads the same config as `distthink train` (YAML + dotted overrides) but builds no model: only the model
+config (AutoConfig of model.name_or_path, or the from_config model) is read. Prints, per GPU and for each
+candidate setting, the memory terms and the time terms of distthink.plan, then recommends the fastest
+setting that fits, or says that nothing fits and what to change. docs/scaling.md explains every term.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from distthink.errors import ConfigError
+
+_EPILOG = """\
+examples:
+  distthink plan --config configs/my_run.yaml --nodes 2 --gpus-per-node 8 --gpu h100
+  distthink plan model.name_or_path=meta-llama/Meta-Llama-3-8B model.from_config=null lora.enabled=false \\
+      batch.max_tokens=4096 data.max_length=4096 model.gradient_checkpointing=true --nodes 1 --gpus-per-node 8
+  distthink plan --config run.yaml --gpu a100-40 --gpu-mem 40GiB --dataset-tokens 2e9 --json
+
+Memory is per GPU: peak live tensors (params, master weights, optimizer, gradients, activations, loss
+buffers, DeepSpeed buckets), plus the CUDA context and a 10% allocator margin. Time: FLOPs per token from
+the model shape, divided by the GPU's dense bf16 peak times --hfu (the fraction of peak reached on the
+arithmetic executed); ZeRO collectives over the slowest link, 70% hidden behind compute. Validated on CPU
+against measured peaks (benchmarks/plan_validation.py); the GPU-specific terms are not validated here.
+"""
+
+
+def register(subparsers) -> None:
+    from distthink.plan import CANDIDATES, GPUS
+
+    p = subparsers.add_parser(
+        "plan", help="estimate per-GPU memory, the ZeRO setting that fits, tokens/s and ETA (no weights loaded)",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="training YAML (default: the embedded default run)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `distthink train`")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS),
+                   help="GPU type: peak bf16 FLOP/s, memory and link bandwidths (default h100)")
+    p.add_argument("--gpu-mem", default=None,
+                   help="usable memory per GPU, e.g. 80GiB, 79GB, 40G (default: the --gpu type's memory)")
+    p.add_argument("--hfu", type=float, default=0.45,
+                   help="assumed hardware FLOP utilisation on the executed arithmetic (default 0.45)")
+    p.add_argument("--comm-overlap", type=float, default=0.7,
+                   help="fraction of compute time that hides communication (default 0.7)")
+    p.add_argument("--dataset-tokens", type=float, default=None,
+                   help="tokens in one epoch of the training data (default: estimated by encoding a sample of "
+                        "data.train with the run's tokenizer)")
+    p.add_argument("--sample-records", type=int, default=200,
+                   help="records encoded to estimate the dataset size and learned fraction (default 200)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="plan a GPU run (bf16, flash-attn) or reproduce a CPU run (fp32 auto dtype, sdpa)")
+    p.add_argument("--candidates", default=",".join(CANDIDATES),
+                   help=f"comma-separated subset of {','.join(CANDIDATES)}")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_run)
+
+
+def parse_bytes(text: str) -> float:
+    """'80GiB' -> 80 * 2**30, '80GB' / '80G' -> 80e9, '141e9' -> 141e9."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", str(text))
+    if not m:
+        raise ConfigError(f"--gpu-mem {text!r} is not a size. Fix: write e.g. 80GiB, 79GB or 40G")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
+    if not unit:
+        return value
+    power = "kmgt".index(unit[0]) + 1
+    return value * ((1024 if unit.endswith("i") else 1000) ** power)
+
+
+def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
+    """Estimate tokens per epoch: encode the first records of data.train with the run's tokenizer and
+    chat policy, scale the mean length by the record count. Returns {} when it cannot be estimated."""
+    from itertools import islice
+
+    from distthink import train_data
+    from distthink.data.dataset import build_sft_dataset, iter_records
+    from distthink.models.load import load_tokenizer
+
+    path = train_data.resolve_path(cfg.data.train, "train")
+    tokenizer = load_tokenizer(cfg)
+    records = [rec for _src, _line, rec in islice(iter_records(str(path)), sample_records)]
+    samples, _report = build_sft_dataset(records, tokenizer, train_data.chat_policy(cfg), on_error="skip",
+                                         audit=False)
+    if not samples:
+        return {}
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        n_records = pq.ParquetFile(path).metadata.num_rows
+    elif path.suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            n_records = sum(1 for line in fh if line.strip())
+    else:
+        n_records = sum(1 for _ in iter_records(str(path)))
+    tokens = sum(len(s) for s in samples)
+    learned = sum(sum(1 for x in s.labels if x != -100) for s in samples)
+    kept = len(samples) / max(1, len(records))
+    return {"path": str(path), "records": n_records, "sampled": len(records), "encoded": len(samples),
+            "mean_tokens": tokens / len(samples), "learned_fraction": learned / max(1, tokens),
+            "dataset_tokens": tokens / len(samples) * n_records * kept}
+
+
+def build_plan(args) -> dict[str, Any]:
+    from distthink.config import load_config
+    from distthink.plan import (CANDIDATES, DESCRIPTIONS, GPUS, estimate, model_shape_from_config, recommend,
+                                run_shape_from_config)
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    if not 0 < args.hfu <= 1:
+        raise ConfigError(f"--hfu {args.hfu} must be in (0, 1]: it is a fraction of the GPU's peak")
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    unknown = [c for c in candidates if c not in CANDIDATES]
+    if unknown:
+        raise ConfigError(f"--candidates {unknown} unknown. Fix: use some of {','.join(CANDIDATES)}")
+    shape = model_shape_from_config(cfg)
+    data: dict[str, Any] = {}
+    if args.dataset_tokens is None:
+        try:
+            data = dataset_stats(cfg, args.sample_records)
+        except Exception as err:  # noqa: BLE001 - a plan without an ETA is still useful; say why
+            data = {"error": f"{type(err).__name__}: {err}"}
+    learned_fraction = data.get("learned_fraction", 1.0)
+    run = run_shape_from_config(cfg, device=args.device, learned_fraction=learned_fraction)
+    gpu = GPUS[args.gpu]
+    mem = parse_bytes(args.gpu_mem) if args.gpu_mem else gpu.mem_bytes
+    dataset_tokens = args.dataset_tokens or data.get("dataset_tokens")
+    n = args.nodes * args.gpus_per_node
+    estimates = [estimate(shape, run, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=gpu,
+                          gpu_mem_bytes=mem, candidate=c, hfu=args.hfu, comm_overlap=args.comm_overlap,
+                          dataset_tokens=dataset_tokens, epochs=cfg.train.epochs,
+                          max_steps=cfg.train.max_steps or None)
+                 for c in candidates]
+    best, message = recommend(estimates)
+    lora = None if run.full else shape.lora_params(run.lora_rank, run.lora_targets)
+    return {
+        "model": {"params": shape.num_params, "trainable": lora or shape.num_params, "layers": shape.num_layers,
+                  "hidden": shape.hidden_size, "vocab": shape.vocab_size,
+                  "source": cfg.model.name_or_path or cfg.model.from_config},
+        "run": {**run.__dict__, "global_tokens_per_step": run.tokens_per_micro_batch * run.grad_accum * n,
+                "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs},
+        "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": args.gpu,
+                    "gpu_mem_bytes": mem, "hfu": args.hfu, "comm_overlap": args.comm_overlap},
+        "dataset": {**data, "dataset_tokens_used": dataset_tokens},
+        "candidates": [{**e.as_dict(), "description": DESCRIPTIONS[e.candidate]} for e in estimates],
+        "recommended": best.candidate if best else None,
+        "message": message,
+    }
+
+
+_UNIT = {"name": "GiB", "div": 2**30}
+
+
+def _gib(x: float) -> str:
+    return f"{x / _UNIT['div']:.2f}"
+
+
+def _si(x: float) -> str:
+    for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+_ROWS = [
+    ("params (+ZeRO-3 gathered)", "params"), ("fp32 master weights", "master_weights"),
+    ("optimizer (Adam m, v)", "optimizer"), ("gradient partition (ZeRO)", "grad_partition"),
+    ("comm buckets", "buckets"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
+    ("  without checkpointing", "activations_no_ckpt"), ("  with checkpointing", "activations_ckpt"),
+    ("LoRA branch activations", "lora_activations"), ("loss [chosen]", "loss"),
+    ("  plain logits loss", "loss_plain"), ("  fused loss (chunk)", "loss_fused"),
+    ("full gradients (no ZeRO)", "gradients"), ("optimizer-step temporaries", "optimizer_step_tmp"),
+    ("CUDA/NCCL context", "cuda_context"), ("fragmentation margin", "fragmentation"),
+]
+
+
+_SHORT = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "zero3_offload_optimizer": "z3+off-opt",
+          "zero3_offload_params": "z3+off-par"}
+
+
+def render(plan: dict[str, Any]) -> str:
+    m, r, c = plan["model"], plan["run"], plan["cluster"]
+    est = plan["candidates"]
+    n = c["nodes"] * c["gpus_per_node"]
+    small = max(e["total_bytes"] for e in est) < 2**30
+    _UNIT.update(name="MiB" if small else "GiB", div=2**20 if small else 2**30)
+    method = ("full fine-tuning" if r["lora_rank"] is None
+              else f"LoRA r={r['lora_rank']} on " + ",".join(r["lora_targets"]))
+    lines = [
+        f"model   {m['source']}: {m['params'] / 1e9:.3f} B params, {m['layers']} layers, hidden {m['hidden']}, "
+        f"vocab {m['vocab']}; {method} "
+        f"({m['trainable'] / 1e6:.2f} M trainable)",
+        f"run     {r['tokens_per_micro_batch']} tokens per micro-batch x GA {r['grad_accum']} x {n} GPUs = "
+        f"{r['global_tokens_per_step']:,} tokens per step; {'bf16' if r['dtype_bytes'] == 2 else 'fp32'}, "
+        f"{r['attention']} attention, checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, "
+        f"{'fused loss (chunk ' + str(r['fused_chunk_tokens']) + ')' if r['fused_loss'] else 'plain logits loss'}",
+        f"cluster {c['nodes']} node(s) x {c['gpus_per_node']} {c['gpu']}, {_gib(c['gpu_mem_bytes'])} GiB per GPU, "
+        f"assumed HFU {c['hfu']:.2f}",
+        "",
+        f"memory per GPU ({_UNIT['name']})".ljust(30) + "".join(_SHORT[e["candidate"]].rjust(12) for e in est),
+    ]
+    short = _SHORT
+    for label, key in _ROWS:
+        lines.append(label.ljust(30) + "".join(_gib(e["memory"][key]).rjust(12) for e in est))
+    lines.append("peak live tensors".ljust(30) + "".join(_gib(e["allocated_bytes"]).rjust(12) for e in est))
+    lines.append("TOTAL (vs capacity)".ljust(30) + "".join(_gib(e["total_bytes"]).rjust(12) for e in est))
+    lines.append("fits".ljust(30) + "".join(("yes" if e["fits"] else "NO").rjust(12) for e in est))
+    lines += ["", "time per optimizer step".ljust(30) + "".join(short[e["candidate"]].rjust(12) for e in est)]
+    rows = [("compute (s)", lambda e: f"{e['compute_seconds']:.3g}"),
+            ("comm volume per GPU (GB)", lambda e: f"{e['comm_bytes'] / 1e9:.2f}"),
+            ("comm time (s)", lambda e: f"{e['comm_seconds']:.3g}"),
+            ("offload time (s)", lambda e: f"{e['offload_seconds']:.3g}"),
+            ("step (s)", lambda e: f"{e['step_seconds']:.3g}"),
+            ("tokens/s (job)", lambda e: _si(e["tokens_per_s"])),
+            ("tokens/s per GPU", lambda e: _si(e["tokens_per_s"] / n)),
+            ("MFU (model FLOPs)", lambda e: f"{e['mfu']:.2f}"),
+            ("ETA", lambda e: _duration(e["eta_seconds"]))]
+    for label, fmt in rows:
+        lines.append(label.ljust(30) + "".join(fmt(e).rjust(12) for e in est))
+    d = plan["dataset"]
+    lines.append("")
+    if r["max_steps"]:
+        lines.append(f"ETA: train.max_steps={r['max_steps']} optimizer steps (at most "
+                     f"{r['global_tokens_per_step'] * r['max_steps']:,} tokens)")
+    elif d.get("dataset_tokens_used"):
+        src = (f"estimated from {d['encoded']} encoded records of {d['path']} ({d['records']:,} records, mean "
+               f"{d['mean_tokens']:.0f} tokens)" if "mean_tokens" in d else "from --dataset-tokens")
+        lines.append(f"ETA: {r['epochs']} epoch(s) of {d['dataset_tokens_used']:,.0f} tokens, {src}; packing fills "
+                     "micro-batches below the budget, so real runs take somewhat longer")
+    else:
+        lines.append(f"ETA: unknown (pass --dataset-tokens){'; ' + d['error'] if d.get('error') else ''}")
+    lines.append(plan["message"])
+    return "\n".join(lines)
+
+
+def _run(args) -> int:
+    plan = build_plan(args)
+    if args.json:
+        print(json.dumps(plan, indent=1, default=str))
+    else:
+        print(render(plan))
+    return 0 if plan["recommended"] else 1
