@@ -14,6 +14,7 @@ from distthink.errors import DistthinkError
 _COMMANDS = {
     "rec": "rec",
     "inspect": "inspect",
+    "plan": "plan",
     "slurm": "slurm",
 }
 
