@@ -31,6 +31,14 @@ R1_STRICT = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ 
              "{% elif m.role == 'assistant' %}{% set c = m.content %}{% if '</think>' in c %}"
              "{% set c = c.split('</think>')[-1] %}{% endif %}{{ '<|Assistant|>' + c + eos_token }}{% endif %}"
              "{% endfor %}{% if add_generation_prompt %}{{ '<|Assistant|><think>\n' }}{% endif %}")
+LLAMA31 = ("{{- bos_token }}{%- set date_string = strftime_now('%d %b %Y') %}"
+           "{%- if messages[0].role == 'system' %}{%- set system_message = messages[0].content | trim %}"
+           "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+           "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
+           "{{- 'Today Date: ' + date_string + '\n\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+           "{%- for message in messages %}{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n'"
+           " + message.content | trim + '<|eot_id|>' }}{%- endfor %}"
+           "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
 TWICE = "{% for m in messages %}{{ m.content }}{{ m.content }}{{ eos_token }}{% endfor %}"
 
 SPECIALS = ["[INST]", "[/INST]", "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>",
@@ -44,7 +52,7 @@ MSGS = [{"role": "system", "content": "Be brief."},
 
 
 def make_tok(template):
-    tok = tiny_tokenizer("plain")
+    tok = tiny_tokenizer("llama3" if template is LLAMA31 else "plain")
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     tok.chat_template = template
     return tok
@@ -73,6 +81,8 @@ def oracle(tok, text, turns):
                       ("<start_of_turn>model\n", "It is 84.", "<end_of_turn>")]),
     ("phi3_generation", PHI3_GEN, [("<|assistant|>\n", "The answer is 42.", "<|end|>"),
                                    ("<|assistant|>\n", "It is 84.", "<|end|>")]),
+    ("llama31", LLAMA31, [("<|start_header_id|>assistant<|end_header_id|>\n\n", "The answer is 42.", "<|eot_id|>"),
+                          ("<|start_header_id|>assistant<|end_header_id|>\n\n", "It is 84.", "<|eot_id|>")]),
     ("upper", UPPER, [("<|assistant|>", "THE ANSWER IS 42.", "<|end|>"), ("<|assistant|>", "IT IS 84.", "<|end|>")]),
 ])
 def test_other_template_styles(name, template, turns):
@@ -114,3 +124,24 @@ def test_template_rendering_a_trained_message_twice_is_a_clear_error():
     with pytest.raises(DataError) as e:
         encode_chat(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     assert e.value.reason == "template_unaligned"
+
+
+@pytest.mark.parametrize("template", [MISTRAL, GEMMA, PHI3_GEN, LLAMA31], ids=["mistral", "gemma", "phi3", "llama31"])
+def test_reasoning_inlined_and_policies_on_other_templates(template):
+    """These templates ignore reasoning_content: it is inlined as a <think> block (never silently lost) and
+    the think policies apply to it."""
+    tok = make_tok(template)
+    msgs = [{"role": "user", "content": "What is 12 + 30?"},
+            {"role": "assistant", "content": "The answer is 42.", "reasoning_content": "Add tens and units."}]
+    for think, reasoning_learned in (("supervise", True), ("mask", False)):
+        s = encode_chat(tok, msgs, think=think)
+        text = tok.decode(s.input_ids)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        r, a = text.find("Add tens and units."), text.find("The answer is 42.")
+        assert 0 <= r < a
+        rt = {i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < r + 19 and y > r}
+        at = {i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < a + 17 and y > a}
+        assert all((s.labels[i] != -100) == reasoning_learned for i in rt)
+        assert all(s.labels[i] != -100 for i in at)
+    s = encode_chat(tok, msgs, think="drop")
+    assert "Add tens" not in tok.decode(s.input_ids)
