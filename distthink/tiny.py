@@ -1,7 +1,7 @@
 """Tiny, fully offline tokenizers and model configs for tests, examples and the embedded default run.
 
-`tiny_tokenizer(family)` returns a byte-level BPE tokenizer (~1k merges-vocab, trained deterministically on
-the bundled sample text) that carries the *real* special tokens of a model family plus a chat template
+`tiny_tokenizer(family)` returns a byte-level BPE tokenizer (trained deterministically on the bundled sample
+text; the trainer stops at ~600 tokens because merges must occur twice, plus the family's special tokens) that carries the *real* special tokens of a model family plus a chat template
 written for this project in that family's style (distthink/templates/<family>.jinja).
 
 Families:
