@@ -133,7 +133,7 @@ class ModelShape:
         return self.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
     def activation_bytes_per_token_layer(self, dtype_bytes: int, attention: str = "flash", row_tokens: int = 0,
-                                         lora_targets: list[str] | None = None) -> float:
+                                         lora_targets: list[str] | None = None, lora_dropout: float = 0.0) -> float:
         """Bytes one decoder layer keeps for backward, per token, with no checkpointing.
 
         Counted with `torch.autograd.graph.saved_tensors_hooks` on transformers' Llama/Qwen3 layers
@@ -143,8 +143,10 @@ class ModelShape:
         - each RMSNorm keeps its input upcast to fp32 (4 B; the input itself when b = 4) and an fp32
           rsqrt per row; when its weight trains it also keeps the normed output (b);
         - the attention input (q/k/v) and the MLP input (gate/up) are kept when one of those projections
-          trains (b H each);
-        - SwiGLU keeps gate, up and silu(gate) (3 b I), and silu(gate)*up when down_proj trains (b I);
+          trains (b H each), and silu(gate)*up when down_proj does (b I). Frozen projections keep nothing;
+          under LoRA these inputs are shared with the adapters only in fp32 without dropout (otherwise
+          each adapter keeps its own copy: `lora_bytes_per_token_layer`);
+        - SwiGLU keeps gate, up and silu(gate) (3 b I);
         - attention, sdpa (CPU, and GPU without flash-attn): q, k and v repeated to all heads (GQA), the
           output: 4 b q, an fp32 log-sum-exp per head, and the packed block-diagonal mask converted per
           layer: b T per token. flash (varlen, GPU): q, k, v at their own width and the output:
@@ -154,7 +156,8 @@ class ModelShape:
         """
         h, q, kv, i, b = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size, dtype_bytes
         full = lora_targets is None
-        trains = (lambda name: True) if full else (lambda name: name in lora_targets)
+        shared = full or (b == 4 and lora_dropout == 0)
+        trains = (lambda name: full or (shared and name in lora_targets))
         norm_elem = 4 + (b if full else 0)
         n = 2 * norm_elem * h + 8
         if trains("q_proj") or trains("k_proj") or trains("v_proj"):
@@ -171,11 +174,22 @@ class ModelShape:
         return n
 
     def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float) -> float:
-        """LoRA branches: each keeps lora_A's output (r) for lora_B; with dropout > 0 peft applies a
-        separate dropout per target, which keeps its output and mask (measured: b + 2 bytes per input
-        element)."""
+        """What the LoRA branches keep, per token and layer. peft keeps adapter weights in fp32 (its default
+        autocast_adapter_dtype) and casts each branch's input to fp32: with b != 4 every target keeps its
+        own fp32 input copy (4 B per input element); with dropout > 0 each target keeps its dropped fp32
+        input and the fp32 dropout mask (8 B per input element); in fp32 without dropout the input is the
+        base layer's (counted there). lora_A's output (r, fp32) is kept for lora_B."""
         shapes = self.linear_shapes()
-        return sum(rank * dtype_bytes + (shapes[t][0] * (dtype_bytes + 2) if dropout > 0 else 0) for t in targets)
+        b = dtype_bytes
+        total = 0.0
+        for t in targets:
+            fan_in = shapes[t][0]
+            if dropout > 0:
+                total += 8 * fan_in
+            elif b != 4:
+                total += 4 * fan_in
+            total += 4 * rank
+        return total
 
 
 @dataclass
@@ -296,7 +310,7 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     # --- start of backward ---------------------------------------------------------------------
     t = run.tokens_per_micro_batch
     targets = None if run.full else list(run.lora_targets)
-    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets)
+    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets, run.lora_dropout)
     final = t * model.hidden_size * (4 + b)  # final norm (fp32 copy + output), the hidden states
     m["activations_no_ckpt"] = t * model.num_layers * per_layer + final
     # Checkpointing: each layer keeps only its input; one layer is recomputed whole during backward.
