@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     s.add_argument("--dim", type=int, default=64)
     s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks")
     s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec 3e-3")
-    s.add_argument("--weight-decay", type=float, default=1e-4)
+    s.add_argument("--weight-decay", type=float, default=1e-2,
+                   help="MF/LightGCN: L2 on the batch rows; SASRec: AdamW decay")
     s.add_argument("--batch-size", type=int, default=512)
     s.add_argument("--epochs", type=int, default=50, help="maximum epochs")
     s.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a valid-AUC gain")

@@ -70,6 +70,10 @@ class CFSplit:
     def __len__(self) -> int:
         return int(self.user.numel())
 
+    def to(self, device) -> "CFSplit":
+        return CFSplit(*(getattr(self, f).to(device) for f in ("user", "item", "label", "hist_items",
+                                                                "hist_labels", "hist_mask")))
+
     def take(self, idx: torch.Tensor) -> "CFSplit":
         return CFSplit(*(getattr(self, f)[idx] for f in ("user", "item", "label", "hist_items",
                                                           "hist_labels", "hist_mask")))
@@ -128,6 +132,10 @@ class MF(nn.Module):
         """(n,) logits."""
         return (self.user(batch.user) * self.item(batch.item)).sum(-1)
 
+    def l2(self, batch: CFSplit) -> torch.Tensor:
+        """Mean squared norm of the batch's rows (L2 on touched rows only, see train_cf)."""
+        return (self.user(batch.user).pow(2).sum(-1) + self.item(batch.item).pow(2).sum(-1)).mean()
+
 
 def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:
     """Sparse (U+I, U+I) D^-1/2 A D^-1/2 of the bipartite graph with edges (users[e], items[e]).
@@ -171,6 +179,11 @@ class LightGCN(nn.Module):
         u, i = self.tables()
         return (u[batch.user] * i[batch.item]).sum(-1)
 
+    def l2(self, batch: CFSplit) -> torch.Tensor:
+        """Mean squared norm of the batch's layer-0 (ego) rows, as in the LightGCN paper."""
+        e = self.embedding.weight
+        return (e[batch.user].pow(2).sum(-1) + e[batch.item + self.n_users].pow(2).sum(-1)).mean()
+
 
 class SASRec(nn.Module):
     """Self-attentive history encoder; user vector = output at a learned [CLS] slot (position 0)."""
@@ -203,7 +216,7 @@ class SASRec(nn.Module):
     def tables(self, user_history: CFSplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(user (n_users, d), item (n_items, d)); user rows encode `user_history` (one row per user)."""
         items = self.item.weight[: self.n_items]
-        users = torch.zeros(self.n_users, items.shape[1])
+        users = torch.zeros(self.n_users, items.shape[1], device=items.device)
         if user_history is not None and len(user_history):
             users[user_history.user] = self.encode(user_history.hist_items, user_history.hist_labels,
                                                    user_history.hist_mask)
@@ -229,7 +242,8 @@ class CFConfig:
     dropout: float = 0.1       # SASRec
     history_len: int = 10      # SASRec input length; should match prepare's history_len
     lr: float | None = None    # None: the model's default (mf/lightgcn 5e-2, sasrec 3e-3)
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-2  # MF/LightGCN: L2 on the batch's rows; SASRec: AdamW decay
+    device: str = "auto"        # "auto": cuda when available, else cpu
     batch_size: int = 512
     max_epochs: int = 50
     patience: int = 3          # epochs without a valid-AUC gain before stopping
@@ -272,11 +286,13 @@ def predict(model: nn.Module, split: CFSplit, batch_size: int = 8192) -> torch.T
     """(n,) logits for every row of `split`, eval mode, no grad."""
     was = model.training
     model.eval()
+    dev = next(model.parameters()).device
+    split = split.to(dev)
     if isinstance(model, LightGCN):  # propagate once, not per batch
         u, i = model.tables()
         out = (u[split.user] * i[split.item]).sum(-1)
     else:
-        out = torch.cat([model(split.take(torch.arange(s, min(s + batch_size, len(split)))))
+        out = torch.cat([model(split.take(torch.arange(s, min(s + batch_size, len(split)), device=dev)))
                          for s in range(0, len(split), batch_size)]) if len(split) else torch.zeros(0)
     model.train(was)
     return out
@@ -310,27 +326,38 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
                         fix="prepare with a non-zero valid fraction and enough interactions", reason="empty")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg, n_users, n_items)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    train, valid = train.to(device), valid.to(device)
+    model = build_model(cfg, n_users, n_items).to(device)
     if isinstance(model, LightGCN):
         pos = train.label > 0.5
         model.adjacency = normalized_adjacency(train.user[pos], train.item[pos], n_users, n_items)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    valid_y = valid.label.numpy().astype(np.int64)
+    if isinstance(model, SASRec):
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        # Adam's weight_decay would shrink *every* embedding row on every step (rows absent from the
+        # batch get a pure decay gradient that Adam rescales to a full-size step), so the L2 term is
+        # applied to the batch's rows only.
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    valid_y = valid.label.cpu().numpy().astype(np.int64)
     best_auc, best_epoch, best_state, history = -math.inf, -1, None, []
     bar = _progress(cfg.max_epochs, cfg.progress, f"train-cf {cfg.model}")
     for epoch in range(cfg.max_epochs):
         t0 = time.time()
         model.train()
-        perm = torch.randperm(len(train), generator=gen)
+        perm = torch.randperm(len(train), generator=gen).to(device)
         total = 0.0
         for s in range(0, len(train), cfg.batch_size):
             batch = train.take(perm[s:s + cfg.batch_size])
             loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)
+            if not isinstance(model, SASRec) and cfg.weight_decay:
+                loss = loss + cfg.weight_decay * model.l2(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
-        v_auc = auc(valid_y, predict(model, valid).numpy())
+        v_auc = auc(valid_y, predict(model, valid).cpu().numpy())
         history.append({"epoch": epoch, "train_loss": total / len(train), "valid_auc": v_auc,
                         "seconds": time.time() - t0})
         if v_auc > best_auc:
@@ -344,6 +371,10 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
     if bar is not None:
         bar.close()
     model.load_state_dict(best_state)
+    model = model.cpu()  # results and exports live on the CPU
+    if isinstance(model, LightGCN):
+        model.adjacency = model.adjacency.cpu()
+    train = train.to("cpu")
     model.eval()
     log.info("train-cf %s: best valid AUC %.4f at epoch %d (%d epochs run)", cfg.model, best_auc, best_epoch,
              len(history))
@@ -402,7 +433,7 @@ def export_cf(result: CFResult, out_dir: str | Path, prepared_dir: str | Path, e
             user, item = model.eval().tables(result.user_history)
         else:
             user, item = model.tables()  # LightGCN: propagated once, here
-    save_file({"user": user.detach().float().contiguous(), "item": item.detach().float().contiguous()},
+    save_file({"user": user.detach().float().cpu().contiguous(), "item": item.detach().float().cpu().contiguous()},
               str(out / "embeddings.safetensors"))
     if isinstance(model, SASRec):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "sasrec.safetensors"))

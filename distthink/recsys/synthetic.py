@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distthink.errors import ConfigError
 from distthink.recsys.data import Interactions
 
 GENRE_WORDS: dict[str, tuple[str, ...]] = {
@@ -100,7 +101,8 @@ def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, 
              seed: int = 0) -> SyntheticData:
     """Draw a synthetic world. Deterministic for a given (sizes, seed). See the module docstring."""
     if not 1 <= min_per_user <= max_per_user <= n_items:
-        raise ValueError("need 1 <= min_per_user <= max_per_user <= n_items")
+        raise ConfigError(f"synthetic sizes: need 1 <= min_per_user ({min_per_user}) <= max_per_user "
+                          f"({max_per_user}) <= n_items ({n_items})")
     rng = np.random.default_rng(seed)
     n_genres = len(GENRES)
 
