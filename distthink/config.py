@@ -365,7 +365,7 @@ def markdown_reference() -> str:
         lines += [f"## `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(type(sub))
         for f in dataclasses.fields(sub):
-            tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
             default = getattr(sub, f.name)
             text = f.metadata["help"]
             if f.metadata.get("choices"):

@@ -76,3 +76,20 @@ def test_reference_doc_lists_every_key():
     for section, values in cfg.items():
         for key in values:
             assert f"`{section}.{key}`" in doc
+
+
+def test_docs_configuration_md_is_generated_from_the_dataclasses():
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == markdown_reference() + "\n", \
+        "docs/configuration.md is stale: python -m distthink.config --markdown > docs/configuration.md"
+
+
+def test_embedded_default_matches_configs_default_yaml():
+    from pathlib import Path
+
+    from distthink.config import default_yaml_text
+
+    copy = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert copy.read_text() == default_yaml_text()
