@@ -110,6 +110,24 @@ def _make_tracker():
                     self._see(t)
             return out
 
+        # UntypedStorage.resize_ is not an aten op, so the mode never sees it (DeepSpeed 0.19 does not
+        # use it, but other code may): wrap it while the mode is active.
+        def __enter__(self):
+            self._orig_resize = torch.UntypedStorage.resize_
+            tracker = self
+
+            def resize_(st, size):
+                out = tracker._orig_resize(st, size)
+                tracker._see(torch.empty(0, dtype=torch.uint8).set_(st) if st.device.type == "cpu" else None)
+                return out
+
+            torch.UntypedStorage.resize_ = resize_
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            torch.UntypedStorage.resize_ = self._orig_resize
+            return super().__exit__(*exc)
+
         def freeze(self) -> None:
             if self.frozen_peak is None:
                 self.frozen_peak = self.peak

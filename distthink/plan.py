@@ -299,7 +299,12 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     m["master_weights"] = master
     m["optimizer"] = optim
     # ZeRO keeps this rank's reduced gradient partition (grad_accum_dtype = param dtype by default).
-    m["grad_partition"] = 0.0 if (candidate == "ddp" or offload_opt) else trainable * b / n
+    # ZeRO-3 allocates it at start-up (stage3.py grad_partitions_flat_buffer). ZeRO-2 allocates it when
+    # the first gradient of this rank's partition is reduced, i.e. during backward after most activations
+    # are freed (measured on CPU: absent at the peak), so it is counted with the optimizer-step phase.
+    part = 0.0 if (candidate == "ddp" or offload_opt) else trainable * b / n
+    m["grad_partition"] = part if zero3 else 0.0
+    m["grad_partition_zero2"] = part if candidate == "zero2" else 0.0
     if candidate == "ddp":
         m["buckets"] = trainable * b if n > 1 else 0.0  # DDP reducer buckets (gradient_as_bucket_view off)
     elif candidate == "zero2":
@@ -363,7 +368,7 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
 
 PERSISTENT = ("params", "master_weights", "optimizer", "grad_partition", "buckets")
 BACKWARD = ("activations", "lora_activations", "loss", "gather_buffer")
-STEP = ("gradients", "optimizer_step_tmp")
+STEP = ("gradients", "optimizer_step_tmp", "grad_partition_zero2")
 
 
 def peak_allocated(m: dict[str, float]) -> float:
@@ -460,7 +465,8 @@ def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
               "loss": smallest.memory["loss"],
               "params": smallest.memory["params"],
               "optimizer": smallest.memory["optimizer"] + smallest.memory["master_weights"],
-              "gradients": smallest.memory["gradients"] + smallest.memory["grad_partition"]}
+              "gradients": (smallest.memory["gradients"] + smallest.memory["grad_partition"]
+                            + smallest.memory["grad_partition_zero2"])}
     top = max(groups, key=groups.get)
     advice = {
         "activations": "turn on gradient checkpointing (model.gradient_checkpointing=true) or lower the packed "

@@ -185,7 +185,8 @@ def _duration(s: float | None) -> str:
 
 _ROWS = [
     ("params (+ZeRO-3 gathered)", "params"), ("fp32 master weights", "master_weights"),
-    ("optimizer (Adam m, v)", "optimizer"), ("gradient partition (ZeRO)", "grad_partition"),
+    ("optimizer (Adam m, v)", "optimizer"), ("grad partition (ZeRO-3)", "grad_partition"),
+    ("grad partition (ZeRO-2)", "grad_partition_zero2"),
     ("comm buckets", "buckets"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
     ("  without checkpointing", "activations_no_ckpt"), ("  with checkpointing", "activations_ckpt"),
     ("LoRA branch activations", "lora_activations"), ("loss [chosen]", "loss"),
