@@ -5,7 +5,7 @@
 # It runs as the batch shell on the first node of the allocation and
 #   1. checks the settings and the run config (fails before anything starts, with the reason);
 #   2. works out the rendezvous: head node = first of `scontrol show hostnames $SLURM_JOB_NODELIST`,
-#      its NodeAddr, and a port derived from the job id (stable across requeues);
+#      its NodeAddr, and a free port there (or one derived from the job id);
 #   3. starts ONE srun task per node (--kill-on-bad-exit=1: a task that fails ends the step at once,
 #      instead of leaving the other nodes hanging in a collective). Each task runs `accelerate launch`
 #      with --machine_rank "$SLURM_NODEID" -- the per-node script is a single-quoted here-doc, so that
@@ -24,7 +24,8 @@
 #   DISTTHINK_CPU_PROCS_PER_NODE processes per node when the node has no GPU (default 1; gloo, DS_ACCELERATOR=cpu)
 #   DISTTHINK_ACCELERATE_CONFIG  accelerate config file (default configs/accelerate/multi_node.yaml)
 #   DISTTHINK_MODULE             python module to launch (default distthink.train)
-#   DISTTHINK_MASTER_PORT        rendezvous port (default 20000 + job id % 20000)
+#   DISTTHINK_MASTER_PORT        rendezvous port (default: a free port of the head node, else
+#                                20000 + job id % 20000)
 #   DISTTHINK_NCCL_IFNAME        network interface for NCCL and gloo (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)
 #   DISTTHINK_SETUP              shell code run first in the batch shell and on every node
 #                                (e.g. "module load cuda/12.4; source ~/venvs/distthink/bin/activate")
@@ -106,7 +107,15 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 # NodeAddr is what the nodes reach each other by (often the node name itself).
 head_addr=$(scontrol show node "$head_node" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
 export DISTTHINK_MASTER_ADDR="${DISTTHINK_MASTER_ADDR:-${head_addr:-$head_node}}"
-export DISTTHINK_MASTER_PORT="${DISTTHINK_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+if [ -z "${DISTTHINK_MASTER_PORT:-}" ]; then
+    # A free port when this batch shell runs on the head node (the usual case: the batch host is the
+    # first node of the allocation); otherwise one derived from the job id.
+    if [ "${SLURMD_NODENAME:-}" = "$head_node" ]; then
+        DISTTHINK_MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    fi
+    DISTTHINK_MASTER_PORT="${DISTTHINK_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+fi
+export DISTTHINK_MASTER_PORT
 dt_log "rendezvous ${DISTTHINK_MASTER_ADDR}:${DISTTHINK_MASTER_PORT} (head node $head_node); $SLURM_NNODES node(s) x $DISTTHINK_PROCS_PER_NODE process(es) = $DISTTHINK_NUM_PROCESSES; $([ "$DISTTHINK_GPUS_PER_NODE" -gt 0 ] && echo "GPU, NCCL" || echo "CPU, gloo")"
 dt_log "config ${DISTTHINK_CONFIG:-<embedded default>}; output dir $DISTTHINK_OUTPUT_DIR; node logs $DISTTHINK_LOG_DIR/job${SLURM_JOB_ID}-node<N>.log"
 
@@ -123,7 +132,10 @@ if [ "$DISTTHINK_NUM_PROCESSES" -gt 1 ]; then
             --main_process_ip "$DISTTHINK_MASTER_ADDR" --main_process_port "$DISTTHINK_MASTER_PORT")
     if [ "$SLURM_NNODES" -gt 1 ]; then
         # c10d rendezvous on the head node (same_network=false makes accelerate pass rdzv_endpoint).
-        launch+=(--rdzv_backend c10d --rdzv_conf "join_timeout=600")
+        # Node 0 hosts the rendezvous store, explicitly: torch would otherwise guess from hostnames and
+        # can pick the wrong node when several nodes share a host (containers, test clusters).
+        is_host=false; [ "$SLURM_NODEID" = 0 ] && is_host=true
+        launch+=(--rdzv_backend c10d --rdzv_conf "join_timeout=600,is_host=$is_host")
         if grep -q 'distributed_type: *DEEPSPEED' "$DISTTHINK_ACCELERATE_CONFIG" 2>/dev/null; then
             launch+=(--deepspeed_multinode_launcher standard)  # not pdsh: srun already put us on every node
         fi
@@ -139,14 +151,15 @@ echo "[distthink node $SLURM_NODEID] ${launch[*]}"
 [ "${DISTTHINK_DRY_RUN:-0}" = 1 ] && exit 0
 # The launcher process (accelerate = torchrun agent) must outlive a TERM/USR1 so that it waits while
 # the workers save: start it with both ignored (inherited through exec; the trainer installs its own
-# handlers) and tell torchelastic not to handle TERM itself.
-export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT"
+# handlers) and tell torchelastic not to handle TERM itself (PET_ is torchrun's env form of
+# --signals_to_handle, which overwrites TORCHELASTIC_SIGNALS_TO_HANDLE in recent torch).
+export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT" PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT"
 trap '' TERM USR1
 "${launch[@]}" &
 agent=$!
-got_signal=""
+preempted=0
 forward() {  # to the training processes: the agent's children (or the single process itself)
-    got_signal=$1
+    [ "$1" = USR1 ] && preempted=1
     echo "[distthink node $SLURM_NODEID] SIG$1: asking the training processes to save and stop at the next step"
     if [ "$DISTTHINK_NUM_PROCESSES" -gt 1 ]; then pkill "-$1" -P "$agent"; else kill "-$1" "$agent"; fi
 }
@@ -156,7 +169,7 @@ while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done
 wait "$agent"; rc=$?
 # The agent reports any failed worker as 1; after a USR1 the workers saved and exited 75 (requeue).
 # A TERM is not a preemption request here: srun sends it to the other nodes when one task fails.
-if [ "$got_signal" = USR1 ] && [ "$rc" -ne 0 ]; then rc=75; fi
+if [ "$preempted" = 1 ] && [ "$rc" -ne 0 ]; then rc=75; fi
 echo "[distthink node $SLURM_NODEID] training processes ended with exit code $rc"
 exit "$rc"
 NODE_SCRIPT

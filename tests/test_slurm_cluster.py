@@ -1,13 +1,111 @@
-"""Integration tests on a real local SLURM cluster (tests/slurm_cluster.py): two slurmd on this host,
-so multi-node code paths (SLURM_NODEID per node, srun one task per node) run for real."""
+"""Integration tests on a real local SLURM cluster (tests/slurm_cluster.py): munged, slurmctld and two
+slurmd on this host, so the multi-node path (one srun task per node, SLURM_NODEID 0 and 1, c10d
+rendezvous over loopback) runs for real, with the real templates, launcher and trainer on CPU (gloo).
+
+The jobs share one tiny smoke config (a Qwen3 built from config, bundled data, no eval, no export).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 40
+
+SMOKE_CONFIG = f"""\
+# CPU smoke run for the SLURM tests: tiny Qwen3 from config, bundled data, a few seconds of steps.
+model:
+  from_config: tiny-qwen3
+  tokenizer: tiny
+data:
+  train: bundled
+  eval: null
+  max_length: 512
+batch:
+  max_tokens: 512
+  gradient_accumulation: 2
+train:
+  max_steps: {MAX_STEPS}
+  lr: 3.0e-3
+  warmup_steps: 2
+checkpoint:
+  every_steps: 0
+  resume: auto
+  export: none
+logging:
+  progress: false
+  tensorboard: false
+  plot: false
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm-jobs")
+    (d / "smoke.yaml").write_text(SMOKE_CONFIG)
+    return d
+
+
+def job_env(workdir: Path, output_dir: Path, **extra: str) -> dict[str, str]:
+    # The job inherits this environment (sbatch --export=ALL): the venv's bin must be on PATH even when
+    # pytest was started as /path/to/venv/bin/python without activating it.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DISTTHINK_ROOT": str(REPO), "DISTTHINK_CONFIG": str(workdir / "smoke.yaml"),
+           "DISTTHINK_OUTPUT_DIR": str(output_dir), "OMP_NUM_THREADS": "1"}
+    env.update(extra)
+    return env
+
+
+def job_log(workdir: Path, job: int, name: str = "distthink-sft") -> str:
+    return (workdir / f"{name}-{job}.out").read_text()
+
+
+def node_logs(output_dir: Path, job: int) -> dict[int, str]:
+    return {int(re.search(r"node(\d+)", p.name).group(1)): p.read_text()
+            for p in sorted((output_dir / "logs").glob(f"job{job}-node*.log"))}
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def describe(cluster, workdir, job, output_dir) -> str:
+    """Everything useful when a job assertion fails."""
+    parts = [f"job {job}: {cluster.job(job)}"]
+    try:
+        parts.append("--- job log\n" + job_log(workdir, job))
+    except OSError as err:
+        parts.append(f"--- no job log: {err}")
+    for n, text in node_logs(output_dir, job).items():
+        parts.append(f"--- node {n}\n{text[-3000:]}")
+    return "\n".join(parts)
+
+
+def sbatch_template(cluster, workdir, output_dir, *sbatch_args, template="sft", **env) -> int:
+    return cluster.sbatch(*sbatch_args, str(REPO / "slurm" / f"{template}.sbatch"),
+                          env=job_env(workdir, output_dir, **env), cwd=str(workdir))
+
+
+@pytest.fixture(scope="module")
+def baseline(slurm_cluster, workdir):  # noqa: F811
+    """`sbatch -N 2 --gpus-per-node=0 slurm/sft.sbatch`: 2 nodes x 1 process, uninterrupted."""
+    out = workdir / "baseline"
+    t0 = time.monotonic()
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0")
+    info = slurm_cluster.wait_job(job, timeout=300)
+    return job, info, out, time.monotonic() - t0
 
 
 def test_cluster_runs_one_task_per_node(slurm_cluster, tmp_path):  # noqa: F811
@@ -19,3 +117,105 @@ def test_cluster_runs_one_task_per_node(slurm_cluster, tmp_path):  # noqa: F811
     assert info.state == "COMPLETED" and info.rc == 0, info
     lines = sorted(line for line in out.read_text().splitlines() if line.startswith("node="))
     assert lines == [f"node={i} name={n}" for i, n in enumerate(slurm_cluster.nodes)]
+    print(f"cluster timings: {slurm_cluster.timings}")
+
+
+def test_sft_template_two_nodes_completes(slurm_cluster, workdir, baseline):  # noqa: F811
+    job, info, out, wall = baseline
+    assert info.state == "COMPLETED" and info.rc == 0, describe(slurm_cluster, workdir, job, out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{MAX_STEPS:08d}"
+    assert (out / "checkpoints" / f"step-{MAX_STEPS:08d}" / "COMPLETE").exists()
+    s = summary(out)
+    assert s["steps"] == MAX_STEPS and s["world_size"] == 2
+    log = job_log(workdir, job)
+    assert "restart 0 on 2 node(s)" in log and "training finished (exit code 0)" in log
+    nodes = node_logs(out, job)
+    assert sorted(nodes) == [0, 1]
+    for n, text in nodes.items():
+        # machine_rank expanded inside each node's task, not once in the batch shell
+        assert f"(slurm node {slurm_cluster.nodes[n]}) restart 0 machine_rank={n}" in text
+        assert f"--num_machines 2 --machine_rank {n} --num_processes 2" in text
+        assert "training processes ended with exit code 0" in text
+    print(f"2-node sft job: {wall:.1f}s wall, final loss {s['final_loss']:.6f}")
+
+
+def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, workdir, baseline):  # noqa: F811
+    base_job, base_info, base_out, _ = baseline
+    assert base_info.state == "COMPLETED", describe(slurm_cluster, workdir, base_job, base_out)
+    out = workdir / "preempted"
+    t0 = time.monotonic()
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0")
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, describe(slurm_cluster, workdir, job, out)
+        assert slurm_cluster.job(job).state in ("PENDING", "RUNNING"), describe(slurm_cluster, workdir, job, out)
+        time.sleep(0.2)
+    # What `--signal=B:USR1@<grace>` does before the time limit: USR1 to the batch shell only.
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    info = slurm_cluster.wait_job(job, timeout=300)
+    wall = time.monotonic() - t0
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "COMPLETED" and info.rc == 0 and info.restarts == 1, detail
+
+    log = job_log(workdir, job)
+    # srun reports the first failing task's code: 75 from a node that saved on USR1 (or 143 when srun
+    # had already TERMed a slower node); each node log says what its training processes did.
+    m = re.search(r"preempted: training saved step-(\d+) and stopped \(exit code \d+\); requeueing job", log)
+    assert m, detail
+    saved = int(m.group(1))
+    assert 0 < saved < MAX_STEPS, detail  # stopped mid-run, at a step boundary
+    assert "received SIGUSR1" in log and "restart 1 on 2 node(s)" in log, detail
+    assert f"resuming from: step-{saved:08d}" in log, detail
+    nodes = "\n".join(node_logs(out, job).values())
+    assert nodes.count("SIGUSR1: asking the training processes to save") == 2, detail
+    assert nodes.count("training processes ended with exit code 75") >= 1, detail
+    assert "restart 1 machine_rank=0" in nodes and "restart 1 machine_rank=1" in nodes, detail
+    assert re.search(rf"resumed from \S+step-{saved:08d} \(step {saved}\)", nodes), detail
+    # every step exactly once across the two runs, and the result of an uninterrupted run
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, MAX_STEPS + 1)), detail
+    final, reference = summary(out)["final_loss"], summary(base_out)["final_loss"]
+    assert final == pytest.approx(reference, rel=1e-6, abs=1e-7), (final, reference)
+    print(f"preempted at step {saved}, requeued, resumed; {wall:.1f}s wall; final loss {final:.8f} "
+          f"vs uninterrupted {reference:.8f} (diff {abs(final - reference):.2e})")
+
+
+def test_a_dying_rank_fails_the_job_fast(slurm_cluster, workdir):  # noqa: F811
+    """Rank 1 SIGKILLs itself before step 3 (trainer's fault hook): the other node must not hang in
+    its collective until the gloo timeout; srun --kill-on-bad-exit ends the job, with a clear log."""
+    out = workdir / "faulty"
+    t0 = time.monotonic()
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0",
+                          DISTTHINK_FAULT_KILL_AT_STEP="3:1")
+    info = slurm_cluster.wait_job(job, timeout=240)
+    wall = time.monotonic() - t0
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "FAILED" and info.rc != 0 and info.restarts == 0, detail
+    log = job_log(workdir, job)
+    assert "error: training failed (srun exit code" in log, detail
+    assert "Last lines of each node log" in log, detail
+    print(f"failing job ended in {wall:.1f}s: {info}")
+
+
+def test_rendered_script_runs_one_node_two_processes(slurm_cluster, workdir, baseline):  # noqa: F811
+    """`distthink slurm render` output is what runs: sbatch it as is (1 node x 2 CPU processes)."""
+    base_job, base_info, base_out, _ = baseline
+    out = workdir / "rendered"
+    script = workdir / "rendered.sbatch"
+    cmd = [sys.executable, "-m", "distthink", "slurm", "render", "--template", "sft", "--nodes", "1",
+           "--gpus-per-node", "0", "--cpu-procs-per-node", "2", "--config", str(workdir / "smoke.yaml"),
+           "--output-dir", str(out), "--job-name", "rendered", "-o", str(script)]
+    subprocess.run(cmd, check=True, cwd=str(workdir))
+    env = job_env(workdir, out)
+    for key in ("DISTTHINK_CONFIG", "DISTTHINK_OUTPUT_DIR", "DISTTHINK_ROOT"):  # the script carries them
+        env.pop(key)
+    job = slurm_cluster.sbatch(str(script), env=env, cwd=str(workdir))
+    info = slurm_cluster.wait_job(job, timeout=300)
+    assert info.state == "COMPLETED" and info.rc == 0, describe(slurm_cluster, workdir, job, out)
+    log = job_log(workdir, job, name="rendered")
+    assert "1 node(s) x 2 process(es) = 2; CPU, gloo" in log
+    s = summary(out)
+    assert s["world_size"] == 2 and s["steps"] == MAX_STEPS
+    if base_info.state == "COMPLETED":  # same world size and data order: the same run
+        assert s["final_loss"] == pytest.approx(summary(base_out)["final_loss"], rel=1e-6, abs=1e-7)
