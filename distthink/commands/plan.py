@@ -23,6 +23,8 @@ examples:
       batch.max_tokens=4096 data.max_length=4096 model.gradient_checkpointing=true --nodes 1 --gpus-per-node 8
   distthink plan --config run.yaml --gpu a100-40 --gpu-mem 40GiB --dataset-tokens 2e9 --json
 
+Write the key=value overrides together (before or after the options, not split by them).
+
 Memory is per GPU: peak live tensors (params, master weights, optimizer, gradients, activations, loss
 buffers, DeepSpeed buckets), plus the CUDA context and a 10% allocator margin. Time: FLOPs per token from
 the model shape, divided by the GPU's dense bf16 peak times --hfu (the fraction of peak reached on the
