@@ -29,7 +29,9 @@
 #   DISTTHINK_NCCL_IFNAME        network interface for NCCL and gloo (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)
 #   DISTTHINK_SETUP              shell code run first in the batch shell and on every node
 #                                (e.g. "module load cuda/12.4; source ~/venvs/distthink/bin/activate")
-#   DISTTHINK_SRUN_ARGS          extra srun arguments, e.g. a container: "--container-image=... --container-mounts=..."
+#   DISTTHINK_SRUN_ARGS          extra srun arguments, e.g. a container (pyxis): "--container-image=... --container-mounts=..."
+#   DISTTHINK_NODE_WRAPPER       command that runs the per-node script, e.g. a container runtime:
+#                                "apptainer exec --nv /path/img.sif" (signals still reach the script)
 #   DISTTHINK_LOG_DIR            per-node logs (default <output dir>/logs): job<id>-node<N>.log
 #   DISTTHINK_MAX_REQUEUES       do not requeue after this many restarts (default 20)
 #   DISTTHINK_DRY_RUN=1          print the plan and the per-node command, start nothing
@@ -195,8 +197,8 @@ on_signal() {
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
-# shellcheck disable=SC2086  # DISTTHINK_SRUN_ARGS is a list of options on purpose
-srun "${srun_args[@]}" ${DISTTHINK_SRUN_ARGS:-} bash -c "$DISTTHINK_NODE_SCRIPT" &
+# shellcheck disable=SC2086  # DISTTHINK_SRUN_ARGS / DISTTHINK_NODE_WRAPPER are word lists on purpose
+srun "${srun_args[@]}" ${DISTTHINK_SRUN_ARGS:-} ${DISTTHINK_NODE_WRAPPER:-} bash -c "$DISTTHINK_NODE_SCRIPT" &
 srun_pid=$!
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"; rc=$?

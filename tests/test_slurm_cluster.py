@@ -84,10 +84,8 @@ def summary(output_dir: Path) -> dict:
 def describe(cluster, workdir, job, output_dir) -> str:
     """Everything useful when a job assertion fails."""
     parts = [f"job {job}: {cluster.job(job)}"]
-    try:
-        parts.append("--- job log\n" + job_log(workdir, job))
-    except OSError as err:
-        parts.append(f"--- no job log: {err}")
+    for log in sorted(workdir.glob(f"*-{job}.out")):
+        parts.append(f"--- job log {log.name}\n" + log.read_text())
     for n, text in node_logs(output_dir, job).items():
         parts.append(f"--- node {n}\n{text[-3000:]}")
     return "\n".join(parts)
@@ -186,24 +184,25 @@ def test_a_dying_rank_fails_the_job_fast(slurm_cluster, workdir):  # noqa: F811
     its collective until the gloo timeout; srun --kill-on-bad-exit ends the job, with a clear log."""
     out = workdir / "faulty"
     t0 = time.monotonic()
-    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0",
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", template="stage1",
                           DISTTHINK_FAULT_KILL_AT_STEP="3:1")
     info = slurm_cluster.wait_job(job, timeout=240)
     wall = time.monotonic() - t0
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "FAILED" and info.rc != 0 and info.restarts == 0, detail
-    log = job_log(workdir, job)
+    log = job_log(workdir, job, name="distthink-stage1")
     assert "error: training failed (srun exit code" in log, detail
     assert "Last lines of each node log" in log, detail
     print(f"failing job ended in {wall:.1f}s: {info}")
 
 
-def test_rendered_script_runs_one_node_two_processes(slurm_cluster, workdir, baseline):  # noqa: F811
-    """`distthink slurm render` output is what runs: sbatch it as is (1 node x 2 CPU processes)."""
+def test_rendered_stage3_script_runs_one_node_two_processes(slurm_cluster, workdir, baseline):  # noqa: F811
+    """`distthink slurm render` output is what runs: sbatch it as is (stage3 template with the smoke
+    config, 1 node x 2 CPU processes)."""
     base_job, base_info, base_out, _ = baseline
     out = workdir / "rendered"
     script = workdir / "rendered.sbatch"
-    cmd = [sys.executable, "-m", "distthink", "slurm", "render", "--template", "sft", "--nodes", "1",
+    cmd = [sys.executable, "-m", "distthink", "slurm", "render", "--template", "stage3", "--nodes", "1",
            "--gpus-per-node", "0", "--cpu-procs-per-node", "2", "--config", str(workdir / "smoke.yaml"),
            "--output-dir", str(out), "--job-name", "rendered", "-o", str(script)]
     subprocess.run(cmd, check=True, cwd=str(workdir))
