@@ -70,6 +70,12 @@ def test_lightgcn_export_is_propagated_table(prepared):
     ref = (e0 + ahat @ e0 + ahat @ ahat @ e0) / 3
     u, i = m.tables()
     torch.testing.assert_close(torch.cat([u, i]).detach(), ref, atol=1e-5, rtol=1e-5)
+    # the custom symmetric backward gives the dense reference gradient
+    w = torch.randn(n, 8)
+    (torch.cat([u, i]) * w).sum().backward()
+    e = e0.clone().requires_grad_(True)
+    ((e + ahat @ e + ahat @ ahat @ e) / 3 * w).sum().backward()
+    torch.testing.assert_close(m.embedding.weight.grad, e.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_config_and_export_errors(prepared, tmp_path):
