@@ -49,3 +49,37 @@ def test_zero3_offload_full_finetune_accelerate_launch(tmp_path):
     check = subprocess.run([sys.executable, "-m", "distthink", "check", str(out)], cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_sigusr1_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+    """Preemption reaches one rank only (as a forwarded signal may): the flag is all-reduced at the
+    step boundary, so both ranks save the same checkpoint and exit 75 (REQUEUE_EXIT_CODE)."""
+    import signal
+    import time
+
+    import psutil
+
+    from _train_utils import command
+
+    out = tmp_path / "preempt2"
+    args = FAST + [f"train.output_dir={out}", "train.max_steps=500", "checkpoint.export=none",
+                   "checkpoint.every_steps=0", "lora.enabled=false"]
+    p = subprocess.Popen(command(args, nproc=2), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics_file.exists() or metrics_file.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "distthink.train" in " ".join(c.cmdline())]
+    rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
+    assert len(rank1) == 1, [w.cmdline() for w in workers]
+    rank1[0].send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode != 0  # torchrun reports the workers' non-zero (75) exit
+    assert "exitcode  : 75" in err and "terminate called" not in err
+    assert "[rank1] WARNING distthink.train: preemption signal received (SIGUSR1)" in err
+    assert "[rank0] WARNING distthink.train: preemption signal received (on another rank)" in err
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    state = __import__("json").loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] == int(latest.split("-")[1]) >= 3
+    assert (out / "checkpoints" / latest / "random_states_1.pkl").exists()
