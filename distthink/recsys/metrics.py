@@ -185,7 +185,8 @@ def gather_predictions(sample_index, users, labels, scores, *, group=None, expec
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All-gather one rank's predictions from every rank of `group`, de-duplicate, check the count.
 
-    Inputs are this rank's 1-D arrays/tensors (equal length n_r, may be 0). Returns full numpy arrays
+    Inputs are this rank's 1-D arrays/tensors (equal length n_r, may be 0); sample_index and users are
+    integer ids (contiguous ids from prepare), labels 0/1, scores real. Returns full numpy arrays
     (index, users, labels, scores) sorted by sample index, identical on every rank. Without an
     initialised process group it just de-duplicates locally. float64 scores travel as float64.
     """
@@ -193,6 +194,8 @@ def gather_predictions(sample_index, users, labels, scores, *, group=None, expec
     import torch.distributed as dist
 
     def _t(x, dtype):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
         return torch.as_tensor(np.asarray(x), dtype=dtype).reshape(-1)
 
     idx_t = _t(sample_index, torch.int64)
@@ -201,7 +204,10 @@ def gather_predictions(sample_index, users, labels, scores, *, group=None, expec
     sco_t = _t(scores, torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         world = dist.get_world_size(group)
-        n_local = torch.tensor([idx_t.numel()], dtype=torch.int64)
+        # NCCL only moves CUDA tensors; gloo moves CPU tensors
+        dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+               else torch.device("cpu"))
+        n_local = torch.tensor([idx_t.numel()], dtype=torch.int64, device=dev)
         sizes = [torch.zeros_like(n_local) for _ in range(world)]
         dist.all_gather(sizes, n_local, group=group)
         sizes = [int(x.item()) for x in sizes]
@@ -214,9 +220,10 @@ def gather_predictions(sample_index, users, labels, scores, *, group=None, expec
                 raise DistthinkError("sample/user ids must be below 2^53 to be gathered exactly")
             packed[:n, c] = t.to(torch.float64)
         packed[:n, 3] = sco_t
+        packed = packed.to(dev)
         parts = [torch.zeros_like(packed) for _ in range(world)]
         dist.all_gather(parts, packed, group=group)
-        full = torch.cat([p[:k] for p, k in zip(parts, sizes)]).numpy()
+        full = torch.cat([p[:k] for p, k in zip(parts, sizes)]).cpu().numpy()
         idx = full[:, 0].astype(np.int64)
         usr = full[:, 1].astype(np.int64)
         lab = full[:, 2].astype(np.int64)
