@@ -161,3 +161,16 @@ def test_two_rank_gather_equals_one_rank(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     assert json.loads(out.read_text()) == pytest.approx(single)
     assert json.loads(out.read_text()) == single  # exact, not just close
+
+
+def test_write_scores_roundtrip(tmp_path):
+    import pandas as pd
+
+    from distthink.recsys.metrics import write_scores
+
+    write_scores(tmp_path / "s.parquet", [0, 1], [3, 4], [7, 8], [1, 0], [0.25, -1.5], {"group": [0, 2]})
+    df = pd.read_parquet(tmp_path / "s.parquet")
+    assert df.to_dict("list") == {"sample_index": [0, 1], "user_id": [3, 4], "item_id": [7, 8], "label": [1, 0],
+                                  "score": [0.25, -1.5], "group": [0, 2]}
+    with pytest.raises(DistthinkError, match="different lengths"):
+        write_scores(tmp_path / "t.parquet", [0], [1, 2], [0], [0], [0.0])

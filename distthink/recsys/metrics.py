@@ -255,3 +255,21 @@ def format_metrics(m: dict) -> str:
         else:
             parts.append(f"{k}={v}")
     return " ".join(parts)
+
+
+def write_scores(path, sample_index, users, items, labels, scores, extra: dict | None = None) -> None:
+    """Write per-sample scores to Parquet: sample_index, user_id, item_id, label, score (+ extra columns).
+
+    Call it on rank 0 with the gathered, de-duplicated arrays (all 1-D, same length).
+    """
+    import pandas as pd
+
+    cols = {"sample_index": np.asarray(sample_index, dtype=np.int64), "user_id": np.asarray(users, dtype=np.int64),
+            "item_id": np.asarray(items, dtype=np.int64), "label": np.asarray(labels, dtype=np.int64),
+            "score": np.asarray(scores, dtype=np.float64)}
+    for k, v in (extra or {}).items():
+        cols[k] = np.asarray(v)
+    n = {len(v) for v in cols.values()}
+    if len(n) != 1:
+        raise DistthinkError(f"write_scores: columns have different lengths {sorted(n)}")
+    pd.DataFrame(cols).to_parquet(path, index=False)
