@@ -33,8 +33,8 @@ def test_model_beats_random_and_export_roundtrips(prepared, tmp_path, model):
                    CFConfig(model=model, dim=16, max_epochs=15, progress=False))
     y = s["test"].label.numpy().astype(int)
     test_auc = auc(y, predict(res.model, s["test"]).numpy())
-    # ~490 test rows: the AUC standard error is ~0.025, so 0.58 is > 3 sigma above random
-    assert test_auc > 0.58, (model, test_auc)
+    # ~490 test rows: the AUC standard error is ~0.025, so 0.62 is > 4 sigma above random (measured: mf 0.76, lightgcn 0.81, sasrec 0.70)
+    assert test_auc > 0.62, (model, test_auc)
     assert res.valid_auc == max(h["valid_auc"] for h in res.history)  # best epoch kept
 
     exp_dir = export_cf(res, tmp_path / model, out, {"test_auc": test_auc})

@@ -95,3 +95,12 @@ def test_prepare_synthetic_no_leakage_end_to_end(tmp_path):
         assert all(t < row["timestamp"] for t in hts) and hts == sorted(hts)
     assert meta["splits"]["test"]["empty_history"] < meta["splits"]["test"]["rows"] * 0.05
     assert sum(v["rows"] for v in meta["splits"].values()) == len(d.interactions.ratings)
+
+
+def test_prepare_synthetic_one_call(tmp_path):
+    from distthink.recsys.synthetic import prepare_synthetic
+
+    meta = prepare_synthetic(tmp_path, n_users=40, n_items=30, min_per_user=5, max_per_user=15, seed=2)
+    df = read_split(find_split(tmp_path, "train"))
+    assert meta["reasons"] == "template" and df["reason"].str.match(r"^(Yes|No)\. because").all()
+    assert ((df["label"] == 1) == df["reason"].str.startswith("Yes.")).all()

@@ -230,3 +230,15 @@ def template_reason(label: int, target_title: str, target_genres: list[str],
 
 def _a(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def prepare_synthetic(out_dir: str | Path, *, history_len: int = 10, reasons: str = "template",
+                      fmt: str = "parquet", **generate_kwargs) -> dict:
+    """generate(**generate_kwargs) + prepare(...) in one call (demo, embedded default, other tests).
+
+    Returns prepare's meta dict; the folder is ready for `distthink rec train-cf --data out_dir`.
+    """
+    from distthink.recsys.prepare import prepare
+
+    data = generate(**generate_kwargs)
+    return prepare(data.interactions, out_dir, history_len=history_len, reasons=reasons, fmt=fmt)
