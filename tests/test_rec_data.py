@@ -156,3 +156,16 @@ def test_synthetic_personas_are_planted_groups():
         loved = (aff[persona == p] >= 1.0)
         assert loved.all(axis=0).sum() == 2  # every member shares the persona's two loved genres
     assert (generate(50, 40, min_per_user=5, max_per_user=10, seed=0, n_personas=0).truth["persona"] == -1).all()
+
+
+def test_generic_date_strings_and_loose_json_hint(tmp_path):
+    (tmp_path / "d.csv").write_text("user_id,item_id,rating,timestamp\na,x,5,2016-03-09 00:00:00\nb,y,3,2016-03-10\n")
+    d = load_interactions(tmp_path / "d.csv", "generic")
+    assert d.ratings["timestamp"].tolist() == [1457481600, 1457568000]
+    (tmp_path / "e.csv").write_text("user_id,item_id,rating,timestamp\na,x,5,2016-03-09\nb,y,3,someday\n")
+    with pytest.raises(DataError) as err:
+        load_interactions(tmp_path / "e.csv", "generic")
+    assert (err.value.line, err.value.field) == (3, "timestamp")
+    (tmp_path / "loose.json").write_text("{'reviewerID': 'A', 'asin': 'B', 'overall': 5.0}\n")
+    with pytest.raises(DataError, match="loose JSON"):
+        load_interactions(tmp_path / "loose.json", "amazon")

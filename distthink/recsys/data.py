@@ -10,7 +10,8 @@ Supported sources (`load_interactions(path, fmt=...)`):
   metadata JSON-lines file (``asin|parent_asin, title, description``) passed as ``items=``.
 - ``yelp``: Yelp ``review.json`` (JSON lines: ``user_id, business_id, stars, date``); names and
   categories from an optional ``business.json`` passed as ``items=``.
-- ``generic``: CSV or Parquet with ``user_id, item_id, rating, timestamp`` and an optional items
+- ``generic``: CSV or Parquet with ``user_id, item_id, rating, timestamp`` (integer seconds, or date
+  strings parsed as UTC) and an optional items
   file (CSV/Parquet) with ``item_id, title[, description][, genres]``.
 - ``pickle``: a pickled pandas DataFrame with the generic columns. Unpickling runs arbitrary code
   from the file, so it is refused unless ``trust_pickle=True`` (``--trust-pickle`` on the CLI).
@@ -119,9 +120,12 @@ def _read_jsonl(path: Path, required: dict[str, tuple[str, ...]], optional: dict
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as err:
+                fix = "each line must be one complete JSON object"
+                if raw.lstrip().startswith("{'"):
+                    fix = ("this looks like a Python-dict ('loose JSON') dump, as in the 2014 Amazon files; "
+                           "convert it to JSON lines first (json.dumps(ast.literal_eval(line)))")
                 raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", source=str(path),
-                                line=lineno, fix="each line must be one complete JSON object",
-                                reason="bad_json") from None
+                                line=lineno, fix=fix, reason="bad_json") from None
             if not isinstance(rec, dict):
                 raise DataError("expected a JSON object", source=str(path), line=lineno,
                                 fix="each line must be one JSON object", reason="bad_json")
@@ -286,8 +290,7 @@ def load_generic(interactions: str | Path, items: str | Path | None = None) -> I
             raise DataError("empty id", source=str(path), line=i + offset, field=col,
                             fix="every row needs a user_id and an item_id", reason="missing_field")
     df["rating"] = _check_numeric(df, "rating", str(path), offset, "ratings are numbers")
-    ts = _check_numeric(df, "timestamp", str(path), offset, "timestamps are integer seconds since the epoch")
-    df["timestamp"] = ts.astype("int64")
+    df["timestamp"] = _timestamps(df["timestamp"], str(path), offset)
     meta = None
     if items is not None:
         ipath = _require_file(Path(items), "items file", "pass a .csv or .parquet items file or omit it")
@@ -297,6 +300,25 @@ def load_generic(interactions: str | Path, items: str | Path | None = None) -> I
                             field="item_id", fix="the items file needs item_id and title columns",
                             reason="missing_field")
     return _finish(df, meta, f"generic:{path}")
+
+
+def _timestamps(col: pd.Series, source: str, offset: int) -> np.ndarray:
+    """Integer seconds, or date/time strings ("2016-03-09 12:00:00", ISO 8601) converted to seconds (UTC)."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        return col.astype("datetime64[s]").astype("int64").to_numpy()
+    numbers = pd.to_numeric(col, errors="coerce")
+    if numbers.notna().all():
+        return numbers.astype("int64").to_numpy()
+    if numbers.notna().any():  # mostly numbers: report the first bad one
+        _check_numeric(pd.DataFrame({"timestamp": col}), "timestamp", source, offset,
+                       "timestamps are integer seconds since the epoch (or all date strings)")
+    dates = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
+    if dates.isna().any():
+        i = int(np.flatnonzero(dates.isna().to_numpy())[0])
+        raise DataError(f"neither integer seconds nor a date: {col.iloc[i]!r}", source=source, line=i + offset,
+                        field="timestamp", fix="use integer seconds since the epoch or 'YYYY-MM-DD HH:MM:SS'",
+                        reason="bad_value")
+    return dates.dt.tz_localize(None).astype("datetime64[s]").astype("int64").to_numpy()
 
 
 def load_pickle(path: str | Path, *, trust_pickle: bool = False) -> Interactions:
