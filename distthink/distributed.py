@@ -39,10 +39,24 @@ def resolve_device(cfg: Config) -> str:
 
 
 def resolve_dtype(cfg: Config) -> torch.dtype:
+    """The compute dtype: model.dtype, `auto` = bfloat16 on GPU, float32 on CPU."""
     name = cfg.model.dtype
     if name == "auto":
         return torch.bfloat16 if resolve_device(cfg) == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def uses_autocast(cfg: Config) -> bool:
+    """Full fine-tuning in 16-bit without DeepSpeed: keep fp32 weights (the optimizer's master copy) and
+    run the forward under autocast. Pure bf16 AdamW would round small updates away. DeepSpeed keeps
+    its own fp32 master weights (so the model is loaded in 16-bit), and LoRA trains fp32 adapters on a
+    frozen 16-bit base (peft upcasts adapter weights), so neither needs it."""
+    return (resolve_dtype(cfg) != torch.float32 and not cfg.distributed.deepspeed and not cfg.lora.enabled)
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the model's parameters are loaded in (see uses_autocast)."""
+    return torch.float32 if uses_autocast(cfg) else resolve_dtype(cfg)
 
 
 def load_deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -112,8 +126,9 @@ def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | Non
         gradient_accumulation_steps=cfg.batch.gradient_accumulation,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
-        # Ampere+ GPUs: bf16 weights are set at load time (models.load); autocast is not used.
-        mixed_precision="no",
+        # 16-bit weights are set at load time (models.load); autocast only for full FT without DeepSpeed.
+        mixed_precision=({torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(cfg)]
+                         if uses_autocast(cfg) else "no"),
     )
     if world > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1:
         # Launched by torchrun/accelerate: name the backend, or CPU ranks may all believe they are rank 0.

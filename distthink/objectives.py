@@ -108,6 +108,9 @@ class LMLossModel(torch.nn.Module):
         base = self._base[0]
         hidden = base.model(**model_kwargs).last_hidden_state
         head = base.lm_head
-        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_t,
+        weight = head.weight
+        if weight.dtype != hidden.dtype:  # autocast (fp32 master weights, 16-bit compute): differentiable cast
+            weight = weight.to(hidden.dtype)
+        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t,
                                           bias=head.bias, token_weights=flat_w, reduction="sum",
                                           chunk_size=self.chunk_size)

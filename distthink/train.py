@@ -145,7 +145,7 @@ def run(cfg: Config) -> int:
     trackers = (["tensorboard"] if cfg.logging.tensorboard else []) + (["wandb"] if cfg.logging.wandb else [])
     accelerator = dist.setup(cfg, log_with=trackers, project_dir=str(out_dir))
     try:
-        device, dtype = accelerator.device, dist.resolve_dtype(cfg)
+        device, dtype = accelerator.device, dist.param_dtype(cfg)
         world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.batch.gradient_accumulation
         is_main = accelerator.is_main_process
         use_ds = bool(cfg.distributed.deepspeed)
