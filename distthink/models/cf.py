@@ -363,7 +363,9 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     valid_y = valid.label.cpu().numpy().astype(np.int64)
     best_auc, best_epoch, best_state, history = -math.inf, -1, None, []
-    bar = _progress(cfg.max_epochs, cfg.progress, f"train-cf {cfg.model}")
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    # one bar over steps (not epochs): an epoch of SASRec at MovieLens-1M size takes minutes on a CPU
+    bar = _progress(cfg.max_epochs * steps_per_epoch, cfg.progress, f"train-cf {cfg.model}")
     for epoch in range(cfg.max_epochs):
         t0 = time.time()
         model.train()
@@ -378,6 +380,8 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
+            if bar is not None:
+                bar.update(1)
         v_auc = auc(valid_y, predict(model, valid).cpu().numpy())
         history.append({"epoch": epoch, "train_loss": total / len(train), "valid_auc": v_auc,
                         "seconds": time.time() - t0})
@@ -385,8 +389,8 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
             best_auc, best_epoch = v_auc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / len(train):.4f}", valid_auc=f"{v_auc:.4f}", best=f"{best_auc:.4f}")
+            bar.set_postfix(epoch=epoch, loss=f"{total / len(train):.4f}", valid_auc=f"{v_auc:.4f}",
+                            best=f"{best_auc:.4f}")
         if epoch - best_epoch >= cfg.patience:
             break
     if bar is not None:
@@ -408,7 +412,7 @@ def _progress(total: int, enabled: bool, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="epoch", disable=None)  # None: off when not a TTY
+    return tqdm(total=total, desc=desc, unit="step", disable=None)  # None: off when not a TTY
 
 
 # ----------------------------------------------------------------------------------------------------
