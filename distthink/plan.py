@@ -1,20 +1,24 @@
 """Will this run fit, and how fast will it go? An analytical planner that reads a model *config* only.
 
-Every figure is per GPU and in bytes. The model is deliberately plain so that a user can check it by
-hand; docs/scaling.md derives each term and states the assumptions. The terms:
+Every figure is per GPU and in bytes; docs/scaling.md derives each term and states the assumptions.
+Memory (`memory_terms`) is modelled as persistent states + max(start of backward, optimizer step):
 
-- model states (ZeRO paper, mixed precision Adam): bf16 params 2 B, bf16 grads 2 B, fp32 master + m + v
-  12 B per trainable parameter, partitioned according to the ZeRO stage; DeepSpeed also keeps the fp32
-  gradient partition that the optimizer step reads (4 B per trainable parameter / N);
-- the ZeRO-3 working set: the layers gathered at once (the current one plus the prefetched one), and the
-  lm_head when the fused loss gathers it;
-- activations of the packed micro-batch, with and without per-layer gradient checkpointing;
-- the loss: the full logits of a plain cross-entropy against one chunk of the fused loss;
-- DeepSpeed communication buckets, the CUDA context, and a fragmentation margin.
+- persistent: params (ZeRO-3: the 1/N partition plus the gathered working set), the fp32 master copy,
+  Adam m and v, the ZeRO gradient partition, DeepSpeed/DDP communication buckets, each as DeepSpeed
+  0.19 (stage_1_and_2.py, stage3.py, partition_parameters.py) really allocates them, in bf16 or fp32;
+- start of backward: activations of the packed micro-batch (counted from what transformers' layers save,
+  full or LoRA, with or without per-layer checkpointing), LoRA branch activations, the loss (plain logits
+  vs the fused loss's chunk workspace and the lm_head gradient it computes in forward), and ZeRO-3's
+  all-gather buffer;
+- optimizer step: full gradients (no ZeRO) and AdamW's temporaries;
+- on GPU only: the CUDA context and a fragmentation margin.
 
-Time: FLOPs per token (6 per parameter for full fine-tuning, 4 for LoRA, +2 with recomputation, plus
-causal attention), divided by the GPU's dense bf16 peak times an assumed MFU; ZeRO collectives over the
-slowest link a GPU uses, partly hidden behind compute.
+The CPU/fp32 case is validated against measured peaks of real runs (benchmarks/plan_validation.py,
+tests/test_plan_validation.py); the GPU-only terms are not validated (no GPU in this project's CI).
+
+Time: FLOPs per token (6 per weight for full fine-tuning, 4 for LoRA, +2 with recomputation, plus causal
+attention), divided by the GPU's dense bf16 peak times an assumed utilisation (HFU); ZeRO collectives
+over the slowest link a GPU uses, partly hidden behind compute; offload over PCIe.
 """
 
 from __future__ import annotations

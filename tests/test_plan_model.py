@@ -80,3 +80,54 @@ def test_flops_count_recompute_and_lora():
     ckpt = estimate(shape, RunShape(tokens_per_micro_batch=128, seq_len=128, lora_rank=None), nodes=1,
                     gpus_per_node=1, gpu=GPUS["h100"], candidate="zero2", hfu=0.5)
     assert ckpt.mfu == pytest.approx(0.5 * 6 / 8, rel=0.02)
+
+
+LLAMA8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336)
+
+
+def test_master_weights_follow_what_deepspeed_allocates():
+    from distthink.plan import memory_terms
+
+    shape = ModelShape.from_hf_config(LLAMA8B)
+    p = shape.num_params
+    for b in (2, 4):
+        run = RunShape(tokens_per_micro_batch=1024, seq_len=1024, lora_rank=None, dtype_bytes=b)
+        z2 = memory_terms(shape, run, n=8, candidate="zero2")
+        z3 = memory_terms(shape, run, n=8, candidate="zero3")
+        assert z2["master_weights"] == p * 4 / 8  # stage_1_and_2 clones the partition, even in fp32
+        assert z3["master_weights"] == (p * 4 / 8 if b == 2 else 0)  # stage3 shares an fp32 partition
+        assert memory_terms(shape, run, n=8, candidate="zero3_offload_optimizer")["optimizer"] == 0
+        assert memory_terms(shape, run, n=8, candidate="ddp")["master_weights"] == 0
+
+
+def test_peak_is_two_phases_not_a_sum_and_gpu_terms_only_on_gpu():
+    from distthink.plan import BACKWARD, PERSISTENT, STEP, peak_allocated
+
+    shape = ModelShape.from_hf_config(CONFIGS["llama"])
+    for device in ("cpu", "cuda"):
+        run = RunShape(tokens_per_micro_batch=256, seq_len=256, lora_rank=None, dtype_bytes=4, device=device)
+        e = estimate(shape, run, nodes=1, gpus_per_node=1, gpu=GPUS["h100"], candidate="ddp")
+        m = e.memory
+        persistent = sum(m[k] for k in PERSISTENT)
+        assert e.allocated_bytes == peak_allocated(m) == persistent + max(sum(m[k] for k in BACKWARD),
+                                                                          sum(m[k] for k in STEP))
+        assert e.allocated_bytes < persistent + sum(m[k] for k in BACKWARD + STEP)
+        if device == "cpu":
+            assert e.total_bytes == e.allocated_bytes
+        else:
+            assert e.total_bytes == pytest.approx(e.allocated_bytes * 1.1 + 0.75 * GiB)
+
+
+def test_fused_loss_holds_the_lm_head_gradient_only_when_it_trains():
+    shape = ModelShape.from_hf_config(LLAMA8B)
+    full = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=None, fused_chunk_tokens=1024)
+    lora = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=8, fused_chunk_tokens=1024)
+    kw = dict(nodes=1, gpus_per_node=8, gpu=GPUS["h100"], candidate="zero3")
+    gap = estimate(shape, full, **kw).memory["loss_fused"] - estimate(shape, lora, **kw).memory["loss_fused"]
+    assert gap == shape.vocab_size * shape.hidden_size * (4 + 2)  # fp32 grad + its bf16 copy
+    # The plain loss grows with the token budget; the fused chunk does not.
+    big = RunShape(tokens_per_micro_batch=16384, seq_len=4096, lora_rank=8, fused_chunk_tokens=1024)
+    e_small, e_big = estimate(shape, lora, **kw), estimate(shape, big, **kw)
+    assert e_big.memory["loss_plain"] == 4 * e_small.memory["loss_plain"]
+    assert e_big.memory["loss_fused"] - e_small.memory["loss_fused"] == (16384 - 4096) * shape.hidden_size * 2
