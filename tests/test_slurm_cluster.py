@@ -1,6 +1,7 @@
 """Integration tests on a real local SLURM cluster (tests/slurm_cluster.py): munged, slurmctld and two
-slurmd on this host, so the multi-node path (one srun task per node, SLURM_NODEID 0 and 1, c10d
-rendezvous over loopback) runs for real, with the real templates, launcher and trainer on CPU (gloo).
+slurmd, each in its own network namespace (own eth0 address and hostname) where the machine allows it,
+else both on loopback. The multi-node path (one srun task per node, SLURM_NODEID 0 and 1, c10d
+rendezvous) runs for real, with the real templates, launcher and trainer on CPU (gloo).
 
 The jobs share one tiny smoke config (a Qwen3 built from config, bundled data, no eval, no export).
 """
@@ -115,7 +116,8 @@ def test_cluster_runs_one_task_per_node(slurm_cluster, tmp_path):  # noqa: F811
     assert info.state == "COMPLETED" and info.rc == 0, info
     lines = sorted(line for line in out.read_text().splitlines() if line.startswith("node="))
     assert lines == [f"node={i} name={n}" for i, n in enumerate(slurm_cluster.nodes)]
-    print(f"cluster timings: {slurm_cluster.timings}")
+    mode = "network namespaces" if slurm_cluster.netns else f"loopback ({slurm_cluster.netns_unavailable})"
+    print(f"cluster timings: {slurm_cluster.timings}; nodes: {mode}")
 
 
 def test_sft_template_two_nodes_completes(slurm_cluster, workdir, baseline):  # noqa: F811
@@ -218,3 +220,27 @@ def test_rendered_stage3_script_runs_one_node_two_processes(slurm_cluster, workd
     assert s["world_size"] == 2 and s["steps"] == MAX_STEPS
     if base_info.state == "COMPLETED":  # same world size and data order: the same run
         assert s["final_loss"] == pytest.approx(summary(base_out)["final_loss"], rel=1e-6, abs=1e-7)
+
+
+def test_zero3_across_two_namespace_hosts(slurm_cluster, workdir):  # noqa: F811
+    """The stretch goal: `sbatch -N 2 slurm/sft.sbatch`, 2 nodes x 1 process, DeepSpeed ZeRO-3, with
+    each node a separate network namespace (own address, hostname, eth0)."""
+    if not slurm_cluster.netns:
+        pytest.skip(f"network namespaces unavailable: {slurm_cluster.netns_unavailable}")
+    out = workdir / "zero3"
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", DISTTHINK_NCCL_IFNAME="eth0",
+                          DISTTHINK_OVERRIDES=f"distributed.deepspeed={REPO / 'ds_configs' / 'zero3.json'} "
+                                              "train.max_steps=6")
+    info = slurm_cluster.wait_job(job, timeout=300)
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "COMPLETED" and info.rc == 0, detail
+    log = job_log(workdir, job)
+    head_addr = slurm_cluster.netns.addr[slurm_cluster.nodes[0]]
+    assert f"rendezvous {head_addr}:" in log, detail  # the head node's own address, not loopback
+    nodes = node_logs(out, job)
+    for n, text in nodes.items():
+        name = slurm_cluster.nodes[n]
+        assert f"host {name} (slurm node {name})" in text, detail  # its own hostname
+    assert "DeepSpeed ZeRO-3" in "\n".join(nodes.values()), detail
+    assert (out / "checkpoints" / "step-00000006" / "COMPLETE").exists(), detail
+    assert summary(out)["world_size"] == 2
