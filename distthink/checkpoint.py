@@ -176,10 +176,9 @@ def export_model(accelerator, wrapped, tokenizer, out_dir: str | os.PathLike, ki
             base_causal_lm(inner).save_pretrained(str(tmp / "base_model"), state_dict=base_sd,
                                                   safe_serialization=True)
     else:
-        if hasattr(inner, "merge_and_unload"):  # LoRA run exported as a full model: merge on a copy
-            raise CheckpointError("checkpoint.export=full with LoRA is not supported yet. Fix: export=adapter "
-                                  "(load it with peft) or train with lora.enabled=false")
         base = base_causal_lm(inner)
+        if hasattr(inner, "peft_config"):  # LoRA run exported as a full model: merge B @ A into W
+            sd = merge_lora_state_dict(sd, inner.peft_config["default"])
         sd = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in sd.items()}
         base.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
@@ -188,6 +187,31 @@ def export_model(accelerator, wrapped, tokenizer, out_dir: str | os.PathLike, ki
     os.replace(tmp, out)
     log.info("exported %s to %s", "PEFT adapter" if kind == "adapter" else "full model", out)
     barrier()
+    return out
+
+
+def merge_lora_state_dict(sd: dict, lora_cfg) -> dict:
+    """PeftModel state dict (keys base_model.model.<...>.base_layer.weight / lora_A / lora_B) -> the plain
+    model's state dict with W + (alpha / r) * B @ A merged, computed in fp32 on the gathered tensors
+    (works the same under ZeRO-3, where the adapter-wrapped model cannot merge its partitioned layers).
+    """
+    import torch
+
+    if getattr(lora_cfg, "use_rslora", False) or getattr(lora_cfg, "use_dora", False):
+        raise CheckpointError("merging rsLoRA/DoRA adapters is not supported. Fix: checkpoint.export=adapter")
+    scale = lora_cfg.lora_alpha / lora_cfg.r
+    out = {}
+    for key, value in sd.items():
+        if "lora_" in key:
+            continue
+        plain = key.replace("base_model.model.", "", 1)
+        if ".base_layer." in plain:
+            stem = key.rsplit(".base_layer.", 1)[0]
+            plain = plain.replace(".base_layer.", ".")
+            if key.endswith(".base_layer.weight"):
+                a, b = sd[f"{stem}.lora_A.default.weight"], sd[f"{stem}.lora_B.default.weight"]
+                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+        out[plain] = value
     return out
 
 

@@ -118,7 +118,8 @@ class CheckpointConfig:
     resume: str = _f("auto", "`auto` = resume from output_dir/checkpoints/latest when it exists; `never`; or a "
                              "checkpoint directory.")
     export: str = _f("auto", "Final export: `auto` (adapter with LoRA, full model otherwise), `adapter`, `full` "
-                             "(consolidated 16-bit safetensors) or `none`.", ("auto", "adapter", "full", "none"))
+                             "(consolidated 16-bit safetensors; a LoRA run is merged into the base weights) or "
+                             "`none`.", ("auto", "adapter", "full", "none"))
     export_dtype: str = _f("bfloat16", "dtype of the exported full model.", ("bfloat16", "float16", "float32"))
 
 
