@@ -1,0 +1,400 @@
+"""MoLoRA layer and gate: exactness against explicit per-token / per-adapter sums, gate branches on crafted
+similarities, gradient isolation of unused experts, packed rows through a real tiny Qwen3 (fp32, CPU).
+
+References are deliberately naive: Python loops over tokens and adapters with separate A_e / B_e matrices
+in float64, never the stacked GEMM path under test."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distthink.data.packing import collate_packed, model_inputs
+from distthink.data.types import EncodedSample
+from distthink.errors import ConfigError, DistthinkError
+from distthink.models.molora import (BRANCH_EXPERT, BRANCH_FUSE, BRANCH_GLOBAL, EntropyGate, GateConfig, GateSlot,
+                                     MoLoRALinear, apply_molora, branch_counts, clear_gates, entropy_gate,
+                                     global_gate, hard_gate, molora_gates, molora_layers, set_gates,
+                                     tokens_from_samples)
+
+TOL = 1e-6
+
+
+def _layer(k=3, r=4, d_in=24, d_out=16, alpha=8.0, dropout=0.0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias)
+    layer = MoLoRALinear(base, k, r, alpha, dropout, GateSlot(k + 1))
+    with torch.no_grad():  # non-zero B so every adapter contributes
+        layer.lora_B.normal_(0, 0.15)
+        layer.lora_A.normal_(0, 0.15)
+    return layer
+
+
+def _explicit(layer: MoLoRALinear, x: torch.Tensor, token_gates: torch.Tensor) -> torch.Tensor:
+    """y[b,t] = W x + bias + sum_e g[b,t,e] * s * B_e (A_e x), token by token, adapter by adapter, float64."""
+    W = layer.base_layer.weight.double()
+    bias = layer.base_layer.bias
+    out = torch.zeros(*x.shape[:-1], layer.out_features, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            xt = x[b, t].double()
+            y = W @ xt + (bias.double() if bias is not None else 0)
+            for e in range(layer.num_adapters):
+                A, B = (m.double() for m in layer.adapter_weights(e))
+                y = y + token_gates[b, t, e].double() * layer.scaling * (B @ (A @ xt))
+            out[b, t] = y
+    return out
+
+
+def _mixed_sample_gates(k: int, s: int, seed: int = 1) -> torch.Tensor:
+    """S gates mixing every kind: soft over experts, one-hot expert, one-hot global, soft incl. global."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(s):
+        kind = i % 4
+        if kind == 0:
+            w = torch.zeros(k + 1)
+            w[:k] = torch.softmax(torch.randn(k, generator=g), 0)
+        elif kind == 1:
+            w = F.one_hot(torch.tensor(i % k), k + 1).float()
+        elif kind == 2:
+            w = F.one_hot(torch.tensor(k), k + 1).float()
+        else:
+            w = torch.softmax(torch.randn(k + 1, generator=g), 0)
+        rows.append(w)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_layer_equals_explicit_sum_mixed_gates_packed_rows(k):
+    layer = _layer(k=k)
+    # two packed rows: row 0 holds samples 0,1,2 + 2 padding tokens, row 1 holds samples 3,4,5
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1], [3, 3, 4, 4, 4, 4, 5, 5, 5, 5]])
+    gates = _mixed_sample_gates(k, 6)
+    x = torch.randn(2, 10, layer.in_features)
+    set_gates(layer, gates, segment_ids=seg)
+    y = layer(x)
+    tok = gates[seg.clamp_min(0)] * (seg >= 0).unsqueeze(-1)
+    ref = _explicit(layer, x, tok)
+    assert (y.double() - ref).abs().max().item() < TOL
+    # padding tokens get the base output only
+    base = layer.base_layer(x)
+    assert torch.equal(y[0, 8:], base[0, 8:])
+    # tokens of samples gated one-hot on the global adapter: W x + global delta, nothing else
+    A, B = layer.adapter_weights(k)
+    fallback = (gates[seg.clamp_min(0), k] == 1) & (seg >= 0)
+    assert fallback.any()
+    want = base[fallback] + layer.scaling * (x[fallback] @ A.T @ B.T)
+    assert (y[fallback] - want).abs().max().item() < TOL
+
+
+def test_per_row_gates_and_token_gates_agree():
+    layer = _layer(k=4)
+    x = torch.randn(3, 7, layer.in_features)
+    gates = _mixed_sample_gates(4, 3)
+    set_gates(layer, gates)                                # one sample per row, broadcast over positions
+    y_rows = layer(x)
+    set_gates(layer, token_gates=gates[:, None, :].expand(3, 7, 5).clone())
+    assert torch.equal(layer(x), y_rows)
+    seg = torch.arange(3)[:, None].expand(3, 7)
+    set_gates(layer, gates, segment_ids=seg)
+    assert torch.equal(layer(x), y_rows)
+    assert (y_rows.double() - _explicit(layer, x, gates[:, None, :].expand(3, 7, 5))).abs().max() < TOL
+
+
+def test_gradients_equal_explicit_reference_and_unused_expert_gets_zero():
+    layer = _layer(k=4, dropout=0.0)
+    x = torch.randn(2, 6, layer.in_features)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 3, 3]])
+    gates = torch.tensor([[0.7, 0.0, 0.3, 0.0, 0.0],   # expert 1 never used by any sample
+                          [0.0, 0.0, 0.0, 1.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.2, 0.0, 0.2, 0.2, 0.4]])
+    grad_out = torch.randn(2, 6, layer.out_features)
+    set_gates(layer, gates, segment_ids=seg)
+    (layer(x) * grad_out).sum().backward()
+    # reference: separate leaf A_e, B_e per adapter, float64, explicit sum
+    As = [a.detach().double().clone().requires_grad_() for a in
+          (layer.adapter_weights(e)[0] for e in range(5))]
+    Bs = [b.detach().double().clone().requires_grad_() for b in
+          (layer.adapter_weights(e)[1] for e in range(5))]
+    tok = gates[seg].double()
+    xd = x.double()
+    y = F.linear(xd, layer.base_layer.weight.double(), layer.base_layer.bias.double())
+    for e in range(5):
+        y = y + tok[..., e:e + 1] * layer.scaling * ((xd @ As[e].T) @ Bs[e].T)
+    (y * grad_out.double()).sum().backward()
+    r = layer.r
+    for e in range(5):
+        ga = layer.lora_A.grad[e * r:(e + 1) * r]
+        gb = layer.lora_B.grad[:, e * r:(e + 1) * r]
+        assert (ga.double() - As[e].grad).abs().max() < 1e-5
+        assert (gb.double() - Bs[e].grad).abs().max() < 1e-5
+    assert torch.count_nonzero(layer.lora_A.grad[r:2 * r]) == 0
+    assert torch.count_nonzero(layer.lora_B.grad[:, r:2 * r]) == 0
+    assert torch.count_nonzero(layer.lora_A.grad[:r]) > 0 and torch.count_nonzero(layer.lora_B.grad[:, :r]) > 0
+    assert layer.base_layer.weight.grad is not None  # plain layer: freezing is apply_molora's job
+
+
+def test_dropout_is_one_mask_on_the_input_as_peft():
+    layer = _layer(k=2, dropout=0.5)
+    layer.train()
+    x = torch.randn(1, 5, layer.in_features)
+    gates = _mixed_sample_gates(2, 1)
+    set_gates(layer, gates)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    xd = F.dropout(x, 0.5, training=True)
+    base = layer.base_layer(x)
+    want = base.double() + (_explicit(layer, xd, gates[:, None, :].expand(1, 5, 3)) - layer.base_layer(xd).double())
+    assert (y.double() - want).abs().max() < TOL
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_missing_or_stale_gates_raise():
+    layer = _layer(k=2)
+    x = torch.randn(2, 4, layer.in_features)
+    with pytest.raises(DistthinkError, match="without gates"):
+        layer(x)
+    set_gates(layer, token_gates=torch.rand(2, 5, 3))
+    with pytest.raises(DistthinkError, match="do not fit"):
+        layer(x)
+    with pytest.raises(DistthinkError, match="sample gates"):
+        set_gates(layer, torch.rand(2, 3), segment_ids=torch.tensor([[0, 1, 2, 2]]))
+    with pytest.raises(DistthinkError):
+        set_gates(layer, token_gates=torch.rand(2, 4, 7))  # wrong E
+    with molora_gates(layer, torch.rand(2, 3)):
+        layer(x)
+    with pytest.raises(DistthinkError, match="without gates"):
+        layer(x)
+
+
+def test_tokens_from_samples_padding_is_zero():
+    g = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
+    seg = torch.tensor([[0, 0, 1, -1]])
+    tok = tokens_from_samples(g, seg)
+    assert torch.equal(tok, torch.tensor([[[0.2, 0.8], [0.2, 0.8], [1.0, 0.0], [0.0, 0.0]]]))
+
+
+# ------------------------------------------------------------------------------------------------ gate
+def _crafted_users(target_w: torch.Tensor, tau: float):
+    """Orthonormal centroids e_0..e_{K-1} in R^{K+1} and users whose softmax(cos/tau) is exactly target_w:
+    cos_k = tau * (log w_k - log max w), the extra coordinate fills the unit norm."""
+    s, k = target_w.shape
+    cos = tau * (target_w.log() - target_w.log().max(dim=1, keepdim=True).values)
+    assert (cos.pow(2).sum(1) <= 1).all()
+    users = torch.cat([cos, (1 - cos.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt()], 1).double()
+    cents = torch.eye(k, k + 1).double()
+    return users, cents
+
+
+def _expected_branch(w, margin=0.6, frac=0.95):
+    """The rule in plain Python on one weight vector."""
+    n = len(w)
+    if max(w) > 0.5 + margin / n:
+        return BRANCH_EXPERT
+    h = -sum(p * math.log(p) for p in w if p > 0)
+    return BRANCH_GLOBAL if h >= frac * math.log(n) else BRANCH_FUSE
+
+
+def _cases(n: int) -> list[list[float]]:
+    thr = 0.5 + 0.6 / n
+    eps = 0.01
+    expert = [thr + 0.01] + [(1 - thr - 0.01) / (n - 1)] * (n - 1)
+    expert_edge = [thr + 2e-3] + [(1 - thr - 2e-3) / (n - 1)] * (n - 1)
+    fuse = [thr - 0.03, 1 - (thr - 0.03) - (n - 2) * eps] + [eps] * (n - 2)
+    fuse_edge = [thr - 2e-3, 1 - (thr - 2e-3) - (n - 2) * eps] + [eps] * (n - 2)
+    flat = [1 / n + 0.01] + [(1 - 1 / n - 0.01) / (n - 1)] * (n - 1)
+    return [expert, expert_edge, fuse, fuse_edge, flat, list(reversed(expert)), list(reversed(fuse))]
+
+
+@pytest.mark.parametrize("n", range(2, 9))
+def test_entropy_gate_branches_on_crafted_similarities(n):
+    cases = torch.tensor(_cases(n), dtype=torch.float64)
+    expected = [_expected_branch(w) for w in cases.tolist()]
+    assert set(expected) == {BRANCH_EXPERT, BRANCH_GLOBAL, BRANCH_FUSE}, "test data must cover all 3 branches"
+    users, cents = _crafted_users(cases, 0.1)
+    dec = entropy_gate(users, cents)
+    assert dec.branch.tolist() == expected
+    assert (dec.probs.double() - cases).abs().max() < 1e-5
+    for i, br in enumerate(expected):
+        w = dec.weights[i]
+        assert abs(w.sum().item() - 1) < 1e-6
+        if br == BRANCH_EXPERT:
+            assert torch.equal(w, F.one_hot(cases[i].argmax(), n + 1).float())
+        elif br == BRANCH_GLOBAL:
+            assert torch.equal(w, F.one_hot(torch.tensor(n), n + 1).float())
+        else:
+            assert w[n] == 0 and (w[:n].double() - cases[i]).abs().max() < 1e-5
+    # per instance: a permuted batch gives the permuted decisions, single samples give the same answer
+    perm = torch.randperm(len(cases))
+    assert torch.equal(entropy_gate(users[perm], cents).branch, dec.branch[perm])
+    assert entropy_gate(users[2:3], cents).branch.item() == expected[2]
+    assert branch_counts(dec.branch) == {"expert": expected.count(0), "global": expected.count(1),
+                                         "fuse": expected.count(2)}
+
+
+def test_entropy_gate_settings_and_scaler():
+    k, d = 4, 6
+    g = torch.Generator().manual_seed(0)
+    cents = torch.randn(k, d, generator=g)
+    z = torch.randn(32, d, generator=g)
+    cfg = GateConfig(tau=0.3, expert_margin=0.2, entropy_frac=0.9)
+    dec = entropy_gate(z, cents, cfg)
+    want = [_expected_branch(w, 0.2, 0.9) for w in torch.softmax(F.cosine_similarity(
+        z.double()[:, None], cents.double()[None], dim=-1) / 0.3, -1).tolist()]
+    assert dec.branch.tolist() == want
+    mean, scale = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
+    gate = EntropyGate(cents, mean, scale, cfg)
+    raw = z * scale + mean
+    assert torch.equal(gate(raw).branch, dec.branch)
+    assert torch.allclose(gate(raw).weights, dec.weights, atol=1e-6)
+    back = EntropyGate.from_json(gate.to_json())
+    assert torch.equal(back(raw).weights, gate(raw).weights)
+    with pytest.raises(ConfigError):
+        entropy_gate(z, cents[:1])
+    with pytest.raises(ConfigError):
+        entropy_gate(z, cents, GateConfig(tau=0))
+
+
+def test_hard_and_global_gates():
+    h = hard_gate(torch.tensor([0, 2, -1, 3]), 3)
+    assert h.tolist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
+    assert torch.equal(global_gate(2, 3), hard_gate(torch.tensor([3, 3]), 3))
+    with pytest.raises(DistthinkError, match="outside"):
+        hard_gate(torch.tensor([4]), 3)
+
+
+# --------------------------------------------------------------------------------------- tiny Qwen3 model
+def _tiny_model(seed=0):
+    from transformers import AutoModelForCausalLM
+
+    from distthink.tiny import tiny_qwen3_config
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1), dtype=torch.float32,
+                                            attn_implementation="sdpa").eval()
+
+
+def _randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in molora_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+
+
+def _samples(lengths=(7, 5, 9, 4), vocab=128, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for L in lengths:
+        ids = torch.randint(0, vocab, (L,), generator=g).tolist()
+        out.append(EncodedSample(ids, list(ids), [1.0] * L))
+    return out
+
+
+def test_packed_model_forward_equals_per_sample_forwards():
+    """Packed row with 4 samples, each with its own gate, equals each sample run alone with its gate."""
+    model = apply_molora(_tiny_model(), 3, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    _randomise(model)
+    samples = _samples()
+    gates = _mixed_sample_gates(3, len(samples))
+    batch = collate_packed(samples, pad_to_multiple_of=8)
+    with molora_gates(model, gates, segment_ids=batch["segment_ids"]):
+        packed = model(**model_inputs(batch, "sdpa")).logits[0]
+    seg = batch["segment_ids"][0]
+    worst = 0.0
+    for i, s in enumerate(samples):
+        with molora_gates(model, gates[i:i + 1]):
+            alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
+        worst = max(worst, (packed[seg == i] - alone).abs().max().item())
+    assert worst < 1e-5
+    # and the gates matter: one sample with another gate changes only that sample's logits
+    other = gates.clone()
+    other[1] = F.one_hot(torch.tensor(3), 4).float() if gates[1, 3] != 1 else F.one_hot(torch.tensor(0), 4).float()
+    with molora_gates(model, other, segment_ids=batch["segment_ids"]):
+        changed = model(**model_inputs(batch, "sdpa")).logits[0]
+    assert (changed[seg == 1] - packed[seg == 1]).abs().max() > 1e-3
+    assert torch.equal(changed[seg == 0], packed[seg == 0])
+
+
+def test_apply_molora_freezes_base_and_unused_expert_never_changes():
+    """Hard routing (stage 3): an expert whose group has no samples gets exactly zero gradient and stays
+    bit-identical over several AdamW steps (weight_decay 0); experts that saw samples change."""
+    model = apply_molora(_tiny_model(), 4, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    model.train()
+    _randomise(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    layers = molora_layers(model)
+    before = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    samples = _samples((6, 5, 7, 4, 6))
+    groups = torch.tensor([0, 2, 0, 3, 2])                  # group 1 and the global adapter: no samples
+    for _ in range(3):
+        batch = collate_packed(samples)
+        with molora_gates(model, hard_gate(groups, 4), segment_ids=batch["segment_ids"]):
+            logits = model(**model_inputs(batch, "sdpa")).logits
+            loss = F.cross_entropy(logits[0], batch["targets"][0], ignore_index=-100)
+            loss.backward()
+        for m in layers.values():
+            r = m.r
+            for e in (1, 4):
+                assert torch.count_nonzero(m.lora_A.grad[e * r:(e + 1) * r]) == 0
+                assert torch.count_nonzero(m.lora_B.grad[:, e * r:(e + 1) * r]) == 0
+        opt.step()
+        opt.zero_grad()
+    for n, m in layers.items():
+        a0, b0 = before[n]
+        r = m.r
+        for e in range(5):
+            same = torch.equal(m.lora_A[e * r:(e + 1) * r], a0[e * r:(e + 1) * r]) and \
+                torch.equal(m.lora_B[:, e * r:(e + 1) * r], b0[:, e * r:(e + 1) * r])
+            assert same == (e in (1, 4)), (n, e)
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_gates():
+    def grads(gc: bool):
+        model = apply_molora(_tiny_model(), 2, r=4, alpha=8, target_modules=["q_proj", "o_proj", "up_proj"])
+        _randomise(model)
+        model.train()
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        batch = collate_packed(_samples())
+        with molora_gates(model, _mixed_sample_gates(2, 4), segment_ids=batch["segment_ids"]):
+            logits = model(**model_inputs(batch, "sdpa")).logits
+            F.cross_entropy(logits[0], batch["targets"][0], ignore_index=-100).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and plain
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6, rtol=1e-5), n
+    # the recomputation really reads the gates: clearing them between forward and backward raises
+    model = apply_molora(_tiny_model(), 2, r=4, alpha=8, target_modules=["q_proj"])
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    batch = collate_packed(_samples())
+    with molora_gates(model, _mixed_sample_gates(2, 4), segment_ids=batch["segment_ids"]):
+        logits = model(**model_inputs(batch, "sdpa")).logits
+    with pytest.raises(DistthinkError, match="without gates"):
+        logits.sum().backward()
+
+
+def test_apply_molora_errors():
+    with pytest.raises(ConfigError, match="match no"):
+        apply_molora(_tiny_model(), 2, r=4, target_modules=["nope"])
+    with pytest.raises(ConfigError, match="needs target_modules"):
+        apply_molora(_tiny_model(), 2, r=4)
+    with pytest.raises(DistthinkError, match="no MoLoRA layers"):
+        set_gates(_tiny_model(), torch.rand(1, 3))
+    model = apply_molora(_tiny_model(), 2, r=4, target_modules=["q_proj"])
+    clear_gates(model)
+    with pytest.raises(DistthinkError, match="without gates"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
