@@ -458,12 +458,17 @@ def plan_all(model: ModelShape, run: RunShape, **kw: Any) -> list[Estimate]:
 
 
 def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
-    """The fastest candidate that fits (offload is only worth it when nothing faster fits)."""
+    """The cheapest candidate that fits: the fastest; among those within 2% of the fastest (communication
+    hidden behind compute), the one that moves the fewest bytes (the time model does not price ZeRO-3's
+    per-module hooks, so less communication is the safer choice), then the smallest footprint."""
     fitting = [e for e in estimates if e.fits]
     if fitting:
-        best = min(fitting, key=lambda e: (e.step_seconds, e.total_bytes))
-        return best, (f"recommended: {best.candidate} ({DESCRIPTIONS[best.candidate]}): fits, fastest of "
-                      f"{len(fitting)} that fit")
+        fastest = min(e.step_seconds for e in fitting)
+        near = [e for e in fitting if e.step_seconds <= 1.02 * fastest]
+        best = min(near, key=lambda e: (e.comm_bytes, e.total_bytes))
+        return best, (f"recommended: {best.candidate} ({DESCRIPTIONS[best.candidate]}): fits; fastest of "
+                      f"{len(fitting)} that fit" + (f", and the least communication of {len(near)} equally fast"
+                                                    if len(near) > 1 else ""))
     smallest = min(estimates, key=lambda e: e.total_bytes)
     groups = {"activations": smallest.memory["activations"] + smallest.memory["lora_activations"],
               "loss": smallest.memory["loss"],
