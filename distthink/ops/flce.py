@@ -453,6 +453,14 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
                           "Fix: use 'auto', 'torch' or 'liger'.")
     if backend == "auto":
         backend = "liger" if hidden.is_cuda and flce_liger.available() else "torch"
+        if backend == "liger":
+            try:
+                flce_liger.check_kernel()
+            except (ConfigError, ImportError) as err:   # an untested liger-kernel: say so, run torch
+                if ("liger-broken", "") not in _logged_backends:
+                    _logged_backends.add(("liger-broken", ""))
+                    log.warning("fused_linear_cross_entropy: liger path unusable (%s); using the torch path", err)
+                backend = "torch"
     elif backend == "liger":
         if not hidden.is_cuda:
             # tests may run the real Liger kernel through Triton's CPU interpreter (TRITON_INTERPRET=1)

@@ -92,6 +92,11 @@ def _kernel():
     return liger_cross_entropy_kernel
 
 
+def check_kernel() -> None:
+    """Import the kernel and check its signature (raises ConfigError / ImportError)."""
+    _kernel()
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
