@@ -46,7 +46,7 @@ def test_launcher_is_valid_bash():
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_render_fills_options_and_inlines_the_launcher(template):
+def test_render_fills_options_and_inlines_the_launcher(template, tmp_path):
     text = render(RenderOptions(template=template, nodes=2, gpus_per_node=8, config="configs/x.yaml",
                                 output_dir="runs/x", partition="gpu", time="48:00:00", signal_grace_s=900,
                                 overrides=["train.lr=1e-4", "lora.r=16"]))
@@ -60,10 +60,9 @@ def test_render_fills_options_and_inlines_the_launcher(template):
     assert "exec bash" not in text and LAUNCHER_BEGIN not in text
     body = launcher_path().read_text().split("\n", 1)[1].strip()
     assert body in text
-    path = f"/tmp/distthink-render-{template}.sbatch"
-    with open(path, "w") as fh:
-        fh.write(text)
-    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    path = tmp_path / f"{template}.sbatch"
+    path.write_text(text)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
 def test_machine_rank_expands_per_task_not_in_the_batch_shell():
