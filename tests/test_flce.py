@@ -35,7 +35,7 @@ def grads_of(loss, inputs, grad_output=None):
 
 def compare(hidden, weight, bias, target, grad_output=None, rtol=RTOL, **kw):
     loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, **kw)
-    ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "backend")}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "backend", "strategy")}
     ref, _ = naive_fused_linear_cross_entropy(hidden, weight, target, bias=bias, **ref_kw)
     close(loss, ref, rtol)
     if grad_output is None and kw.get("reduction", "sum") == "none":
@@ -57,6 +57,50 @@ def test_random_weights_match_naive(bias, reduction, chunk_size):
     w[20] = 0.0
     compare(hidden, weight, b, target, token_weights=w, normalizer=17.5, reduction=reduction,
             chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("tile", [None, 7, 100])
+def test_vocab_strategy_matches_naive(bias, reduction, tile):
+    """strategy='vocab': two passes over vocabulary tiles (chunk_size = columns per tile)."""
+    hidden, weight, b, target, g = make(bias=bias)
+    target[5:11] = -100
+    w = torch.rand(target.shape, generator=g) * 2
+    w[20] = 0.0
+    compare(hidden, weight, b, target, token_weights=w, normalizer=17.5, reduction=reduction,
+            chunk_size=tile, strategy="vocab")
+
+
+def test_vocab_strategy_bf16_zero_weights_and_frozen_weight():
+    hidden, weight, _, target, g = make(n=64, h=64, v=2048, dtype=torch.bfloat16)
+    w = torch.rand(64, generator=g)
+    loss = fused_linear_cross_entropy(hidden, weight, target, token_weights=w, normalizer=10.0, strategy="vocab",
+                                      chunk_size=300)
+    truth, _ = naive_fused_linear_cross_entropy(hidden, weight, target, token_weights=w, normalizer=10.0,
+                                                upcast=True)
+    close(loss, truth, 1e-3)
+    for a, b in zip(grads_of(loss, (hidden, weight)), grads_of(truth, (hidden, weight))):
+        assert a.dtype == torch.bfloat16
+        close(a, b, 2e-2)
+    hidden, weight, _, target, _ = make(n=16)
+    loss = fused_linear_cross_entropy(hidden, weight, target, token_weights=torch.zeros(16), strategy="vocab")
+    gh, gw = grads_of(loss, (hidden, weight))
+    assert loss.item() == 0.0 and gh.abs().max() == 0 and gw.abs().max() == 0
+    frozen = weight.detach()
+    loss = fused_linear_cross_entropy(hidden, frozen, target, strategy="vocab", chunk_size=64)
+    ref, _ = naive_fused_linear_cross_entropy(hidden, frozen, target)
+    close(grads_of(loss, (hidden,))[0], grads_of(ref, (hidden,))[0])
+
+
+def test_auto_strategy_choice():
+    hidden, weight, _, target, _ = make(n=200, v=512)
+    pick = lambda **kw: fused_linear_cross_entropy(hidden, weight, target, return_stats=True, **kw)[1].strategy
+    assert pick() == "vocab"                      # CPU, several row chunks needed
+    assert pick(chunk_size=50) == "rows"          # an explicit row chunk
+    assert pick(strategy="rows") == "rows"
+    with pytest.raises(ConfigError, match="strategy"):
+        pick(strategy="diagonal")
 
 
 @pytest.mark.parametrize("normalizer", [None, 3.0, torch.tensor(41.25)])
@@ -144,7 +188,8 @@ def test_tied_embeddings_get_both_gradients():
     assert (fused[1] - head_only)[ids].abs().max() > 0
 
 
-def test_stats_count_accuracy_and_selected_logits_with_gradients():
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_stats_count_accuracy_and_selected_logits_with_gradients(strategy):
     hidden, weight, b, target, g = make(n=40, bias=True)
     target[:6] = -100
     w = torch.rand(40, generator=g)
@@ -155,7 +200,7 @@ def test_stats_count_accuracy_and_selected_logits_with_gradients():
     rows, ids = [12, 0, 39], [7, 100, 3, 7]
     loss, stats = fused_linear_cross_entropy(hidden, weight, target, bias=b, token_weights=w, normalizer=9.0,
                                              return_stats=True, stats_token_ids=ids, stats_rows=rows,
-                                             chunk_size=9)
+                                             chunk_size=9, strategy=strategy)
     learned = (target != -100) & (w > 0)
     assert stats.num_learned == int(learned.sum()) == 33
     want_correct = int(((logits.argmax(-1) == target) & learned).sum())
@@ -195,7 +240,8 @@ def test_bf16_on_cpu_within_documented_tolerance():
         assert err_ours <= 2 * err_naive + 1e-6
 
 
-def test_never_materialises_n_by_v():
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_never_materialises_n_by_v(strategy):
     """The largest tensor any op allocates is a chunk, not N x V (checked with a dispatch mode)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -209,12 +255,13 @@ def test_never_materialises_n_by_v():
                     Largest.biggest = max(Largest.biggest, t.numel())
             return out
 
-    n, v = 1024, 1024
+    n, v = 1024, 4096
     hidden, weight, _, target, _ = make(n=n, h=16, v=v)
     with Largest():
-        loss = fused_linear_cross_entropy(hidden, weight, target)
+        loss = fused_linear_cross_entropy(hidden, weight, target, strategy=strategy)
         loss.backward()
-    assert Largest.biggest <= n * v // 8 + 1  # default: at most an eighth of the rows per chunk
+    # default: at most an eighth of the rows per chunk / of the vocabulary per tile
+    assert n * v // 16 < Largest.biggest <= n * v // 8 + 1
 
 
 def test_auto_chunk_size_policy():

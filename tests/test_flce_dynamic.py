@@ -73,11 +73,14 @@ def test_argmax_rule_reference_on_crafted_hits():
 @pytest.mark.parametrize("mode", ["argmax", "soft"])
 @pytest.mark.parametrize("chunk_size", [4, 7, 13, None])
 @pytest.mark.parametrize("packing", ["position_ids", "segment_ids"])
-def test_dynamic_matches_reference_on_crafted_hits(mode, chunk_size, packing):
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_dynamic_matches_reference_on_crafted_hits(mode, chunk_size, packing, strategy):
     hidden, weight, target, weights, pos, seg = packed_case()
     meta = {"position_ids": pos} if packing == "position_ids" else {"segment_ids": seg}
     kw = dict(token_weights=weights, normalizer=11.0, dynamic=mode, think_end_id=THINK, **meta)
-    loss, stats = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size, return_stats=True, **kw)
+    loss, stats = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size, return_stats=True,
+                                             strategy=strategy, **kw)
+    assert stats.strategy == strategy
     ref, mult = naive_fused_linear_cross_entropy(hidden, weight, target, **kw)
     close(loss, ref)
     for a, b in zip(grads_of(loss, (hidden, weight)), grads_of(ref, (hidden, weight))):
@@ -91,7 +94,8 @@ def test_dynamic_matches_reference_on_crafted_hits(mode, chunk_size, packing):
 
 @pytest.mark.parametrize("mode", ["argmax", "soft"])
 @pytest.mark.parametrize("chunk_size", [5, 16])
-def test_dynamic_with_random_hits_and_reduction_none(mode, chunk_size):
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_dynamic_with_random_hits_and_reduction_none(mode, chunk_size, strategy):
     """Hits wherever the model happens to predict </think>; soft weights genuinely fractional."""
     hidden, weight, target, weights, pos, seg = packed_case(seed=3, random_hits=True)
     hits = int(((hidden @ weight.t()).argmax(-1) == THINK).sum())
@@ -101,7 +105,8 @@ def test_dynamic_with_random_hits_and_reduction_none(mode, chunk_size):
     if mode == "soft":
         assert ((mult > 0.01) & (mult < 0.99)).sum() >= 5
     for reduction in ("sum", "none"):
-        loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size, reduction=reduction, **kw)
+        loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size, reduction=reduction,
+                                          strategy=strategy, **kw)
         ref, _ = naive_fused_linear_cross_entropy(hidden, weight, target, reduction=reduction, **kw)
         close(loss, ref)
         go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
@@ -142,8 +147,8 @@ def test_recomputation_is_limited_to_pending_rows():
     """argmax mode: only rows of a hit-less sample that straddles a chunk border are recomputed."""
     hidden, weight, target, weights, pos, seg = packed_case()
     kw = dict(token_weights=weights, dynamic="argmax", think_end_id=THINK, position_ids=pos, return_stats=True)
-    _, one_chunk = fused_linear_cross_entropy(hidden, weight, target, chunk_size=1000, **kw)
+    _, one_chunk = fused_linear_cross_entropy(hidden, weight, target, chunk_size=1000, strategy="rows", **kw)
     assert one_chunk.num_recomputed == 0
-    _, small = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4, **kw)
+    _, small = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4, strategy="rows", **kw)
     learned_s1 = int((weights[14:23] > 0).sum())
     assert 0 < small.num_recomputed <= learned_s1

@@ -75,7 +75,7 @@ class FLCEStats:
     num_think_end_samples: samples whose argmax predicts `</think>` somewhere in the learned region.
     num_masked:    learned tokens whose dynamic multiplier is exactly 0 (argmax mode).
     num_recomputed: rows recomputed in the dynamic second pass (cost indicator).
-    backend, chunk_size: what ran.
+    backend, strategy, chunk_size: what ran (chunk_size = rows per chunk, or columns per vocab tile).
     """
 
     num_learned: int
@@ -89,6 +89,7 @@ class FLCEStats:
     num_recomputed: int = 0
     backend: str = "torch"
     chunk_size: int = 0
+    strategy: str = "rows"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,6 +182,8 @@ class _Job:
     sample_end: Optional[torch.Tensor] = None  # (S,) last learned row of each sample
     sample_starts: Optional[list] = None       # python list of first learned row of each sample
     soft: Optional[torch.Tensor] = None        # (M,) soft multiplier for samples that hit </think>
+    strategy: str = "rows"                     # "rows" (chunks of rows) | "vocab" (tiles of the vocabulary)
+    tile: int = 0                              # vocabulary columns per tile (vocab strategy)
 
     # ---- helpers -----------------------------------------------------------------------------------
     def chunk_ranges(self, m: int, starts: Optional[list]) -> list[tuple[int, int]]:
@@ -306,6 +309,105 @@ class _Job:
             del res
 
 
+    # ---- vocabulary-tiled strategy (CPU default) ------------------------------------------------------
+    # Pass A streams the vocabulary once in tiles of all learned rows, with an online logsumexp/argmax;
+    # every dynamic weight is then known. Pass B recomputes each tile for the rows with a non-zero weight,
+    # writes grad_weight[tile] directly (no read-modify-write accumulator) and accumulates the small
+    # grad_hidden. 4 GEMMs instead of 3, but each (V, H) matrix is streamed ~twice in total instead of
+    # ~4 times per row chunk: the better trade on memory-bandwidth-bound CPUs.
+
+    def _tile_logits(self, x, weight, bias, v0, v1, lowp_buf, fp32_buf):
+        rows = x.shape[0]
+        out = lowp_buf[:rows, :v1 - v0] if lowp_buf is not None else fp32_buf[:rows, :v1 - v0]
+        if bias is not None:
+            torch.addmm(bias[v0:v1], x, weight[v0:v1].t(), out=out)
+        else:
+            torch.mm(x, weight[v0:v1].t(), out=out)
+        if lowp_buf is None:
+            return out
+        work = fp32_buf[:rows, :v1 - v0]
+        work.copy_(out)
+        return work
+
+    def _tile_buffers(self, rows, weight):
+        lowp = weight.dtype != torch.float32
+        width = min(self.tile, weight.shape[0])
+        lowp_buf = torch.empty(rows, width, dtype=weight.dtype, device=weight.device) if lowp else None
+        return lowp_buf, torch.empty(rows, width, dtype=torch.float32, device=weight.device)
+
+    def vocab_pass_a(self, hidden, weight, bias):
+        """Per learned row: CE, argmax (first maximal index, like torch.argmax) and lse, one vocabulary pass."""
+        m_rows, v = self.target.numel(), weight.shape[0]
+        dev = hidden.device
+        x = hidden if self.all_rows else hidden.index_select(0, self.rows)
+        run_max = torch.full((m_rows,), -math.inf, device=dev)
+        run_sum = torch.zeros(m_rows, device=dev)
+        target_logit = torch.zeros(m_rows, device=dev)
+        argmax = torch.zeros(m_rows, dtype=torch.long, device=dev)
+        lowp_buf, fp32_buf = self._tile_buffers(m_rows, weight)
+        t = self.target
+        for v0 in range(0, v, self.tile):
+            v1 = min(v0 + self.tile, v)
+            logits = self._tile_logits(x, weight, bias, v0, v1, lowp_buf, fp32_buf)
+            inside = (t >= v0) & (t < v1)
+            picked = logits.gather(1, (t - v0).clamp_(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            target_logit = torch.where(inside, picked, target_logit)
+            tile_max, tile_arg = torch.max(logits, dim=1)
+            argmax = torch.where(tile_max > run_max, tile_arg + v0, argmax)
+            new_max = torch.maximum(run_max, tile_max)
+            run_sum.mul_(torch.exp(run_max - new_max))
+            run_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+            run_max = new_max
+        lse = run_max + torch.log(run_sum)
+        return lse - target_logit, argmax, lse
+
+    def vocab_pass_b(self, hidden, weight, bias, lse, coef, need_h, need_w, need_b):
+        """Gradients for coef_r * CE_r (coef per learned row); returns (grad_hidden, grad_weight, grad_bias)."""
+        dev = hidden.device
+        v = weight.shape[0]
+        keep = (coef != 0).nonzero().squeeze(1)
+        k = keep.numel()
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = (torch.empty_like(weight) if k else torch.zeros_like(weight)) if need_w else None
+        gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+        if k == 0:
+            return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+        rows = self.rows.index_select(0, keep)
+        x = hidden.index_select(0, rows)
+        c = coef.index_select(0, keep)
+        t = self.target.index_select(0, keep)
+        lse_k = lse.index_select(0, keep)
+        xc32 = x.float() * c[:, None]
+        gh_acc = torch.zeros(k, hidden.shape[1], dtype=torch.float32, device=dev) if need_h else None
+        lowp_buf, fp32_buf = self._tile_buffers(k, weight)
+        rows_k = torch.arange(k, device=dev)
+        for v0 in range(0, v, self.tile):
+            v1 = min(v0 + self.tile, v)
+            p = self._tile_logits(x, weight, bias, v0, v1, lowp_buf, fp32_buf)
+            p.sub_(lse_k[:, None]).exp_()                      # softmax, this tile
+            inside = ((t >= v0) & (t < v1)).nonzero().squeeze(1)
+            if inside.numel():
+                p.index_put_((rows_k[inside], t[inside] - v0), torch.full((inside.numel(),), -1.0, device=dev),
+                             accumulate=True)
+            if need_h:
+                if lowp_buf is not None:
+                    g_lowp = lowp_buf[:k, :v1 - v0]
+                    g_lowp.copy_(p)
+                    gh_acc.add_(torch.mm(g_lowp, weight[v0:v1]))
+                else:
+                    gh_acc.addmm_(p, weight[v0:v1])
+            if need_w:
+                if gw.dtype == torch.float32:
+                    torch.mm(p.t(), xc32, out=gw[v0:v1])
+                else:
+                    gw[v0:v1] = torch.mm(p.t(), xc32)
+            if need_b:
+                gb[v0:v1] = torch.mv(p.t(), c)
+        if need_h:
+            gh.index_copy_(0, rows, gh_acc.mul_(c[:, None]).to(gh.dtype))
+        return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+
+
 def _accumulate_weight_grad_default(grad_weight32: torch.Tensor, g: torch.Tensor, x_scaled32: torch.Tensor,
                                    beta: float = 1.0):
     """grad_weight32 = beta * grad_weight32 + g.T @ x_scaled in fp32 (g fp32: exact; else upcast chunk)."""
@@ -358,6 +460,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         fused = any_grad and job.reduction == "sum"
         n, v = hidden.shape[0], weight.shape[0]
         dev = hidden.device
+        if job.strategy == "vocab":
+            return _FusedLinearCrossEntropy._forward_vocab(ctx, hidden, weight, bias, job, fused, any_grad)
         ws = Workspace(min(job.chunk, max(job.target.numel(), 1)), v, weight.dtype, dev,
                        need_fp32=job.row_kernel is torch_row_kernel)
         grads = (None, None, None)
@@ -388,7 +492,43 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss, correct, weight_sum
 
     @staticmethod
+    def _forward_vocab(ctx, hidden, weight, bias, job: _Job, fused: bool, any_grad: bool):
+        ce, argmax, lse = job.vocab_pass_a(hidden, weight, bias)
+        m_rows = job.target.numel()
+        correct = (argmax == job.target).sum()
+        eff = job.scale
+        if job.dynamic is not None:
+            first_hit = torch.full((job.sample_end.numel(),), m_rows, dtype=torch.long, device=hidden.device)
+            hit = argmax == job.think_end_id
+            first_hit.scatter_reduce_(0, job.sample[hit], hit.nonzero().squeeze(1), reduce="amin")
+            mult, _ = job.multiplier(first_hit, 0, m_rows, known_upto=m_rows)
+            eff = job.scale * mult
+            job.last_mult, job.last_first_hit = mult, first_hit
+        job.recomputed = 0
+        per_row = ce * eff
+        if job.reduction == "none":
+            loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            loss.index_copy_(0, job.rows, per_row)
+        else:
+            loss = per_row.sum()
+        ctx.job, ctx.fused = job, fused
+        need = ctx.needs_input_grad[:3]
+        if fused:
+            ctx.grads = list(job.vocab_pass_b(hidden, weight, bias, lse, eff, *need))
+        elif any_grad:
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.eff, ctx.lse = eff, lse
+        weight_sum = (eff * job.normalizer).sum()
+        ctx.mark_non_differentiable(correct, weight_sum)
+        return loss, correct, weight_sum
+
+    @staticmethod
     def _backward(ctx, grad_loss):
+        if not ctx.fused and ctx.job.strategy == "vocab":
+            hidden, weight, bias = ctx.saved_tensors
+            coef = grad_loss.index_select(0, ctx.job.rows).float() * ctx.eff
+            gh, gw, gb = ctx.job.vocab_pass_b(hidden, weight, bias, ctx.lse, coef, *ctx.needs_input_grad[:3])
+            return gh, gw, gb, None
         if ctx.fused:
             if ctx.grads is None:
                 raise DistthinkError("fused_linear_cross_entropy: backward ran twice on the same graph; its "
@@ -443,6 +583,20 @@ def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, backend: str = "t
     chunk = min(rows, by_budget, max(_MIN_CHUNK_ROWS, math.ceil(rows * _MAX_CHUNK_FRACTION)))
     n_chunks = math.ceil(rows / chunk)
     return math.ceil(rows / n_chunks)
+
+
+def auto_tile_width(rows: int, vocab: int, dtype: torch.dtype, budget_mb: Optional[float] = None) -> int:
+    """Vocabulary columns per tile for the "vocab" strategy: the (rows, tile) fp32 work (+ low-precision
+    logits) fits the budget (DISTTHINK_FLCE_CHUNK_MB, default 1024 MiB), at most 1/8 of the vocabulary
+    (same memory bound as the row chunks), at least 256 columns; balanced."""
+    if budget_mb is None:
+        budget_mb = float(os.environ.get("DISTTHINK_FLCE_CHUNK_MB", DEFAULT_CHUNK_BUDGET_MB))
+    item = torch.empty((), dtype=dtype).element_size()
+    per_col = max(rows, 1) * (4 + (item if dtype != torch.float32 else 0))
+    width = min(vocab, max(1, int(budget_mb * 2**20) // per_col),
+                max(256, math.ceil(vocab * _MAX_CHUNK_FRACTION)))
+    n_tiles = math.ceil(vocab / width)
+    return math.ceil(vocab / n_tiles)
 
 
 def _resolve_backend(backend: str, hidden: torch.Tensor):
@@ -523,6 +677,7 @@ def fused_linear_cross_entropy(
     stats_rows=None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    strategy: str = "auto",
 ):
     """Weighted cross-entropy of `hidden @ weight.T + bias` without materialising the logits.
 
@@ -544,8 +699,13 @@ def fused_linear_cross_entropy(
         return_stats: also return an `FLCEStats`. `stats_token_ids` (K ids) and `stats_rows` (R indices
             into the flattened N) give `selected_logits` (R, K) in fp32, differentiable (a tiny exact
             separate product hidden[rows] @ weight[ids].T: no second vocabulary pass).
-        chunk_size: rows per chunk; None = `auto_chunk_size`.
+        chunk_size: rows per chunk ("rows" strategy) or vocabulary columns per tile ("vocab" strategy);
+            None = automatic (`auto_chunk_size` / `auto_tile_width`).
         backend: "auto" (liger on CUDA when liger-kernel>=0.8.2 is installed, else torch), "torch", "liger".
+        strategy: "auto" | "rows" | "vocab". "rows" chunks the learned rows (3 GEMMs; GPU and liger);
+            "vocab" tiles the vocabulary in two passes (4 GEMMs, far less memory traffic; torch backend
+            only). "auto" = "vocab" on CPU when chunk_size is None and the rows need more than one chunk,
+            else "rows".
 
     Returns:
         loss, or (loss, FLCEStats) when return_stats.
@@ -618,13 +778,25 @@ def fused_linear_cross_entropy(
               else torch.ones(m, dtype=torch.float32, device=dev))
 
     backend_name, row_kernel, acc_w = _resolve_backend(backend, hidden)
-    chunk = int(chunk_size) if chunk_size else auto_chunk_size(m, v, weight.dtype, backend_name)
-    if chunk < 1:
+    if strategy not in ("auto", "rows", "vocab"):
+        raise ConfigError(f"fused_linear_cross_entropy: strategy={strategy!r}. Fix: 'auto', 'rows' or 'vocab'.")
+    if strategy == "vocab" and backend_name != "torch":
+        raise ConfigError("fused_linear_cross_entropy: strategy='vocab' runs on the torch backend only. "
+                          "Fix: backend='torch', or strategy='rows'/'auto'.")
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ConfigError(f"fused_linear_cross_entropy: chunk_size={chunk_size} must be >= 1.")
+    chunk = int(chunk_size) if chunk_size else auto_chunk_size(m, v, weight.dtype, backend_name)
+    if strategy == "auto":
+        strategy = ("vocab" if backend_name == "torch" and not hidden.is_cuda and chunk_size is None and chunk < m
+                    else "rows")
+    tile = 0
+    if strategy == "vocab":
+        tile = int(chunk_size) if chunk_size else auto_tile_width(m, v, weight.dtype)
+        chunk = max(m, 1)
 
     job = _Job(rows=rows, all_rows=(m == n), target=tgt, scale=static / norm, static=static, normalizer=norm,
                chunk=chunk, row_kernel=row_kernel, accumulate_weight_grad=acc_w,
-               need_argmax=bool(return_stats or dynamic), reduction=reduction)
+               need_argmax=bool(return_stats or dynamic), reduction=reduction, strategy=strategy, tile=tile)
 
     if dynamic is not None and m:
         starts = _sample_starts(n, dev, segment_ids, position_ids, row_length)
@@ -652,7 +824,7 @@ def fused_linear_cross_entropy(
         return loss
 
     stats = FLCEStats(num_learned=m, num_correct=correct, accuracy=correct.float() / max(m, 1),
-                      weight_sum=weight_sum, backend=backend_name, chunk_size=chunk,
+                      weight_sum=weight_sum, backend=backend_name, chunk_size=tile or chunk, strategy=strategy,
                       num_recomputed=getattr(job, "recomputed", 0))
     if dynamic is not None and m:
         mult, first_hit = job.last_mult, job.last_first_hit
