@@ -181,6 +181,20 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, w
           f"vs uninterrupted {reference:.8f} (diff {abs(final - reference):.2e})")
 
 
+def test_a_bad_config_fails_before_anything_starts(slurm_cluster, workdir):  # noqa: F811
+    bad = workdir / "bad.yaml"
+    bad.write_text(SMOKE_CONFIG.replace("max_tokens: 512", "max_tokens: 100"))  # < data.max_length
+    out = workdir / "bad"
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0",
+                          DISTTHINK_CONFIG=str(bad))
+    info = slurm_cluster.wait_job(job, timeout=60)
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "FAILED" and info.rc == 2, detail
+    log = job_log(workdir, job)
+    assert "config error: batch.max_tokens" in log and "Nothing was started" in log, detail
+    assert not node_logs(out, job), detail
+
+
 def test_a_dying_rank_fails_the_job_fast(slurm_cluster, workdir):  # noqa: F811
     """Rank 1 SIGKILLs itself before step 3 (trainer's fault hook): the other node must not hang in
     its collective until the gloo timeout; srun --kill-on-bad-exit ends the job, with a clear log."""

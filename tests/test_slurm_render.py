@@ -125,3 +125,10 @@ def test_cli_render_prints_and_writes(capsys, tmp_path):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_launcher():
     assert subprocess.run(["shellcheck", "-S", "error", str(launcher_path())]).returncode == 0
+
+
+def test_launcher_outside_slurm_fails_with_the_fix():
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", str(launcher_path())], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "not inside a SLURM job. Fix: submit with sbatch" in p.stderr
