@@ -3,6 +3,7 @@ tests/test_slurm_cluster.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -128,7 +129,7 @@ def test_shellcheck_launcher():
 
 
 def test_launcher_outside_slurm_fails_with_the_fix():
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     p = subprocess.run(["bash", str(launcher_path())], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert "not inside a SLURM job. Fix: submit with sbatch" in p.stderr
