@@ -275,9 +275,12 @@ def run(cfg: Config) -> int:
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
             total_loss, bad = dist.all_reduce_sum([local_loss, local_bad], device)
-            loss = total_loss / W if W > 0 else float("nan")
+            loss = total_loss / W if W > 0 else 0.0
             finite = bad == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
+            lr_used = scheduler.get_last_lr()[0]
+            if W <= 0:  # no learned token anywhere in this step: nothing to learn, not an error
+                log.info("step %d has no learned tokens on any rank: no optimizer step", step + 1)
+            elif finite:
                 if not use_ds:
                     optimizer.step()
                 scheduler.step()
@@ -295,8 +298,9 @@ def run(cfg: Config) -> int:
             learned_tokens += int(N)
             tokens_seen += int(ntok)
             record = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
-                      "lr": scheduler.get_last_lr()[0], "learned_tokens": int(N), "weight_sum": W,
-                      "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0, "time_s": round(time.time() - t_start, 3)}
+                      "lr": lr_used, "learned_tokens": int(N), "weight_sum": W,
+                      "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0,
+                      "time_s": round(time.time() - t_start, 3)}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 record["eval_loss"] = evaluate()
             history.append(record)
