@@ -258,3 +258,23 @@ def test_zero3_across_two_namespace_hosts(slurm_cluster, workdir):  # noqa: F811
     assert "DeepSpeed ZeRO-3" in "\n".join(nodes.values()), detail
     assert (out / "checkpoints" / "step-00000006" / "COMPLETE").exists(), detail
     assert summary(out)["world_size"] == 2
+
+
+@pytest.mark.skipif(os.environ.get("DISTTHINK_SLURM_TIMELIMIT_TEST") != "1",
+                    reason="opt-in (~90 s): set DISTTHINK_SLURM_TIMELIMIT_TEST=1")
+def test_time_limit_signal_saves_and_requeues(slurm_cluster, workdir):  # noqa: F811
+    """The production trigger: `--time=1 --signal=B:USR1@45` makes SLURM itself send USR1 to the batch
+    shell ~45 s before the limit (SLURM checks every ~30 s); the job saves, requeues and resumes."""
+    out = workdir / "timelimit"
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", "--time=1",
+                          "--signal=B:USR1@45", DISTTHINK_OVERRIDES="train.max_steps=100000")
+    deadline = time.monotonic() + 200
+    while not (slurm_cluster.job(job).restarts >= 1 and "restart 1 on 2 node(s)" in
+               "".join(p.read_text() for p in workdir.glob(f"*-{job}.out"))):
+        assert time.monotonic() < deadline, describe(slurm_cluster, workdir, job, out)
+        time.sleep(1)
+    slurm_cluster.run("scancel", str(job))
+    log = job_log(workdir, job)
+    m = re.search(r"preempted: training saved step-(\d+)", log)
+    assert m and "received SIGUSR1" in log, describe(slurm_cluster, workdir, job, out)
+    assert f"resuming from: step-{int(m.group(1)):08d}" in log
