@@ -225,6 +225,13 @@ CASES: dict[str, tuple[int, list[str]]] = {
                                         "distributed.deepspeed=ds_configs/zero3.json"]),
     "small_1r_plain_full_ckpt": (1, SMALL + ["lora.enabled=false", "model.gradient_checkpointing=true"]),
     "small_1r_plain_full_hf": (1, SMALL + ["lora.enabled=false", "loss.impl=hf"]),
+    # bf16 on CPU: the GPU dtype, so the mixed-precision terms (fp32 master copies, fp32 upcasts in the
+    # norms and the loss workspace, peft's fp32 adapters) run through the real code paths too.
+    "small_1r_plain_full_bf16": (1, SMALL + ["lora.enabled=false", "model.dtype=bfloat16"]),
+    "small_2r_zero3_full_bf16": (2, SMALL + ["lora.enabled=false", "model.dtype=bfloat16",
+                                             "distributed.deepspeed=ds_configs/zero3.json"]),
+    "small_2r_zero2_lora_bf16": (2, SMALL + ["lora.enabled=true", "lora.dropout=0.05", "model.dtype=bfloat16",
+                                             "distributed.deepspeed=ds_configs/zero2.json"]),
 }
 QUICK = ["small_1r_plain_lora"]  # one real run: about 30 s on 2 cores (the process start dominates)
 

@@ -137,7 +137,8 @@ class ModelShape:
         return self.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
     def activation_bytes_per_token_layer(self, dtype_bytes: int, attention: str = "flash", row_tokens: int = 0,
-                                         lora_targets: list[str] | None = None, lora_dropout: float = 0.0) -> float:
+                                         lora_targets: list[str] | None = None, lora_dropout: float = 0.0,
+                                         autocast: bool = False, adapters_fp32: bool = True) -> float:
         """Bytes one decoder layer keeps for backward, per token, with no checkpointing.
 
         Counted with `torch.autograd.graph.saved_tensors_hooks` on transformers' Llama/Qwen3 layers
@@ -157,17 +158,24 @@ class ModelShape:
           b (2 q + 2 kv) + 4 heads (derived, not validated: no GPU in this project's CI);
         - Qwen3's q/k norms: like the layer norms, over q + kv, with an rsqrt per head.
         The LoRA branches themselves are `lora_bytes_per_token_layer`.
+        autocast=True: fp32 weights under torch.autocast(b = 2), what distthink runs for 16-bit full
+        fine-tuning without DeepSpeed: the residual stream stays fp32, so the norms keep fp32 inputs and
+        fp32 outputs (2 x 8 H), and q, k, v, gate and up each keep their own 16-bit cast of their input
+        (5 b H instead of 2 b H). The 16-bit weight copies autocast keeps are counted by the caller.
         """
         h, q, kv, i, b = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size, dtype_bytes
         full = lora_targets is None
-        shared = full or (b == 4 and lora_dropout == 0)
+        shared = full or (lora_dropout == 0 and (b == 4 or not adapters_fp32))
         trains = (lambda name: full or (shared and name in lora_targets))
         norm_elem = 4 + (b if full else 0)
-        n = 2 * norm_elem * h + 8
-        if trains("q_proj") or trains("k_proj") or trains("v_proj"):
-            n += b * h
-        if trains("gate_proj") or trains("up_proj"):
-            n += b * h
+        if autocast:
+            n = 2 * 8 * h + 8 + 5 * b * h
+        else:
+            n = 2 * norm_elem * h + 8
+            if trains("q_proj") or trains("k_proj") or trains("v_proj"):
+                n += b * h
+            if trains("gate_proj") or trains("up_proj"):
+                n += b * h
         n += 3 * b * i + (b * i if trains("down_proj") else 0)
         if attention == "flash":
             n += b * (2 * q + 2 * kv) + 4 * self.num_heads
@@ -177,22 +185,26 @@ class ModelShape:
             n += norm_elem * (q + kv) + 4 * (self.num_heads + self.num_kv_heads)
         return n
 
-    def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float) -> float:
+    def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float,
+                                   adapters_fp32: bool = True) -> float:
         """What the LoRA branches keep, per token and layer. peft keeps adapter weights in fp32 (its default
         autocast_adapter_dtype) and casts each branch's input to fp32: with b != 4 every target keeps its
         own fp32 input copy (4 B per input element); with dropout > 0 each target keeps its dropped fp32
         input and the fp32 dropout mask (8 B per input element); in fp32 without dropout the input is the
-        base layer's (counted there). lora_A's output (r, fp32) is kept for lora_B."""
+        base layer's (counted there). lora_A's output (r, fp32) is kept for lora_B. adapters_fp32=False
+        (DeepSpeed's bf16 engine casts the whole module, adapters included): no cast, dropout output and
+        mask in b, lora_A's output in b."""
         shapes = self.linear_shapes()
         b = dtype_bytes
+        ab = 4 if adapters_fp32 else b  # the adapters' dtype (= the branch's compute dtype)
         total = 0.0
         for t in targets:
             fan_in = shapes[t][0]
             if dropout > 0:
-                total += 8 * fan_in
-            elif b != 4:
+                total += 2 * ab * fan_in
+            elif ab != b:
                 total += 4 * fan_in
-            total += 4 * rank
+            total += ab * rank
         return total
 
 
@@ -270,6 +282,13 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     b = run.dtype_bytes
     mixed = b != 4
     p = model.num_params
+    # distthink.distributed.uses_autocast: 16-bit full fine-tuning without DeepSpeed keeps fp32 weights
+    # (they are the optimizer's master copy) and runs the forward under torch.autocast.
+    autocast = candidate == "ddp" and run.full and mixed
+    wb = 4 if autocast else b  # bytes of a stored parameter, gradient and AdamW state element
+    # Trainable elements without DeepSpeed: fp32 under autocast, and fp32 LoRA adapters (peft upcasts them;
+    # DeepSpeed's bf16 engine casts the whole module to bf16, adapters included).
+    tb = 4 if (candidate == "ddp" and (autocast or not run.full)) else b
     lora = 0 if run.full else model.lora_params(run.lora_rank, run.lora_targets)
     trainable = p if run.full else lora
     zero3 = candidate.startswith("zero3")
@@ -283,7 +302,9 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     if run.fused_loss:
         gathered += model.embedding_params
     gathered = min(gathered, p)
-    if candidate in ("ddp", "zero2"):
+    if candidate == "ddp":
+        m["params"] = p * wb + lora * tb
+    elif candidate == "zero2":
         m["params"] = (p + lora) * b
     elif candidate == "zero3_offload_params":
         m["params"] = gathered * b
@@ -291,8 +312,8 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
         m["params"] = (p + lora) * b / n + gathered * b
     offload_opt = candidate.startswith("zero3_offload")
     if candidate == "ddp":
-        master = 0.0  # distthink without DeepSpeed: torch AdamW updates the params in their own dtype
-        optim = 2 * trainable * b
+        master = 0.0  # torch AdamW updates the params in their own dtype (fp32 under autocast)
+        optim = 2 * trainable * tb
     elif offload_opt:
         master = optim = 0.0
     else:
@@ -310,16 +331,20 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     m["grad_partition"] = part if zero3 else 0.0
     m["grad_partition_zero2"] = part if candidate == "zero2" else 0.0
     if candidate == "ddp":
-        m["buckets"] = trainable * b if n > 1 else 0.0  # DDP reducer buckets (gradient_as_bucket_view off)
+        m["buckets"] = trainable * tb if n > 1 else 0.0  # DDP reducer buckets (gradient_as_bucket_view off)
     elif candidate == "zero2":
-        m["buckets"] = run.reduce_bucket_elems * b * (2 if run.zero2_overlap_comm else 1)
+        # Allocated at the first gradient hook of each backward (stage_1_and_2.py setup_buckets), i.e. after
+        # the forward's transient loss workspace is gone: counted in the backward and step phases.
+        m["buckets"] = 0.0
     else:
         m["buckets"] = run.reduce_bucket_elems * b
 
     # --- start of backward ---------------------------------------------------------------------
     t = run.tokens_per_micro_batch
     targets = None if run.full else list(run.lora_targets)
-    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets, run.lora_dropout)
+    adapters_fp32 = candidate == "ddp"  # peft's fp32 adapters; DeepSpeed's bf16 engine casts them to bf16
+    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets, run.lora_dropout, autocast,
+                                                       adapters_fp32)
     final = t * model.hidden_size * (4 + b)  # final norm (fp32 copy + output), the hidden states
     m["activations_no_ckpt"] = t * model.num_layers * per_layer + final
     # Checkpointing: each layer keeps only its input; one layer is recomputed whole during backward.
@@ -327,22 +352,34 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     m["activations"] = m["activations_ckpt"] if run.gradient_checkpointing else m["activations_no_ckpt"]
     lora_act = 0.0
     if not run.full:
-        lora_act = t * model.lora_bytes_per_token_layer(b, run.lora_rank, targets, run.lora_dropout)
+        lora_act = t * model.lora_bytes_per_token_layer(b, run.lora_rank, targets, run.lora_dropout, adapters_fp32)
         lora_act *= 1 if run.gradient_checkpointing else model.num_layers
     m["lora_activations"] = lora_act
+    # Autocast keeps a 16-bit copy of every weight a matmul reads (saved for backward), and the fused loss
+    # casts the lm_head to the hidden states' dtype.
+    matmul = model.num_layers * sum(a * c for a, c in model.linear_shapes().values())
+    m["autocast_weights"] = b * (matmul + (model.embedding_params if run.fused_loss else 0)) if autocast else 0.0
     # ZeRO-3 coalesced all-gather (partition_parameters.py): a flat buffer receives a prefetch bucket of
     # parameters, then each parameter is copied out of it (torch.cat): the bucket briefly exists twice.
     m["gather_buffer"] = (min(run.prefetch_bucket_elems, model.num_layers * model.params_per_layer) * b
                           if zero3 else 0.0)
     v, h = model.vocab_size, model.hidden_size
     # Plain loss: logits (b), their fp32 copy and the fp32 log-softmax kept for backward, then its grad.
+    m["buckets_zero2"] = (run.reduce_bucket_elems * b * (2 if run.zero2_overlap_comm else 1)
+                          if candidate == "zero2" else 0.0)
     m["loss_plain"] = t * v * (8 + (b if mixed else 0))
     # Fused loss (distthink/ops/flce.py): the (chunk, V) workspace (logits in b, + an fp32 copy when
     # b != 4), grad of the hidden states (t, H) in b, and, when the lm_head trains, its (V, H) gradient
     # computed in forward in fp32 (+ its copy in b, held until backward).
     rows = max(1, min(run.fused_chunk_tokens, int(t * run.learned_fraction)))
-    head_grad = v * h * (4 + (b if mixed else 0)) if run.full else 0.0
-    m["loss_fused"] = rows * v * (b + (4 if mixed else 0)) + t * h * b + head_grad + rows * h * 8
+    workspace = rows * v * (b + (4 if mixed else 0)) + rows * h * 8
+    grad_hidden = t * h * b
+    # The lm_head gradient (full fine-tuning): fp32 during the forward; the workspace is freed before it is
+    # cast to b (when b != 4), and the cast is what is held until backward.
+    head32 = v * h * 4 if run.full else 0.0
+    head_kept = (v * h * b if mixed else head32) if run.full else 0.0
+    m["loss_fused"] = grad_hidden + head32 + max(workspace, head_kept if mixed else 0.0)
+    m["loss_fused_kept"] = grad_hidden + head_kept  # what survives into backward
     m["loss"] = m["loss_fused"] if run.fused_loss else m["loss_plain"]
 
     # --- optimizer step ------------------------------------------------------------------------
@@ -350,33 +387,39 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     # on CPU the per-tensor path allocates sqrt(v) and sqrt(v)/bias_correction for one tensor at a time
     # (2 x the largest tensor). Under ZeRO the optimizer sees one flat partition tensor.
     if candidate == "ddp":
-        grads = trainable * b
+        grads = trainable * tb
         if run.device == "cpu":
             shapes = model.linear_shapes()
             largest = (max(model.embedding_params, max(a * c for a, c in shapes.values())) if run.full else
                        max(run.lora_rank * max(shapes[x]) for x in run.lora_targets))
-            step_tmp = 2 * largest * b
+            step_tmp = 2 * largest * tb
         else:
-            step_tmp = trainable * b
+            step_tmp = trainable * tb
     elif offload_opt:
         grads = 0.0
         step_tmp = 0.0  # on the host
     else:
         grads = 0.0
-        # flatten(grad partition) in b, its fp32 copy when mixed, then sqrt(v) in fp32.
-        step_tmp = trainable / n * (b + (4 if mixed else 0) + (8 if run.device == "cpu" else 4))
+        # The flattened gradient partition cast to fp32 (the b-sized flatten is freed right after the
+        # cast; in fp32 the flatten is the gradient), then sqrt(v) in fp32.
+        step_tmp = trainable / n * (4 + (8 if run.device == "cpu" else 4))
     m["gradients"] = grads
     m["optimizer_step_tmp"] = step_tmp
     return m
 
 
 PERSISTENT = ("params", "master_weights", "optimizer", "grad_partition", "buckets")
-BACKWARD = ("activations", "lora_activations", "loss", "gather_buffer")
+BACKWARD = ("activations", "lora_activations", "loss", "gather_buffer", "autocast_weights")
 STEP = ("gradients", "optimizer_step_tmp", "grad_partition_zero2")
 
 
 def peak_allocated(m: dict[str, float]) -> float:
-    return sum(m[k] for k in PERSISTENT) + max(sum(m[k] for k in BACKWARD), sum(m[k] for k in STEP))
+    """persistent + max(end of forward, backward with ZeRO-2's buckets, optimizer step)."""
+    forward = sum(m[k] for k in BACKWARD)
+    loss_kept = m["loss_fused_kept"] if m["loss"] == m["loss_fused"] else m["loss"]
+    backward = forward - m["loss"] + loss_kept + m["buckets_zero2"]
+    step = sum(m[k] for k in STEP) + m["buckets_zero2"]
+    return sum(m[k] for k in PERSISTENT) + max(forward, backward, step)
 
 
 def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int, gpu: GpuSpec,

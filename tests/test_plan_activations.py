@@ -19,7 +19,7 @@ DIMS = dict(vocab_size=256, hidden_size=48, intermediate_size=112, num_attention
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _saved_bytes(cfg_cls, layers, dtype, lora_targets=None, dropout=0.0):
+def _saved_bytes(cfg_cls, layers, dtype, lora_targets=None, dropout=0.0, autocast=False):
     cfg = cfg_cls(**DIMS, num_hidden_layers=layers, layer_types=["full_attention"] * layers)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
@@ -42,7 +42,8 @@ def _saved_bytes(cfg_cls, layers, dtype, lora_targets=None, dropout=0.0):
         saved[st._cdata] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder(input_ids=ids, position_ids=pos, attention_mask=block_causal_mask(seg), use_cache=False)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     return sum(n for k, n in saved.items() if k not in params)
@@ -69,3 +70,15 @@ def test_flash_attention_path_saves_no_mask_and_no_repeated_kv():
     flash = shape.activation_bytes_per_token_layer(2, "flash", 4096)
     # sdpa: the (T, T) mask per layer dominates at long rows; flash saves k/v at kv width only.
     assert sdpa - flash == pytest.approx(2 * 4096 + 2 * (4 * shape.q_dim - 2 * shape.q_dim - 2 * shape.kv_dim))
+
+
+@pytest.mark.parametrize("cfg_cls", [Qwen3Config, LlamaConfig], ids=["qwen3", "llama"])
+def test_autocast_full_finetune_activations_and_weight_copies(cfg_cls):
+    """fp32 weights under bf16 autocast (16-bit full fine-tuning without DeepSpeed): per-token activations
+    plus the 16-bit copy of every matmul weight, which autocast saves for backward."""
+    measured = (_saved_bytes(cfg_cls, 3, torch.float32, autocast=True)
+                - _saved_bytes(cfg_cls, 2, torch.float32, autocast=True))
+    shape = ModelShape.from_hf_config(cfg_cls(**DIMS))
+    weight_copies = 2 * sum(a * c for a, c in shape.linear_shapes().values())
+    expected = T * shape.activation_bytes_per_token_layer(2, "sdpa", T, None, autocast=True) + weight_copies
+    assert expected == pytest.approx(measured, rel=0.02), (expected, measured)

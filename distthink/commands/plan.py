@@ -191,7 +191,7 @@ _ROWS = [
     ("grad partition (ZeRO-2)", "grad_partition_zero2"),
     ("comm buckets", "buckets"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
     ("  without checkpointing", "activations_no_ckpt"), ("  with checkpointing", "activations_ckpt"),
-    ("LoRA branch activations", "lora_activations"), ("loss [chosen]", "loss"),
+    ("LoRA branch activations", "lora_activations"), ("autocast 16-bit weight copies", "autocast_weights"), ("loss [chosen]", "loss"),
     ("  plain logits loss", "loss_plain"), ("  fused loss (chunk)", "loss_fused"),
     ("full gradients (no ZeRO)", "gradients"), ("optimizer-step temporaries", "optimizer_step_tmp"),
     ("CUDA/NCCL context", "cuda_context"), ("fragmentation margin", "fragmentation"),
