@@ -398,3 +398,17 @@ def test_apply_molora_errors():
     clear_gates(model)
     with pytest.raises(DistthinkError, match="without gates"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_fresh_init_is_independent_of_the_global_rng():
+    """Every rank must build the same adapters (ZeRO-3 partitions each rank's local copy)."""
+    torch.manual_seed(1)
+    a = apply_molora(_tiny_model(), 2, r=4, target_modules=["q_proj"], seed=7)
+    torch.manual_seed(2)
+    torch.rand(10)
+    b = apply_molora(_tiny_model(), 2, r=4, target_modules=["q_proj"], seed=7)
+    for n, la in molora_layers(a).items():
+        lb = molora_layers(b)[n]
+        assert torch.equal(la.lora_A, lb.lora_A) and torch.count_nonzero(la.lora_B) == 0
+    r = la.r
+    assert not torch.equal(la.lora_A[:r], la.lora_A[r:2 * r])  # adapters are drawn independently

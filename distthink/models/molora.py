@@ -273,7 +273,8 @@ class MoLoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float,
-                 slot: GateSlot, adapter_dtype: torch.dtype | None = None):
+                 slot: GateSlot, adapter_dtype: torch.dtype | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ConfigError(f"MoLoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
@@ -292,13 +293,19 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, e_r, dtype=dtype, device=w.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slot = slot
-        self.reset_adapters()
+        self.reset_adapters(generator)
 
     @torch.no_grad()
-    def reset_adapters(self) -> None:
-        """PEFT's default init for every adapter: A kaiming-uniform(a=sqrt(5)) per adapter, B = 0."""
+    def reset_adapters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default init for every adapter: A kaiming-uniform(a=sqrt(5)) per adapter, B = 0.
+
+        Drawn on the CPU from `generator` (default: the global RNG): every rank must build identical
+        adapters, because ZeRO-3 partitions each rank's local copy when the engine is built.
+        """
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         for e in range(self.num_adapters):
-            nn.init.kaiming_uniform_(self.lora_A[e * self.r:(e + 1) * self.r], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a[e * self.r:(e + 1) * self.r], a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(a)
         self.lora_B.zero_()
 
     @torch.no_grad()
@@ -388,7 +395,7 @@ def _read_adapter_folder(path: Path) -> tuple[dict, dict]:
 def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, target_modules: list[str] | None = None,
                  init_from_peft_adapter: str | Path | None = None, *, freeze_base: bool = True,
-                 adapter_dtype: torch.dtype | None = None) -> nn.Module:
+                 adapter_dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """Swap the targeted linears of a causal LM for `MoLoRALinear` layers (K experts + global). Returns the plain
     transformers model (a peft wrapper is removed: its LoRA layers become MoLoRA layers).
 
@@ -402,6 +409,9 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
         r and alpha default to the adapter's; given values that disagree raise ConfigError.
     freeze_base: every parameter but the MoLoRA adapters gets requires_grad=False (enable e.g. a projector
         again afterwards if it must train).
+    adapter_dtype: dtype of the adapters (default: the base weight's; float32 for a bf16/fp16 base, as peft).
+    seed: the fresh init (no initialising adapter) draws from a private generator with this seed, so every
+        rank builds the same adapters whatever its global RNG state.
     Call before building the DeepSpeed engine / optimizer so the new parameters are partitioned and trained.
     """
     inner, peft_model = _unwrap_peft(model)
@@ -459,6 +469,7 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
 
     targets = set(target_modules)
     slot = GateSlot(num_experts + 1)
+    generator = torch.Generator().manual_seed(seed)
     swapped = []
     for name, module in list(inner.named_modules()):
         if name.rsplit(".", 1)[-1] not in targets or isinstance(module, MoLoRALinear):
@@ -469,7 +480,7 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
             base = module
         else:
             continue  # e.g. the base_layer inside a peft layer: handled through its parent
-        layer = MoLoRALinear(base, num_experts, r, alpha, dropout, slot, adapter_dtype)
+        layer = MoLoRALinear(base, num_experts, r, alpha, dropout, slot, adapter_dtype, generator)
         if init_weights is not None:
             if name not in init_weights:
                 raise ConfigError(f"the initialising adapter has no weights for targeted module {name}. Fix: target "

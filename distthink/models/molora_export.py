@@ -109,7 +109,9 @@ def export_molora(model: nn.Module, out_dir: str | Path, gate: EntropyGate | Non
     if not _is_writer():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    lcfg = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+    alpha = spec["lora_alpha"]
+    alpha = int(alpha) if float(alpha).is_integer() else alpha  # servers (vLLM, ...) expect an int alpha
+    lcfg = LoraConfig(r=spec["r"], lora_alpha=alpha, lora_dropout=spec["lora_dropout"],
                       target_modules=spec["target_modules"], bias="none", task_type="CAUSAL_LM",
                       base_model_name_or_path=base_model_name_or_path)
     for name in names:
