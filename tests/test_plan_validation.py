@@ -40,7 +40,7 @@ def test_tracker_counts_live_storages_once_and_their_peak():
     assert tracker.peak == pytest.approx(12_000_000, abs=100_000)
 
 
-CASES = ["tiny_1r_plain_full", "small_1r_plain_lora", "small_2r_zero2_full", "small_2r_zero3_lora"]
+CASES = ["tiny_1r_plain_full", "small_1r_plain_full_bf16", "small_2r_zero2_lora_bf16", "small_2r_zero3_full"]
 
 
 @pytest.mark.slow

@@ -189,7 +189,7 @@ _ROWS = [
     ("params (+ZeRO-3 gathered)", "params"), ("fp32 master weights", "master_weights"),
     ("optimizer (Adam m, v)", "optimizer"), ("grad partition (ZeRO-3)", "grad_partition"),
     ("grad partition (ZeRO-2)", "grad_partition_zero2"),
-    ("comm buckets", "buckets"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
+    ("comm buckets", "buckets"), ("ZeRO-2 buckets (in backward)", "buckets_zero2"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
     ("  without checkpointing", "activations_no_ckpt"), ("  with checkpointing", "activations_ckpt"),
     ("LoRA branch activations", "lora_activations"), ("autocast 16-bit weight copies", "autocast_weights"), ("loss [chosen]", "loss"),
     ("  plain logits loss", "loss_plain"), ("  fused loss (chunk)", "loss_fused"),
