@@ -95,6 +95,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     seed: int = _f(42, "Seed of model init, data order and dropout.")
     device: str = _f("auto", "`auto` = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
+    cpu_threads: int = _f(0, "torch intra-op threads per process on CPU. 0 = $OMP_NUM_THREADS when set, else 1 "
+                             "(small models lose far more to thread contention than they gain, most of all on a "
+                             "shared machine: the default run took 7x longer with 2 threads on a busy 2-core box).")
     nan_max_consecutive: int = _f(5, "Stop after this many non-finite loss/grad-norm steps in a row (each is skipped).")
 
 
@@ -311,7 +314,8 @@ def validate(cfg: Config) -> None:
               "eval.every_steps": cfg.eval.every_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
               "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.max_grad_norm": cfg.train.max_grad_norm,
               "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
-              "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs}
+              "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs,
+              "train.cpu_threads": cfg.train.cpu_threads}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")

@@ -121,6 +121,8 @@ def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | Non
         backend = "nccl" if device == "cuda" else "gloo"
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        threads = cfg.train.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+        torch.set_num_threads(threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict[str, Any] = dict(
         gradient_accumulation_steps=cfg.batch.gradient_accumulation,
