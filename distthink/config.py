@@ -348,6 +348,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("distributed.backend=nccl with train.device=cpu. Fix: use backend gloo or auto")
     if cfg.distributed.backend == "nccl" and cfg.train.device == "cpu":
         raise ConfigError("distributed.backend=nccl needs GPUs but train.device=cpu. Fix: use gloo or auto")
+    if cfg.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true but wandb is not installed. Fix: pip install wandb (and "
+                              "`wandb login`), or set logging.wandb=false")
     res = cfg.checkpoint.resume
     if res not in ("auto", "never") and not Path(res).exists():
         raise ConfigError(f"checkpoint.resume='{res}' does not exist. Fix: use auto, never, or an existing "

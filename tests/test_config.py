@@ -41,6 +41,7 @@ def test_yaml_then_overrides(tmp_path):
     (["train.device=cpu", "model.attn_implementation=flash_attention_2"], "flash_attention_2 needs a GPU"),
     (["checkpoint.resume=/nope"], "checkpoint.resume='/nope' does not exist"),
     (["lora"], "is not key=value"),
+    (["train.cpu_threads=-1"], "'train.cpu_threads' must be >= 0"),
 ])
 def test_refusals_name_the_key_and_the_fix(overrides, needle):
     with pytest.raises(ConfigError) as err:
