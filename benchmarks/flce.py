@@ -6,11 +6,14 @@
 Every variant runs forward + backward of the *weighted* loss (random token weights in [0.5, 1.5], 10%
 ignored targets) at Qwen3's vocabulary V=151,936.
 
-Time: median of --repeats runs after one warm-up (the first timed run also measures memory); the
-*_best ratios use the fastest run of each variant (more robust on a shared machine).
-Memory (CPU): each variant runs in its own subprocess; peak RSS is reset after the inputs exist
+Time: all variants in one process, interleaved round by round (one warm-up round, then --repeats
+rounds), median per variant; the *_best ratios use the fastest run of each variant (more robust on a
+shared machine).
+Memory (CPU): each variant runs in its own subprocess (after a warm-up on a 16-row slice); peak RSS is
+reset after the inputs exist
 (`echo 5 > /proc/self/clear_refs`) and VmHWM - VmRSS(before) is the variant's peak extra memory. glibc
-serves these 100 MB+ buffers with mmap and returns them on free, so RSS tracks live tensors. On CUDA:
+serves allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_ is set for the workers) and returns
+them on free, so RSS tracks live tensors. On CUDA:
 torch.cuda.max_memory_allocated after reset_peak_memory_stats.
 `mem_ratio_vs_naive` excludes the gradients every implementation returns (grad_hidden, grad_weight);
 `mem_ratio_vs_naive_incl_grads` includes them.
@@ -51,6 +54,9 @@ def _reset_peak_rss() -> bool:
 
 
 def worker(args) -> dict:
+    """--measure mem: peak extra memory of one variant (own process). --measure time: all variants in one
+    process, interleaved round by round (a warm-up round, then --repeats rounds), so that the load of other
+    jobs on a shared machine hits every variant alike."""
     import torch
 
     torch.manual_seed(0)
@@ -73,82 +79,98 @@ def worker(args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def run_once():
-        hidden.grad = None
+    gemm_bufs = {}
+
+    def run_once(variant, rows=n):
+        x, t, w = hidden[:rows].detach().requires_grad_(), target[:rows], tw[:rows]
         weight.grad = None
-        if args.variant == "naive":
-            loss, _ = naive_fused_linear_cross_entropy(hidden, weight, target, token_weights=tw, normalizer=norm)
+        if variant == "naive":
+            loss, _ = naive_fused_linear_cross_entropy(x, weight, t, token_weights=w, normalizer=norm)
             loss.backward()
-        elif args.variant == "ours":
+        elif variant.startswith("ours"):
             kw = {}
-            if args.dynamic:
+            mode = variant.split("_")[1] if "_" in variant else ""
+            if mode:
                 # think_end id 0 with position-id packing of 512-token samples: exercises both passes
-                kw = dict(dynamic=args.dynamic, think_end_id=0, position_ids=torch.arange(n, device=dev) % 512)
-            loss = fused_linear_cross_entropy(hidden, weight, target, token_weights=tw, normalizer=norm,
-                                              backend=args.backend, chunk_size=args.chunk or None, **kw)
+                kw = dict(dynamic=mode, think_end_id=0, position_ids=torch.arange(rows, device=dev) % 512)
+            loss = fused_linear_cross_entropy(x, weight, t, token_weights=w, normalizer=norm,
+                                              backend=args.backend, chunk_size=args.chunk or None,
+                                              strategy=args.strategy, **kw)
             loss.backward()
-        elif args.variant == "liger":
+        elif variant == "liger":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            loss = liger_fused_linear_cross_entropy(hidden, weight, target, reduction="sum")
+            loss = liger_fused_linear_cross_entropy(x, weight, t, reduction="sum")
             loss[0].backward() if isinstance(loss, tuple) else loss.backward()
-        elif args.variant == "gemm":
+        elif variant == "gemm":
             with torch.no_grad():
-                logits = run_once.logits
-                torch.mm(hidden, weight.t(), out=logits)
-                torch.mm(logits, weight, out=run_once.gh)
-                torch.mm(logits.t(), hidden, out=run_once.gw)
+                if rows not in gemm_bufs:
+                    gemm_bufs.clear()
+                    gemm_bufs[rows] = (torch.empty(rows, v, device=dev, dtype=dtype),
+                                       torch.empty(rows, h, device=dev, dtype=dtype),
+                                       torch.empty(v, h, device=dev, dtype=dtype))
+                logits, gh, gw = gemm_bufs[rows]
+                torch.mm(x, weight.t(), out=logits)
+                torch.mm(logits, weight, out=gh)
+                torch.mm(logits.t(), x, out=gw)
         sync()
 
-    if args.variant == "gemm":
-        run_once.logits = torch.empty(n, v, device=dev, dtype=dtype)
-        run_once.gh = torch.empty(n, h, device=dev, dtype=dtype)
-        run_once.gw = torch.empty(v, h, device=dev, dtype=dtype)
+    variants = args.variant.split(",")
+    if args.measure == "mem":
+        (variant,) = variants
+        run_once(variant, rows=min(n, 16))          # lazy initialisation on a small slice
+        weight.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run_once(variant)
+            peak_extra = torch.cuda.max_memory_allocated() - before
+        else:
+            import gc
 
-    # run 1: warm-up (lazy initialisation, allocator); run 2: peak memory (and timed); runs 3..: timed
-    grads_bytes = (n * h + v * h) * hidden.element_size()
-    run_once()
-    times = []
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-        peak_extra = torch.cuda.max_memory_allocated() - before
-    else:
-        import gc
+            gc.collect()
+            ok = _reset_peak_rss()
+            before = _status_kb("VmRSS")
+            run_once(variant)
+            peak_extra = (_status_kb("VmHWM") - before) * 1024 if ok else None
+        return {"variant": variant, "peak_extra_bytes": peak_extra,
+                "grads_bytes": (n * h + v * h) * hidden.element_size()}
 
-        hidden.grad = weight.grad = None
-        gc.collect()
-        ok = _reset_peak_rss()
-        before = _status_kb("VmRSS")
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-        peak_extra = (_status_kb("VmHWM") - before) * 1024 if ok else None
-    for _ in range(args.repeats - 1):
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-    return {"variant": args.variant, "time_s": statistics.median(times), "times": times,
-            "peak_extra_bytes": peak_extra, "grads_bytes": grads_bytes if args.variant != "gemm" else 0}
+    times = {vname: [] for vname in variants}
+    for round_ in range(args.repeats + 1):
+        for vname in variants:
+            t0 = time.perf_counter()
+            run_once(vname)
+            if round_:                                 # round 0 is the warm-up
+                times[vname].append(time.perf_counter() - t0)
+    return {vname: {"time_s": statistics.median(ts), "times": ts} for vname, ts in times.items()}
 
 
-def run_variant(variant: str, n: int, h: int, v: int, device: str, dtype: str, repeats: int, threads: int,
-                backend: str = "auto", dynamic: str = "", chunk: int = 0) -> dict:
+def _run_worker(extra: list, threads: int) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--h", str(h), "--v", str(v),
-           "--device", device, "--dtype", dtype, "--repeats", str(repeats), "--backend", backend,
-           "--chunk", str(chunk)]
-    if dynamic:
-        cmd += ["--dynamic", dynamic]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # every allocation >= 128 KiB is its own mmap, returned on free: RSS then tracks live tensors (no
+    # glibc heap retention from the dynamic mmap threshold)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    out = subprocess.run([sys.executable, __file__] + extra, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{variant} worker failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {extra} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_shape(variants: list, n: int, h: int, v: int, device: str, dtype: str, repeats: int, threads: int,
+              args) -> dict:
+    common = ["--n", str(n), "--h", str(h), "--v", str(v), "--device", device, "--dtype", dtype,
+              "--repeats", str(repeats), "--backend", args.backend, "--chunk", str(args.chunk),
+              "--strategy", args.strategy]
+    runs = _run_worker(["--worker", ",".join(variants), "--measure", "time"] + common, threads)
+    for vname in variants:
+        if vname != "gemm":
+            runs[vname].update(_run_worker(["--worker", vname, "--measure", "mem"] + common, threads))
+        else:
+            runs[vname].update(peak_extra_bytes=None, grads_bytes=0)
+    return runs
 
 
 def main(argv=None) -> int:
@@ -161,8 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--h", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--v", type=int, default=V_QWEN3, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
-    p.add_argument("--dynamic", default="", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="auto", help="fused op backend (auto|torch|liger)")
+    p.add_argument("--strategy", default="auto", help="fused op strategy (auto|rows|vocab)")
+    p.add_argument("--measure", default="time", help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0 = automatic)")
     p.add_argument("--shape", action="append", default=None, metavar="N,H",
                    help="benchmark this (N, H) instead of the defaults (repeatable)")
@@ -192,11 +215,8 @@ def main(argv=None) -> int:
     results = []
     for n, h in shapes:
         r = {"N": n, "H": h, "V": V_QWEN3, "dtype": dtype}
-        runs = {name: run_variant(name, n, h, V_QWEN3, device, dtype, repeats, threads, chunk=args.chunk)
-                for name in ["ours", "naive", "gemm"] + (["liger"] if on_gpu else [])}
-        for mode in dynamic:
-            runs[f"ours_{mode}"] = run_variant("ours", n, h, V_QWEN3, device, dtype, repeats, threads,
-                                               dynamic=mode, chunk=args.chunk)
+        names = ["ours", "naive", "gemm"] + (["liger"] if on_gpu else []) + [f"ours_{m}" for m in dynamic]
+        runs = run_shape(names, n, h, V_QWEN3, device, dtype, repeats, threads, args)
         ours, naive = runs["ours"], runs["naive"]
         r["time_s"] = {k: round(x["time_s"], 4) for k, x in runs.items()}
         r["peak_extra_mb"] = {k: (None if x["peak_extra_bytes"] is None else round(x["peak_extra_bytes"] / 2**20, 1))
