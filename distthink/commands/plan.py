@@ -2,8 +2,9 @@
 
 Reads the same config as `distthink train` (YAML + dotted overrides) but builds no model: only the model
 config (AutoConfig of model.name_or_path, or the from_config model) is read. Prints, per GPU and for each
-candidate setting, the memory terms and the time terms of distthink.plan, then recommends the fastest
-setting that fits, or says that nothing fits and what to change. docs/scaling.md explains every term.
+candidate setting, the memory terms and the time terms of distthink.plan, then recommends the cheapest
+setting that fits (the fastest; among equally fast ones the least communication), or says that nothing
+fits and what to change. docs/scaling.md explains every term.
 """
 
 from __future__ import annotations
