@@ -22,7 +22,9 @@ Variants, each timed as a full step (gate computation + set_gates + forward + ba
               (It is also not exact: "linear" mixes A and B separately.)
 
 ``overhead_vs_single_lora`` = molora step / peft lora step (fwd+bwd; target <= 1.35);
-``overhead_vs_lean_single_lora`` = molora step / lora_lean step.
+``overhead_vs_lean_single_lora`` = molora step / lora_lean step;
+``layer_overhead_vs_lean_single_lora``: one square d x d projection alone (max(S*L, 2048) tokens, fwd+bwd incl. the
+input gradient), MoLoRA layer / lean single LoRA: the mixing cost without the rest of the model.
 ``speedup_vs_merge_per_batch`` = merge time / molora time for the same S samples, fwd+bwd (target >= 5);
 ``speedup_vs_merge_per_batch_forward`` is the same for forward-only scoring (the original used merging for
 inference). Timing: variants run round-robin (shared-CPU noise hits all alike), median of --repeats rounds
@@ -72,25 +74,32 @@ def _randomise_lora(model, seed):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
 
 
-def _swap_lean_lora(model, r: int, scaling: float, device) -> None:
-    """Replace every targeted nn.Linear by a minimal LoRA module; freeze everything else."""
+def _lean_module(base, r: int, scaling: float, device):
+    """A minimal single LoRA around `base`: W x + s B A x (no peft bookkeeping)."""
     import torch
     from torch import nn
 
     class LeanLoRA(nn.Module):
-        def __init__(self, base: nn.Linear):
+        def __init__(self):
             super().__init__()
             self.base = base
-            self.A = nn.Parameter(torch.randn(r, base.in_features, device=device) * 0.02)
-            self.B = nn.Parameter(torch.randn(base.out_features, r, device=device) * 0.02)
+            self.A = nn.Parameter(torch.randn(r, base.in_features, device=device, dtype=base.weight.dtype) * 0.02)
+            self.B = nn.Parameter(torch.randn(base.out_features, r, device=device, dtype=base.weight.dtype) * 0.02)
 
         def forward(self, x):
             return self.base(x) + (x @ self.A.T @ self.B.T) * scaling
 
+    return LeanLoRA()
+
+
+def _swap_lean_lora(model, r: int, scaling: float, device) -> None:
+    """Replace every targeted nn.Linear by the minimal LoRA module; freeze everything else."""
+    from torch import nn
+
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, nn.Linear):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LeanLoRA(module))
+            setattr(model.get_submodule(parent), child, _lean_module(module, r, scaling, device))
     for n, p in model.named_parameters():
         p.requires_grad_(n.endswith((".A", ".B")))
 
@@ -120,7 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SHAPES["quick" if args.quick else "full"]
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = args.repeats or (9 if args.quick else 7)
     k, r, S, L = args.experts, args.r, shape["samples"], shape["length"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -198,7 +207,28 @@ def main() -> None:
             merge.set_adapter("expert_0")
             merge.delete_adapter("fused")
 
-    variants = {"lora": step_lora, "lora_lean": step_lean, "molora": step_molora, "merge": step_merge,
+    # --- one projection alone (d x d, the worst case: the adapters' share of the FLOPs is largest when the
+    # base layer is square and small): MoLoRA layer vs the lean single LoRA, fwd+bwd incl. grad of x
+    from distthink.models.molora import GateSlot, MoLoRALinear
+
+    d, n_tok = shape["hidden_size"], max(S * L, 2048)
+    lin = torch.nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    one = _lean_module(lin, r, 2.0, device)
+    mix = MoLoRALinear(lin, k, r, 2 * r, 0.0, GateSlot(k + 1))
+    x_layer = torch.randn(1, n_tok, d, device=device, dtype=dtype, requires_grad=True)
+    tok_gates = decision.weights.to(device)[torch.arange(n_tok, device=device) % S][None]  # mixed per token
+
+    def step_layer(module):
+        def run():
+            if module is mix:
+                mix.slot.set(tok_gates)
+            module(x_layer).sum().backward()
+            module.zero_grad(set_to_none=True)
+            x_layer.grad = None
+        return run
+
+    variants = {"layer_lora_lean": step_layer(one), "layer_molora": step_layer(mix),
+                "lora": step_lora, "lora_lean": step_lean, "molora": step_molora, "merge": step_merge,
                 "molora_forward": lambda: step_molora(False), "merge_forward": lambda: step_merge(False)}
     times = {name: [] for name in variants}
     t_start = time.perf_counter()
@@ -222,6 +252,7 @@ def main() -> None:
         "merge_ms_per_user_fwd_bwd": round(1000 * med["merge"] / S, 2),
         "overhead_vs_single_lora": round(med["molora"] / med["lora"], 3),
         "overhead_vs_lean_single_lora": round(med["molora"] / med["lora_lean"], 3),
+        "layer_overhead_vs_lean_single_lora": round(med["layer_molora"] / med["layer_lora_lean"], 3),
         "speedup_vs_merge_per_batch": round(med["merge"] / med["molora"], 2),
         "speedup_vs_merge_per_batch_forward": round(med["merge_forward"] / med["molora_forward"], 2),
     }
