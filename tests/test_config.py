@@ -94,3 +94,20 @@ def test_embedded_default_matches_configs_default_yaml():
 
     copy = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert copy.read_text() == default_yaml_text()
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(root)  # ds_configs/ paths are relative to the repository root
+        for f in files:
+            load_config(f)
+    finally:
+        os.chdir(cwd)
