@@ -110,9 +110,9 @@ def worker(args) -> dict:
                                        torch.empty(rows, h, device=dev, dtype=dtype),
                                        torch.empty(v, h, device=dev, dtype=dtype))
                 logits, gh, gw = gemm_bufs[rows]
-                torch.mm(x, weight.t(), out=logits)
-                torch.mm(logits, weight, out=gh)
-                torch.mm(logits.t(), x, out=gw)
+                torch.matmul(x, weight.t(), out=logits)
+                torch.matmul(logits, weight, out=gh)
+                torch.matmul(logits.t(), x, out=gw)
         sync()
 
     variants = args.variant.split(",")
@@ -152,7 +152,8 @@ def _run_worker(extra: list, threads: int) -> dict:
     env.setdefault("OMP_NUM_THREADS", str(threads))
     # every allocation >= 128 KiB is its own mmap, returned on free: RSS then tracks live tensors (no
     # glibc heap retention from the dynamic mmap threshold)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if "mem" in extra:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     out = subprocess.run([sys.executable, __file__] + extra, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {extra} failed:\n{out.stderr[-3000:]}")
