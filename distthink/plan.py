@@ -186,14 +186,17 @@ class ModelShape:
         return n
 
     def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float,
-                                   adapters_fp32: bool = True) -> float:
+                                   adapters_fp32: bool = True, molora_adapters: int = 0) -> float:
         """What the LoRA branches keep, per token and layer. peft keeps adapter weights in fp32 (its default
         autocast_adapter_dtype) and casts each branch's input to fp32: with b != 4 every target keeps its
         own fp32 input copy (4 B per input element); with dropout > 0 each target keeps its dropped fp32
         input and the fp32 dropout mask (8 B per input element); in fp32 without dropout the input is the
         base layer's (counted there). lora_A's output (r, fp32) is kept for lora_B. adapters_fp32=False
         (DeepSpeed's bf16 engine casts the whole module, adapters included): no cast, dropout output and
-        mask in b, lora_A's output in b."""
+        mask in b, lora_A's output in b.
+        molora_adapters=E (distthink.models.molora.MoLoRALinear): one input cast/dropout per target shared by
+        the E adapters, and the (E r) lora_A output kept twice (before and after the gate multiply).
+        Counted from the layer's code, not measured."""
         shapes = self.linear_shapes()
         b = dtype_bytes
         ab = 4 if adapters_fp32 else b  # the adapters' dtype (= the branch's compute dtype)
@@ -204,7 +207,7 @@ class ModelShape:
                 total += 2 * ab * fan_in
             elif ab != b:
                 total += 4 * fan_in
-            total += ab * rank
+            total += ab * rank * (2 * molora_adapters if molora_adapters else 1)
         return total
 
 
@@ -218,6 +221,7 @@ class RunShape:
     lora_rank: int | None = 8  # None = full fine-tuning
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_dropout: float = 0.0
+    molora_adapters: int = 0  # MoLoRA: E = K group experts + 1 global adapter per target (0 = plain LoRA)
     gradient_checkpointing: bool = True
     fused_loss: bool = True
     fused_chunk_tokens: int = 1024  # loss.chunk_size
@@ -289,7 +293,7 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     # Trainable elements without DeepSpeed: fp32 under autocast, and fp32 LoRA adapters (peft upcasts them;
     # DeepSpeed's bf16 engine casts the whole module to bf16, adapters included).
     tb = 4 if (candidate == "ddp" and (autocast or not run.full)) else b
-    lora = 0 if run.full else model.lora_params(run.lora_rank, run.lora_targets)
+    lora = 0 if run.full else model.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     trainable = p if run.full else lora
     zero3 = candidate.startswith("zero3")
     m: dict[str, float] = {}
@@ -352,7 +356,8 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     m["activations"] = m["activations_ckpt"] if run.gradient_checkpointing else m["activations_no_ckpt"]
     lora_act = 0.0
     if not run.full:
-        lora_act = t * model.lora_bytes_per_token_layer(b, run.lora_rank, targets, run.lora_dropout, adapters_fp32)
+        lora_act = t * model.lora_bytes_per_token_layer(b, run.lora_rank, targets, run.lora_dropout, adapters_fp32,
+                                                        run.molora_adapters)
         lora_act *= 1 if run.gradient_checkpointing else model.num_layers
     m["lora_activations"] = lora_act
     # Autocast keeps a 16-bit copy of every weight a matmul reads (saved for backward), and the fused loss
@@ -441,7 +446,7 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
     # Time.
     full = run.full
     p = model.num_params
-    trainable = p if full else model.lora_params(run.lora_rank, run.lora_targets)
+    trainable = p if full else model.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     b = run.dtype_bytes
     zero3 = candidate.startswith("zero3")
     tokens_per_gpu_step = run.tokens_per_micro_batch * run.grad_accum

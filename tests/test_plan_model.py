@@ -137,3 +137,19 @@ def test_fused_loss_holds_the_lm_head_gradient_only_when_it_trains():
     e_small, e_big = estimate(shape, lora, **kw), estimate(shape, big, **kw)
     assert e_big.memory["loss_plain"] == 4 * e_small.memory["loss_plain"]
     assert e_big.memory["loss_fused"] - e_small.memory["loss_fused"] == (16384 - 4096) * shape.hidden_size * 2
+
+
+def test_molora_multiplies_adapter_states_and_branch_outputs():
+    from distthink.models.molora import MoLoRALinear  # noqa: F401  (the layer this models exists)
+    from distthink.plan import memory_terms
+
+    shape = ModelShape.from_hf_config(LLAMA8B)
+    lora = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=8, gradient_checkpointing=False)
+    molora = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=8, molora_adapters=5,
+                      gradient_checkpointing=False)
+    a, m = memory_terms(shape, lora, n=8, candidate="zero3"), memory_terms(shape, molora, n=8, candidate="zero3")
+    assert m["optimizer"] == pytest.approx(5 * a["optimizer"])
+    # lora_A's output: r per target for LoRA, E r before and after the gate for MoLoRA (bf16 under DeepSpeed).
+    per_target_extra = (2 * 5 - 1) * 8 * 2
+    assert m["lora_activations"] - a["lora_activations"] == pytest.approx(
+        4096 * shape.num_layers * per_target_extra * len(lora.lora_targets))

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="records encoded to estimate the dataset size and learned fraction (default 200)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="plan a GPU run (bf16, flash-attn) or reproduce a CPU run (fp32 auto dtype, sdpa)")
+    p.add_argument("--molora-adapters", type=int, default=0,
+                   help="plan MoLoRA (distthink.models.molora) with E adapters per target (K group experts + 1 "
+                        "global), rank lora.r on lora.target_modules; 0 = plain LoRA (default)")
     p.add_argument("--candidates", default=",".join(CANDIDATES),
                    help=f"comma-separated subset of {','.join(CANDIDATES)}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -134,6 +137,13 @@ def build_plan(args) -> dict[str, Any]:
             data = {"error": f"{type(err).__name__}: {err}"}
     learned_fraction = data.get("learned_fraction", 1.0)
     run = run_shape_from_config(cfg, device=args.device, learned_fraction=learned_fraction)
+    if args.molora_adapters:
+        if run.full:
+            raise ConfigError("--molora-adapters needs lora.enabled=true (MoLoRA replaces the LoRA adapters). "
+                              "Fix: set lora.enabled=true")
+        if args.molora_adapters < 2:
+            raise ConfigError("--molora-adapters is E = K experts + 1 global adapter, at least 2")
+        run.molora_adapters = args.molora_adapters
     gpu = GPUS[args.gpu]
     mem = parse_bytes(args.gpu_mem) if args.gpu_mem else gpu.mem_bytes
     dataset_tokens = args.dataset_tokens or data.get("dataset_tokens")
@@ -144,7 +154,7 @@ def build_plan(args) -> dict[str, Any]:
                           max_steps=cfg.train.max_steps or None)
                  for c in candidates]
     best, message = recommend(estimates)
-    lora = None if run.full else shape.lora_params(run.lora_rank, run.lora_targets)
+    lora = None if run.full else shape.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     return {
         "model": {"params": shape.num_params, "trainable": lora or shape.num_params, "layers": shape.num_layers,
                   "hidden": shape.hidden_size, "vocab": shape.vocab_size,
@@ -192,7 +202,7 @@ _ROWS = [
     ("grad partition (ZeRO-2)", "grad_partition_zero2"),
     ("comm buckets", "buckets"), ("ZeRO-2 buckets (in backward)", "buckets_zero2"), ("ZeRO-3 all-gather buffer", "gather_buffer"), ("activations [chosen]", "activations"),
     ("  without checkpointing", "activations_no_ckpt"), ("  with checkpointing", "activations_ckpt"),
-    ("LoRA branch activations", "lora_activations"), ("autocast 16-bit weight copies", "autocast_weights"), ("loss [chosen]", "loss"),
+    ("LoRA/MoLoRA branch activations", "lora_activations"), ("autocast 16-bit weight copies", "autocast_weights"), ("loss [chosen]", "loss"),
     ("  plain logits loss", "loss_plain"), ("  fused loss (chunk)", "loss_fused"),
     ("full gradients (no ZeRO)", "gradients"), ("optimizer-step temporaries", "optimizer_step_tmp"),
     ("CUDA/NCCL context", "cuda_context"), ("fragmentation margin", "fragmentation"),
@@ -210,7 +220,8 @@ def render(plan: dict[str, Any]) -> str:
     small = max(e["total_bytes"] for e in est) < 2**30
     _UNIT.update(name="MiB" if small else "GiB", div=2**20 if small else 2**30)
     method = ("full fine-tuning" if r["lora_rank"] is None
-              else f"LoRA r={r['lora_rank']} on " + ",".join(r["lora_targets"]))
+              else (f"MoLoRA {r['molora_adapters']} adapters" if r["molora_adapters"] else "LoRA")
+              + f" r={r['lora_rank']} on " + ",".join(r["lora_targets"]))
     lines = [
         f"model   {m['source']}: {m['params'] / 1e9:.3f} B params, {m['layers']} layers, hidden {m['hidden']}, "
         f"vocab {m['vocab']}; {method} "
