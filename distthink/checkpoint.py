@@ -3,7 +3,7 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step-00000010/            one complete checkpoint
-        trainer_state.json    step, epoch, data position, scheduler, metrics history, NaN streak
+        trainer_state.json    step, epoch, data position, scheduler, learned-token total, NaN streak
         config.yaml           the full run config
         COMPLETE              written last, before the rename
         <accelerate state>    model/adapter + optimizer (DeepSpeed: every rank's ZeRO shards),
@@ -264,7 +264,7 @@ def check_path(path: str | os.PathLike, generate: bool = True) -> list[str]:
             problems.append(f"{p}: no model weights found")
         if not problems:
             state = json.loads((p / STATE_FILE).read_text())
-            for key in ("step", "epoch", "micro_index", "scheduler"):
+            for key in ("step", "epoch", "micro_index", "scheduler", "learned_tokens_total"):
                 if key not in state:
                     problems.append(f"{p / STATE_FILE}: missing '{key}'")
         export = p.parent.parent / "export"

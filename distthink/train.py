@@ -182,8 +182,9 @@ def run(cfg: Config) -> int:
         if trackers:
             accelerator.init_trackers("tb", config=tracker_config(cfg))
 
-        # 4. Resume (model, optimizer, RNG of every rank, data position, schedule, history).
-        step, epoch, micro_index, nan_streak, history = 0, 0, 0, 0, []
+        # 4. Resume (model, optimizer, RNG of every rank, data position, schedule, counters).
+        step, epoch, micro_index, nan_streak, history, learned_total = 0, 0, 0, 0, [], 0
+        metrics_path = out_dir / "metrics.jsonl"
         resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, str(out_dir))
         if resume_from is not None:
             state = ckpt.load_checkpoint(accelerator, resume_from)
@@ -192,16 +193,18 @@ def run(cfg: Config) -> int:
                             "but will not equal an uninterrupted run", world, ga, state.get("world_size"),
                             state.get("grad_accumulation"))
             step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
-            nan_streak, history = state.get("nan_streak", 0), state.get("history", [])
+            nan_streak, learned_total = state.get("nan_streak", 0), state.get("learned_tokens_total", 0)
             scheduler.load_state_dict(state["scheduler"])
-        metrics_path = out_dir / "metrics.jsonl"
+            if is_main and metrics_path.exists():  # the metrics history lives in metrics.jsonl, not the checkpoint
+                rows = (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip())
+                history = [r for r in rows if r.get("step", 0) <= step]
         if is_main:  # keep exactly the records up to the resumed step (a killed run may have logged more)
             metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
         def trainer_state() -> dict:
             return {"step": step, "epoch": epoch, "micro_index": micro_index, "nan_streak": nan_streak,
-                    "scheduler": scheduler.state_dict(), "history": history, "world_size": world,
-                    "grad_accumulation": ga, "sampler_seed": cfg.train.seed}
+                    "scheduler": scheduler.state_dict(), "learned_tokens_total": learned_tokens,
+                    "world_size": world, "grad_accumulation": ga, "sampler_seed": cfg.train.seed}
 
         def save() -> Path:
             return ckpt.save_checkpoint(accelerator, str(out_dir), step, trainer_state(), cfg.to_dict(),
@@ -231,7 +234,7 @@ def run(cfg: Config) -> int:
 
         bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
-        learned_tokens = sum(h.get("learned_tokens", 0) for h in history)
+        learned_tokens = learned_total
         tokens_seen, train_time = 0, 0.0  # of this launch (throughput figures)
         last_ckpt: Path | None = resume_from
         exit_code = 0
