@@ -276,7 +276,8 @@ def _tiny_model(seed=0):
     from distthink.tiny import tiny_qwen3_config
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1), dtype=torch.float32,
+    cfg = tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                             attn_implementation="sdpa").eval()
 
 

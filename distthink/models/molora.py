@@ -163,8 +163,9 @@ class EntropyGate:
     def __init__(self, centroids, scaler_mean=None, scaler_scale=None, cfg: GateConfig | None = None):
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32)
         d = self.centroids.shape[1]
-        self.scaler_mean = torch.zeros(d) if scaler_mean is None else torch.as_tensor(scaler_mean, dtype=torch.float32)
-        self.scaler_scale = torch.ones(d) if scaler_scale is None else torch.as_tensor(scaler_scale, dtype=torch.float32)
+        f32 = torch.float32
+        self.scaler_mean = torch.zeros(d) if scaler_mean is None else torch.as_tensor(scaler_mean, dtype=f32)
+        self.scaler_scale = torch.ones(d) if scaler_scale is None else torch.as_tensor(scaler_scale, dtype=f32)
         self.cfg = cfg or GateConfig()
         self.cfg.validate()
 

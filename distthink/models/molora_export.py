@@ -151,7 +151,8 @@ def read_molora_json(folder: str | Path) -> dict:
     return meta
 
 
-def load_molora(model: nn.Module, folder: str | Path, dropout: float | None = None) -> tuple[nn.Module, EntropyGate | None]:
+def load_molora(model: nn.Module, folder: str | Path,
+                dropout: float | None = None) -> tuple[nn.Module, EntropyGate | None]:
     """Rebuild a MoLoRA model from an export: apply_molora on the *plain* base model, then load every adapter.
 
     Returns (model, gate) where gate is the stored EntropyGate (None when the export has none).
