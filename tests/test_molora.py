@@ -391,6 +391,8 @@ def test_gradient_checkpointing_recomputes_with_the_same_gates():
 def test_apply_molora_errors():
     with pytest.raises(ConfigError, match="match no"):
         apply_molora(_tiny_model(), 2, r=4, target_modules=["nope"])
+    with pytest.raises(ConfigError, match="output head"):
+        apply_molora(_tiny_model(), 2, r=4, target_modules=["q_proj", "lm_head"])
     with pytest.raises(ConfigError, match="needs target_modules"):
         apply_molora(_tiny_model(), 2, r=4)
     with pytest.raises(DistthinkError, match="no MoLoRA layers"):

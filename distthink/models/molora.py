@@ -469,6 +469,7 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
     alpha = float(2 * r if alpha is None else alpha)
 
     targets = set(target_modules)
+    out_emb = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     slot = GateSlot(num_experts + 1)
     generator = torch.Generator().manual_seed(seed)
     swapped = []
@@ -481,6 +482,9 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
             base = module
         else:
             continue  # e.g. the base_layer inside a peft layer: handled through its parent
+        if out_emb is not None and base is out_emb:
+            raise ConfigError(f"target_modules includes the output head {name}: the fused loss reads its weight "
+                              "directly and would ignore the adapters. Fix: adapt decoder projections only")
         layer = MoLoRALinear(base, num_experts, r, alpha, dropout, slot, adapter_dtype, generator)
         if init_weights is not None:
             if name not in init_weights:
