@@ -9,8 +9,8 @@ ignored targets) at Qwen3's vocabulary V=151,936.
 Time: all variants in one process, interleaved round by round (one warm-up round, then --repeats
 rounds), median per variant; the *_best ratios use the fastest run of each variant (more robust on a
 shared machine).
-Memory (CPU): each variant runs in its own subprocess (after a warm-up on a 16-row slice); peak RSS is
-reset after the inputs exist
+Memory (CPU): each variant runs in its own subprocess (after one warm-up run, so MKL's cached per-shape
+GEMM buffers are not charged to anyone); peak RSS is reset after the inputs exist
 (`echo 5 > /proc/self/clear_refs`) and VmHWM - VmRSS(before) is the variant's peak extra memory. glibc
 serves allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_ is set for the workers) and returns
 them on free, so RSS tracks live tensors. On CUDA:
@@ -118,7 +118,9 @@ def worker(args) -> dict:
     variants = args.variant.split(",")
     if args.measure == "mem":
         (variant,) = variants
-        run_once(variant, rows=min(n, 16))          # lazy initialisation on a small slice
+        # warm-up at the full shape: lazy initialisation, and MKL's per-shape GEMM buffers (MKL keeps one
+        # the size of the GEMM output cached per process; neither variant is charged for it)
+        run_once(variant)
         weight.grad = None
         if dev.type == "cuda":
             torch.cuda.synchronize()
