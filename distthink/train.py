@@ -259,7 +259,7 @@ def run(cfg: Config) -> int:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             scale = micro_batch_scale(W, world, ga)
-            local_loss, local_bad = 0.0, 0.0
+            local_loss, local_bad, ds_skipped = 0.0, 0.0, False
             for m in micro:
                 mb = batch_to(m, device)
                 with accelerator.accumulate(wrapped):
@@ -270,10 +270,20 @@ def run(cfg: Config) -> int:
                     local_loss += float(loss_sum.detach())
                     if not torch.isfinite(loss_sum.detach()):
                         local_bad = 1.0
-                    accelerator.backward(loss_sum * scale)
+                    if use_ds and accelerator.sync_gradients:
+                        # DeepSpeed steps inside the boundary backward, so the NaN/Inf guard must decide
+                        # before it: with a non-finite loss on any rank, back-propagate (DeepSpeed's
+                        # reduction state stays consistent) and drop the gradients instead of stepping.
+                        ds_skipped = dist.all_reduce_sum([local_bad], device)[0] > 0
+                    if ds_skipped:
+                        wrapped.set_gradient_accumulation_boundary(True)
+                        wrapped.backward(loss_sum * scale)
+                        wrapped.optimizer.zero_grad()
+                    else:
+                        accelerator.backward(loss_sum * scale)
             # The last accumulate() synchronised the gradients (DeepSpeed: the engine has stepped).
             if use_ds:
-                grad_norm = wrapped.get_global_grad_norm()
+                grad_norm = None if ds_skipped else wrapped.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
@@ -292,7 +302,8 @@ def run(cfg: Config) -> int:
                 nan_streak += 1
                 log.warning("step %d: non-finite loss=%s grad_norm=%s: step skipped (%d in a row, limit %d)%s",
                             step + 1, loss, grad_norm, nan_streak, cfg.train.nan_max_consecutive,
-                            " [DeepSpeed has already applied it: only counted]" if use_ds else "")
+                            "" if not use_ds or ds_skipped else
+                            " [finite loss but non-finite grad norm: DeepSpeed has already applied the step]")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             micro_index += ga

@@ -3,7 +3,11 @@ divided by the global weight total of the step. Same data + seed must give the s
 trajectories (fp32, CPU, 1e-5) whatever the split into ranks x samples per micro-batch x GA.
 
 A per-micro-batch mean (or a per-rank mean averaged) fails this: micro-batches hold different numbers
-of learned tokens and different weights (the bundled data has loss_weight and reasoning weights)."""
+of learned tokens and different weights (the bundled data has loss_weight and reasoning weights).
+Step 3 is made non-finite in every run (fault hook): the NaN/Inf guard must skip it exactly, also
+under DeepSpeed, where the engine would otherwise step inside the boundary backward."""
+
+import math
 
 import pytest
 
@@ -11,8 +15,9 @@ from _train_utils import FAST, launch, metrics
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
-COMMON = FAST + [f"train.max_steps={STEPS}", "batch.mode=samples", "lora.enabled=false", "train.lr=1e-2",
+STEPS = 5
+NAN_STEP = 3  # a non-finite step in the middle: the guard's skip must be exact on every path too
+COMMON = FAST + [f"train.max_steps={STEPS}", "train.nan_max_consecutive=3", "batch.mode=samples", "lora.enabled=false", "train.lr=1e-2",
                  "train.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.export=none",
                  "checkpoint.resume=never", "train.max_grad_norm=1000"]
 
@@ -20,7 +25,7 @@ COMMON = FAST + [f"train.max_steps={STEPS}", "batch.mode=samples", "lora.enabled
 def _run(tmp_path, name, nproc, micro, ga, extra=()):
     out = tmp_path / name
     launch(COMMON + [f"train.output_dir={out}", f"batch.samples_per_micro={micro}",
-                     f"batch.gradient_accumulation={ga}", *extra], nproc=nproc)
+                     f"batch.gradient_accumulation={ga}", *extra], nproc=nproc, DISTTHINK_FAULT_NAN_STEPS=NAN_STEP)
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return rows
@@ -30,11 +35,14 @@ def _assert_same(ref, other, label):
     for a, b in zip(ref, other):
         assert a["learned_tokens"] == b["learned_tokens"], (label, a, b)  # same samples in the step
         assert a["weight_sum"] == pytest.approx(b["weight_sum"], abs=1e-6), label
+        if a["step"] == NAN_STEP:  # skipped everywhere: no update, schedule not advanced
+            assert math.isnan(a["loss"]) and math.isnan(b["loss"]) and a["lr"] == b["lr"], (label, a, b)
+            continue
         assert abs(a["loss"] - b["loss"]) < 1e-5, (label, a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (label, a["step"], a["grad_norm"], b["grad_norm"])
 
 
-def test_loss_and_grad_norm_invariant_to_ranks_micro_and_ga(tmp_path):
+def test_loss_and_grad_norm_invariant_to_ranks_micro_and_ga_with_a_skipped_step(tmp_path):
     ref = _run(tmp_path, "r1_m4_ga1", 1, 4, 1)
     # the weights are not uniform and the steps differ: otherwise the test could not tell means from sums
     assert len({round(r["weight_sum"], 3) for r in ref}) > 1
@@ -45,3 +53,4 @@ def test_loss_and_grad_norm_invariant_to_ranks_micro_and_ga(tmp_path):
                  "2 ranks x micro 1 x GA 2 (DeepSpeed ZeRO-3)")
     # and the run learns
     assert ref[-1]["loss"] < ref[0]["loss"]
+    assert ref[NAN_STEP]["lr"] == ref[NAN_STEP - 1]["lr"]  # the step after the skipped one reuses its rate
