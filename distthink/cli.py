@@ -15,6 +15,8 @@ _COMMANDS = {
     "rec": "rec",
     "inspect": "inspect",
     "plan": "plan",
+    "train": "train",
+    "check": "check",
     "slurm": "slurm",
 }
 
