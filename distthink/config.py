@@ -143,7 +143,14 @@ class LoggingConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = _f("sft", "The recipe variant (distthink/tasks.py): `sft` = reasoning-aware chat SFT.")
+    options: dict = _f({}, "Task-specific settings, validated by the task at start-up (see its docs).")
+
+
+@dataclass
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -7,11 +7,14 @@
 With no --config it runs the embedded default (tiny Qwen3 from config, offline tiny tokenizer, bundled
 sample data with reasoning, CPU) and ends with a summary.
 
+What differs between reasoning SFT, ThinkRec and molecule captioning (data, side inputs, extra modules,
+objectives) is a *task* (distthink/tasks.py); this loop is shared.
+
 One optimizer step:
   1. take this rank's GA micro-batches of the step (deterministic plan indexed by (epoch, position));
-  2. all-reduce their target-weight sums -> W, the global weight total of the step (and the preemption
-     flag, so that every rank stops at the same step boundary);
-  3. for each micro-batch: loss_sum = sum w*CE (inside the engine forward), backward(loss_sum * W*GA/W);
+  2. all-reduce their normalisers -> W_k per objective k (for SFT: the global token-weight total W), and
+     the preemption flag, so that every rank stops at the same step boundary;
+  3. for each micro-batch: sums_k = sum w*loss (inside the engine forward), backward(sum_k sums_k * world*GA/W_k);
      accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
      L = global sum / W (see distthink/objectives.py);
   4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
@@ -133,9 +136,10 @@ def run(cfg: Config) -> int:
     from distthink import checkpoint as ckpt
     from distthink import distributed as dist
     from distthink import train_data
-    from distthink.data.packing import attn_implementation_of, batch_to, model_inputs
+    from distthink.data.packing import attn_implementation_of, batch_to
     from distthink.models.load import is_partitioned, load_model, load_tokenizer
-    from distthink.objectives import LMLossModel, micro_batch_scale
+    from distthink.objectives import micro_batch_scale
+    from distthink.tasks import make_task
 
     t_start = time.time()
     out_dir = Path(cfg.train.output_dir)
@@ -152,16 +156,18 @@ def run(cfg: Config) -> int:
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
 
-        # 2. Data: encode both splits, plan micro-batches per rank.
+        # 2. Data: the task encodes both splits; plan micro-batches per rank.
         tokenizer = load_tokenizer(cfg)
-        policy = train_data.chat_policy(cfg)
-        train_set = train_data.load_split(cfg, "train", tokenizer, policy)
-        eval_set = train_data.load_split(cfg, "eval", tokenizer, policy) if cfg.data.eval else []
+        task = make_task(cfg)  # what this recipe variant reads, trains and sums (distthink/tasks.py)
+        keys = task.loss_keys
+        task.prepare_tokenizer(tokenizer)
+        train_set = task.load_split("train", tokenizer)
+        eval_set = task.load_split("eval", tokenizer) if cfg.data.eval else []
         sampler = train_data.make_sampler(cfg, train_set, world=world, rank=rank, grad_accumulation=ga,
                                           shuffle=cfg.batch.shuffle)
         eval_sampler = (train_data.make_sampler(cfg, eval_set, world=world, rank=rank, grad_accumulation=1,
                                                 shuffle=False) if len(eval_set) >= world else None)
-        collate = train_data.make_collator(cfg, tokenizer)
+        collate = task.collator(tokenizer)
         steps_per_epoch = len(sampler.rank_batches(0)) // ga
         total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
@@ -170,7 +176,7 @@ def run(cfg: Config) -> int:
         partitioned = is_partitioned(model)
         if use_ds and dist.zero_stage(accelerator) == 3:
             log.info("ZeRO-3: parameters partitioned at construction: %s", partitioned)
-        wrapped = LMLossModel(model, impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
+        wrapped = task.wrap_model(model, tokenizer)  # the loss runs inside this module's (engine) forward
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
@@ -217,17 +223,19 @@ def run(cfg: Config) -> int:
             batches = eval_sampler.rank_batches(0)
             if cfg.eval.max_batches:
                 batches = batches[:cfg.eval.max_batches]
-            loss_sum, weight_sum = 0.0, 0.0
+            sums, norms = [0.0] * len(keys), [0.0] * len(keys)
             with torch.no_grad():
                 for b in batches:
                     mb = batch_to(collate([eval_set[i] for i in b]), device)
-                    s = wrapped(targets=mb["targets"], target_weights=mb["target_weights"],
-                                **model_inputs(mb, attn_impl, dtype=dtype))
-                    loss_sum += float(s)
-                    weight_sum += mb["target_weight_sum"]
+                    out, mb_norms = task.forward(wrapped, mb, attn_impl, dtype), task.norms(mb)
+                    for i, k in enumerate(keys):
+                        sums[i] += float(out[k])
+                        norms[i] += mb_norms[k]
             wrapped.train()
-            total_loss, total_w = dist.all_reduce_sum([loss_sum, weight_sum], device)
-            return total_loss / total_w if total_w > 0 else float("nan")
+            reduced = dist.all_reduce_sum(sums + norms, device)
+            if sum(reduced[len(keys):]) <= 0:
+                return float("nan")
+            return sum(_ratio(s, n) for s, n in zip(reduced[:len(keys)], reduced[len(keys):]))
 
         # 5. The loop.
         from tqdm.auto import tqdm
@@ -248,28 +256,32 @@ def run(cfg: Config) -> int:
             t0 = time.time()
             # Prefetch this step's GA micro-batches, so the global weight total is known before backward.
             micro = [collate([train_set[i] for i in b]) for b in batches[micro_index:micro_index + ga]]
-            local_w = sum(m["target_weight_sum"] for m in micro)
+            local_norms = [sum(task.norms(m)[k] for m in micro) for k in keys]
             local_n = sum(m["num_target_tokens"] for m in micro)
             local_tok = sum(int((m["segment_ids"] >= 0).sum()) for m in micro)  # real (non-pad) tokens
-            W, N, ntok, stop = dist.all_reduce_sum([local_w, local_n, local_tok, float(preempt.requested)], device)
+            *norms, N, ntok, stop = dist.all_reduce_sum(
+                local_norms + [local_n, local_tok, float(preempt.requested)], device)
+            W = sum(norms)  # > 0 iff this step has anything to learn
             if stop > 0:
                 log.warning("preemption signal received (%s): saving at step %d and exiting with code %d",
                             preempt.signal_name or "on another rank", step, REQUEUE_EXIT_CODE)
                 last_ckpt = save()
                 exit_code = REQUEUE_EXIT_CODE
                 break
-            scale = micro_batch_scale(W, world, ga)
-            local_loss, local_bad, ds_skipped = 0.0, 0.0, False
+            # Each objective k is normalised by its own global total (distthink/tasks.py).
+            scales = [micro_batch_scale(n, world, ga) for n in norms]
+            local_sums, local_bad, ds_skipped = [0.0] * len(keys), 0.0, False
             for m in micro:
                 mb = batch_to(m, device)
                 with accelerator.accumulate(wrapped):
-                    loss_sum = wrapped(targets=mb["targets"], target_weights=mb["target_weights"],
-                                       **model_inputs(mb, attn_impl, dtype=dtype))
+                    sums = task.forward(wrapped, mb, attn_impl, dtype)
                     if _fault_nan(step + 1):
-                        loss_sum = loss_sum * float("nan")
-                    local_loss += float(loss_sum.detach())
-                    if not torch.isfinite(loss_sum.detach()):
+                        sums = {k: v * float("nan") for k, v in sums.items()}
+                    for i, k in enumerate(keys):
+                        local_sums[i] += float(sums[k].detach())
+                    if not all(bool(torch.isfinite(sums[k].detach())) for k in keys):
                         local_bad = 1.0
+                    loss_sum = sum(sums[k] * s for k, s in zip(keys, scales))
                     if use_ds and accelerator.sync_gradients:
                         # DeepSpeed steps inside the boundary backward, so the NaN/Inf guard must decide
                         # before it: with a non-finite loss on any rank, back-propagate (DeepSpeed's
@@ -277,18 +289,19 @@ def run(cfg: Config) -> int:
                         ds_skipped = dist.all_reduce_sum([local_bad], device)[0] > 0
                     if ds_skipped:
                         wrapped.set_gradient_accumulation_boundary(True)
-                        wrapped.backward(loss_sum * scale)
+                        wrapped.backward(loss_sum)
                         wrapped.optimizer.zero_grad()
                     else:
-                        accelerator.backward(loss_sum * scale)
+                        accelerator.backward(loss_sum)
             # The last accumulate() synchronised the gradients (DeepSpeed: the engine has stepped).
             if use_ds:
                 grad_norm = None if ds_skipped else wrapped.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
-            total_loss, bad = dist.all_reduce_sum([local_loss, local_bad], device)
-            loss = total_loss / W if W > 0 else 0.0
+            *totals, bad = dist.all_reduce_sum(local_sums + [local_bad], device)
+            parts = {k: _ratio(t, n) for k, t, n in zip(keys, totals, norms)}
+            loss = sum(parts.values())
             finite = bad == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
             lr_used = scheduler.get_last_lr()[0]
             if W <= 0:  # no learned token anywhere in this step: nothing to learn, not an error
@@ -312,7 +325,8 @@ def run(cfg: Config) -> int:
             learned_tokens += int(N)
             tokens_seen += int(ntok)
             record = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
-                      "lr": lr_used, "learned_tokens": int(N), "weight_sum": W,
+                      **({f"loss_{k}": v for k, v in parts.items()} if len(keys) > 1 else {}),
+                      "lr": lr_used, "learned_tokens": int(N), "weight_sum": norms[0],
                       "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0,
                       "time_s": round(time.time() - t_start, 3)}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
@@ -370,6 +384,11 @@ def run(cfg: Config) -> int:
         return exit_code
     finally:
         dist.teardown(accelerator)
+
+
+def _ratio(total: float, norm: float) -> float:
+    """One globally normalised loss term; a term with nothing to normalise this step contributes 0."""
+    return total / norm if norm > 0 else 0.0
 
 
 def _peak_memory_mb(device) -> float:
