@@ -28,6 +28,9 @@ weighted; it is a cheap (N, H) x (H,) product computed up front (no vocabulary p
 
 reduction="none" returns per-token losses; its backward recomputes the logits chunk by chunk with the
 actual per-token grad_output (a precomputed grad_weight cannot be rescaled per token).
+
+All of the above is the default strategy="rows". strategy="vocab" (torch backend, opt-in) tiles the
+vocabulary instead: see `_Job.vocab_pass_a` / `vocab_pass_b` and docs/ops.md.
 """
 
 from __future__ import annotations
