@@ -319,3 +319,26 @@ def test_autocast_does_not_change_the_computation():
     close(loss, ref)
     for a, b in zip(grads_of(loss, (hidden, weight)), grads_of(ref, (hidden, weight))):
         close(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_no_grad_does_no_gradient_work(strategy):
+    """Under torch.no_grad() (evaluation) only the logits GEMM runs: no (V, H) gradient is allocated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Biggest(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:  # not a view/in-place
+                    Biggest.seen = max(Biggest.seen, t.numel())
+            return out
+
+    hidden, weight, _, target, _ = make(n=8, h=64, v=4096)
+    with torch.no_grad(), Biggest():
+        loss = fused_linear_cross_entropy(hidden, weight, target, strategy=strategy)
+    assert Biggest.seen < weight.numel()
+    close(loss, naive_fused_linear_cross_entropy(hidden, weight, target)[0])

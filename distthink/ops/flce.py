@@ -188,6 +188,7 @@ class _Job:
     sample_starts: Optional[list] = None       # python list of first learned row of each sample
     soft: Optional[torch.Tensor] = None        # (M,) soft multiplier for samples that hit </think>
     strategy: str = "rows"                     # "rows" (chunks of rows) | "vocab" (tiles of the vocabulary)
+    grad_enabled: bool = True                  # torch.is_grad_enabled() at the call
     tile: int = 0                              # vocabulary columns per tile (vocab strategy)
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -460,7 +461,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, job: _Job):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad is True under torch.no_grad() too; skip all gradient work there (eval)
+        need_h, need_w, need_b = (bool(n and job.grad_enabled) for n in ctx.needs_input_grad[:3])
         any_grad = need_h or need_w or need_b
         fused = any_grad and job.reduction == "sum"
         n, v = hidden.shape[0], weight.shape[0]
@@ -517,7 +519,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             loss = per_row.sum()
         ctx.job, ctx.fused = job, fused
-        need = ctx.needs_input_grad[:3]
+        need = [bool(n and job.grad_enabled) for n in ctx.needs_input_grad[:3]]
         if fused:
             ctx.grads = list(job.vocab_pass_b(hidden, weight, bias, lse, eff, *need))
         elif any_grad:
@@ -802,7 +804,8 @@ def fused_linear_cross_entropy(
 
     job = _Job(rows=rows, all_rows=(m == n), target=tgt, scale=static / norm, static=static, normalizer=norm,
                chunk=chunk, row_kernel=row_kernel, accumulate_weight_grad=acc_w,
-               need_argmax=bool(return_stats or dynamic), reduction=reduction, strategy=strategy, tile=tile)
+               need_argmax=bool(return_stats or dynamic), reduction=reduction, strategy=strategy, tile=tile,
+               grad_enabled=torch.is_grad_enabled())
 
     if dynamic is not None and m:
         starts = _sample_starts(n, dev, segment_ids, position_ids, row_length)
