@@ -67,6 +67,16 @@ class ParsedGeneration:
         return asdict(self)
 
 
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the earliest stop string (the whole text when none occurs)."""
+    cut = len(text)
+    for stop in stop_strings:
+        i = text.find(stop)
+        if stop and i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
 def parse_generation(text: str, *, finish_reason: str | None = None, prompt_opened_think: bool = False,
                      open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE,
                      stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS) -> ParsedGeneration:
@@ -75,12 +85,7 @@ def parse_generation(text: str, *, finish_reason: str | None = None, prompt_open
         raise DistthinkError(f"parse_generation expects a string, got {type(text).__name__}. Fix: decode the "
                              "generated ids first (tokenizer.decode(ids, skip_special_tokens=False)).")
     raw = text
-    cut = len(text)
-    for stop in stop_strings:
-        i = text.find(stop)
-        if stop and i != -1:
-            cut = min(cut, i)
-    text = text[:cut]
+    text = _cut_at_stop(text, stop_strings)
 
     splitter = re.compile("(" + re.escape(open_tag) + "|" + re.escape(close_tag) + ")")
     blocks: list[str] = []          # finished (or final unclosed) reasoning blocks
@@ -212,12 +217,7 @@ def close_thought_text(text: str, *, close_tag: str = THINK_CLOSE, after_close: 
                        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS) -> tuple[str, bool]:
     """String version of :func:`close_thoughts`: ``(text up to and including the first close tag, or the text
     with the tag appended, followed by after_close; closed_by_us)``."""
-    cut = len(text)
-    for stop in stop_strings:
-        i = text.find(stop)
-        if stop and i != -1:
-            cut = min(cut, i)
-    text = text[:cut]
+    text = _cut_at_stop(text, stop_strings)
     at = text.find(close_tag)
     if at >= 0:
         return text[:at] + close_tag + after_close, False
