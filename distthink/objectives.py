@@ -108,9 +108,13 @@ class LMLossModel(torch.nn.Module):
         base = self._base[0]
         hidden = base.model(**model_kwargs).last_hidden_state
         head = base.lm_head
-        weight = head.weight
-        if weight.dtype != hidden.dtype:  # autocast (fp32 master weights, 16-bit compute): differentiable cast
+        # Under autocast (fp32 master weights, 16-bit compute) the head follows the hidden dtype: a
+        # differentiable cast, so gradients still reach the fp32 weights.
+        weight, bias = head.weight, head.bias
+        if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
+        if bias is not None and bias.dtype != hidden.dtype:
+            bias = bias.to(hidden.dtype)
         return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t,
-                                          bias=head.bias, token_weights=flat_w, reduction="sum",
+                                          bias=bias, token_weights=flat_w, reduction="sum",
                                           chunk_size=self.chunk_size)
