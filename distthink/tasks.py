@@ -73,6 +73,7 @@ class SFTTask:
 # name -> "module:Class". Import lazily: a task's heavy dependencies load only when it runs.
 TASKS: dict[str, str] = {
     "sft": "distthink.tasks:SFTTask",
+    "thinkrec": "distthink.recsys.task:ThinkRecTask",
 }
 
 
