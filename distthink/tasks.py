@@ -11,6 +11,8 @@ captioning:
   graph encoder) must be a submodule of it so that ZeRO partitions, reduces and checkpoints it;
 - `forward`: run the wrapped module on one micro-batch and return a dict of *unnormalised loss sums*;
 - `norms`: the matching local normalisers of a micro-batch.
+- optional `save_extra(accelerator, wrapped, export_dir)`: collective, after the export, for side modules the
+  LM export does not hold (the molecule task writes its graph encoder + projector there).
 
 Normalisation contract. For each key k in `loss_keys`, the loss of an optimizer step is
 
@@ -74,6 +76,7 @@ class SFTTask:
 TASKS: dict[str, str] = {
     "sft": "distthink.tasks:SFTTask",
     "thinkrec": "distthink.recsys.task:ThinkRecTask",
+    "molecule": "distthink.molecule_task:MoleculeTask",
 }
 
 

@@ -363,6 +363,8 @@ def run(cfg: Config) -> int:
                 export_dtype = getattr(torch, cfg.checkpoint.export_dtype)
                 export_path = ckpt.export_model(accelerator, wrapped, tokenizer, out_dir / "export", kind,
                                                 export_dtype, from_config=bool(cfg.model.from_config))
+                if hasattr(task, "save_extra"):  # optional hook: side modules next to the export (graph encoder)
+                    task.save_extra(accelerator, wrapped, out_dir / "export")
             peak_mb = max(dist.all_gather_object(_peak_memory_mb(device)))
             if is_main:
                 metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))

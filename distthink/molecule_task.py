@@ -1,0 +1,380 @@
+"""Molecule captioning task (`task.name: molecule`): SMILES -> graph encoder -> `<|graph|>` tokens -> caption.
+
+Per sample: the demo-set record (or your JSONL row: `smiles`, `description`, optional `reasoning_content`)
+becomes a chat via `caption_messages`, encoded with `encode_chat`; the RDKit graph travels in
+`EncodedSample.meta["graphs"]`. The collator adds one PyG `Batch` per micro-batch plus the per-sample graph
+counts; the wrapper (`MoleculeModel`) owns the LM *and* the graph encoder + projector as submodules, so
+accelerate/DeepSpeed prepare, partition (ZeRO-3), reduce and checkpoint them like any LM weight.
+
+Thinking modes (`task.options.think_mode`):
+- `off` (no-think): system prompt carries `/no_think`, template rendered with enable_thinking=False; the
+  learned tokens are the description plus end of turn (the template's empty think block is prompt).
+- `dynamic`: thinking prompt (no `/no_think`), teacher-forced on the rendered assistant turn; the fused
+  loss's dynamic weights (`dynamic: argmax | soft`) count a sample's tokens only after the position where the
+  model itself predicts `</think>` (docs/ops.md). Needs loss.impl=fused.
+- `supervised`: rows carry `reasoning_content`; encode_chat learns reasoning + description (data.policy).
+
+Options are validated by `MoleculeOptions`; see docs/molecules.md for the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distthink.config import Config
+from distthink.errors import ConfigError, DataError, DistthinkError
+from distthink.logging_utils import get_logger
+from distthink.tasks import SFTTask
+
+log = get_logger(__name__)
+
+GRAPH_TOKEN = "<|graph|>"
+THINK_MODES = ("off", "dynamic", "supervised")
+TRAIN_PARTS = ("encoder", "projector", "llm", "all")
+PREFIX_FILE = "graph_prefix.safetensors"
+PREFIX_META = "graph_prefix.json"
+
+
+@dataclass
+class MoleculeOptions:
+    """`task.options` of the molecule task (every key optional)."""
+
+    think_mode: str = "off"            # off | dynamic | supervised
+    dynamic: str = "argmax"            # argmax | soft (think_mode=dynamic)
+    use_graph: bool = True             # False = text-only ablation (same SMILES in the prompt, no graph tokens)
+    include_smiles: bool = True
+    graph_tokens: int = 1              # k <|graph|> tokens (projected vectors) per molecule
+    conv: str = "gine"
+    hidden: int = 64
+    num_layers: int = 3
+    pool: str = "mean"
+    dropout: float = 0.0
+    proj_mult: int = 4
+    train_parts: list = field(default_factory=lambda: ["all"])  # encoder | projector | llm | all
+    on_error: str = "raise"            # invalid SMILES / rows: raise | skip (counted)
+    max_samples: int | None = None     # cap per split (smoke runs)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "MoleculeOptions":
+        raw = dict(cfg.task.options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in names:
+                raise ConfigError(f"task.options.{key} is not an option of the molecule task. Fix: use one of "
+                                  f"{sorted(names)} (docs/molecules.md)")
+        opts = cls(**raw)
+        choices = {"think_mode": THINK_MODES, "dynamic": ("argmax", "soft"), "conv": ("gine", "gin"),
+                   "pool": ("mean", "add", "max"), "on_error": ("raise", "skip")}
+        for key, allowed in choices.items():
+            if getattr(opts, key) not in allowed:
+                raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: use one of {list(allowed)}")
+        for key in ("graph_tokens", "hidden", "num_layers", "proj_mult"):
+            if not isinstance(getattr(opts, key), int) or getattr(opts, key) < 1:
+                raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: a positive integer")
+        if isinstance(opts.train_parts, str):
+            opts.train_parts = [opts.train_parts]
+        bad = [p for p in opts.train_parts if p not in TRAIN_PARTS]
+        if bad or not opts.train_parts:
+            raise ConfigError(f"task.options.train_parts={opts.train_parts!r}. Fix: a non-empty list of "
+                              f"{list(TRAIN_PARTS)} (llm = the LoRA adapters when lora.enabled, else all LM weights)")
+        if not opts.use_graph and not opts.include_smiles:
+            raise ConfigError("task.options: use_graph=false and include_smiles=false leave nothing to describe. "
+                              "Fix: enable one of them")
+        if opts.think_mode == "dynamic" and cfg.loss.impl != "fused":
+            raise ConfigError("task.options.think_mode=dynamic needs the fused loss's dynamic weights. "
+                              "Fix: set loss.impl=fused")
+        return opts
+
+    def trains(self, part: str) -> bool:
+        return "all" in self.train_parts or part in self.train_parts
+
+    def graph_config(self) -> dict:
+        return {"conv": self.conv, "hidden": self.hidden, "num_layers": self.num_layers, "pool": self.pool,
+                "dropout": self.dropout, "proj_mult": self.proj_mult, "graph_tokens": self.graph_tokens}
+
+
+def build_prefix(graph_cfg: dict, llm_hidden: int):
+    """GraphEncoder + projector from a graph config dict (MoleculeOptions.graph_config / graph_prefix.json)."""
+    from distthink.models.graph import GraphEncoder, GraphPrefix
+
+    enc = GraphEncoder(hidden=graph_cfg["hidden"], num_layers=graph_cfg["num_layers"], conv=graph_cfg["conv"],
+                       pool=graph_cfg["pool"], dropout=graph_cfg["dropout"])
+    return GraphPrefix(enc, llm_hidden, k=graph_cfg["graph_tokens"], mult=graph_cfg["proj_mult"])
+
+
+def molecule_inputs_embeds(model, prefix, input_ids: torch.Tensor, graph_token_id: int | None, graph_batch,
+                           graphs_per_sample: torch.Tensor | None, segment_ids: torch.Tensor | None = None):
+    """(B, T, H) inputs_embeds: the LM's token embeddings with projected graph vectors at `<|graph|>` tokens.
+
+    Calls the embedding *module* (not its weight), so ZeRO-3 gathers it; with no graphs (text-only prompts)
+    it is the plain embedding.
+    """
+    from distthink.models.inject import PlaceholderSlot, inject_placeholders
+
+    embeds = model.get_input_embeddings()(input_ids)
+    if graph_batch is None or prefix is None:
+        if graph_token_id is not None and bool((input_ids == graph_token_id).any()):
+            raise DistthinkError(f"the batch has {GRAPH_TOKEN} tokens but no graphs. Fix: pass the molecules' "
+                                 "graphs, or build text-only prompts (use_graph=false)")
+        return embeds
+    vectors = prefix(graph_batch.to(input_ids.device)).to(embeds.dtype)
+    slot = PlaceholderSlot(token_id=graph_token_id, vectors=vectors, counts=graphs_per_sample, name=GRAPH_TOKEN)
+    inplace = not (embeds.is_leaf and embeds.requires_grad)
+    return inject_placeholders(input_ids, embeds, [slot], segment_ids=segment_ids, inplace=inplace)
+
+
+class MoleculeModel(torch.nn.Module):
+    """The module the trainer prepares: LM (`.model`, possibly PEFT) + `.prefix` (GraphPrefix or None).
+
+    forward(batch pieces) -> 0-d float32 weighted loss sum (unnormalised), through the fused loss with
+    optional dynamic weights (after-`</think>` counting).
+    """
+
+    def __init__(self, model, prefix, graph_token_id: int | None, *, impl: str, chunk_size: int,
+                 dynamic: str | None, think_end_id: int | None):
+        super().__init__()
+        from distthink.models.load import base_causal_lm, is_partitioned
+
+        self.model = model
+        self.prefix = prefix
+        self.graph_token_id = graph_token_id
+        self.impl, self.chunk_size, self.dynamic, self.think_end_id = impl, chunk_size, dynamic, think_end_id
+        self._base = [base_causal_lm(model)]  # list: not a second registered submodule
+        if impl == "fused" and is_partitioned(model):
+            import deepspeed
+
+            # the fused loss reads lm_head.weight directly: DeepSpeed must gather it for this forward
+            deepspeed.zero.register_external_parameter(self, self._base[0].lm_head.weight)
+
+    def forward(self, input_ids, targets, target_weights, segment_ids, graph_batch, graphs_per_sample,
+                **model_kwargs) -> torch.Tensor:
+        from distthink.objectives import weighted_ce_sum
+
+        base = self._base[0]
+        if not getattr(self, "_logged", False) and self.prefix is not None:
+            self._logged = True
+            log.info("graph encoder + projector: %d params, partitioned by ZeRO-3: %s",
+                     sum(getattr(p, "ds_numel", p.numel()) for p in self.prefix.parameters()),
+                     all(hasattr(p, "ds_id") and p.data.numel() < p.ds_numel for p in self.prefix.parameters()
+                         if getattr(p, "ds_numel", 0) > 1))
+        embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch,
+                                        graphs_per_sample, segment_ids=segment_ids)
+        flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1)
+        if self.impl == "hf":
+            logits = self.model(inputs_embeds=embeds, **model_kwargs).logits
+            return weighted_ce_sum(logits.reshape(-1, logits.shape[-1]), flat_t, flat_w)
+        from distthink.ops import fused_linear_cross_entropy
+
+        hidden = base.model(inputs_embeds=embeds, **model_kwargs).last_hidden_state
+        weight = base.lm_head.weight
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+        extra = {}
+        if self.dynamic:
+            extra = dict(dynamic=self.dynamic, think_end_id=self.think_end_id,
+                         segment_ids=segment_ids.reshape(-1), position_ids=model_kwargs["position_ids"].reshape(-1))
+        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t,
+                                          bias=base.lm_head.bias, token_weights=flat_w, reduction="sum",
+                                          chunk_size=self.chunk_size, **extra)
+
+
+def read_records(spec: str, split: str, on_error: str) -> tuple[list[dict], str]:
+    """Rows of a split: `bundled`/`demo` = the shipped demo set (eval -> its test split), else a JSONL file."""
+    from distthink.data.molecule_demo import load_demo
+
+    if spec in ("bundled", "demo"):
+        return load_demo("train" if split == "train" else "test"), f"demo:{split}"
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"data.{split}='{spec}' does not exist. Fix: a JSONL of {{smiles, description}} rows, "
+                          "or `bundled` for the demo molecules")
+    rows, skipped = [], 0
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                for key in ("smiles", "description"):
+                    if not isinstance(rec.get(key), str) or not rec[key].strip():
+                        raise DataError("missing or empty field", source=str(path), line=n, field=key,
+                                        fix="every row needs a SMILES string and a description")
+            except (json.JSONDecodeError, DataError) as err:
+                if on_error == "raise":
+                    if isinstance(err, DataError):
+                        raise
+                    raise DataError(f"invalid JSON ({err.msg})", source=str(path), line=n,
+                                    fix="one JSON object per line") from None
+                skipped += 1
+                continue
+            rec.setdefault("_line", n)
+            rows.append(rec)
+    if skipped:
+        log.warning("%s: skipped %d malformed rows (on_error=skip)", path, skipped)
+    return rows, str(path)
+
+
+class MoleculeTask(SFTTask):
+    """Graph-conditioned molecule captioning (see module docstring)."""
+
+    name = "molecule"
+    loss_keys = ("lm",)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.opts = MoleculeOptions.from_config(cfg)
+        self.graph_token_id: int | None = None
+
+    # -- tokenizer and data ------------------------------------------------------------------------------
+    def prepare_tokenizer(self, tokenizer) -> None:
+        from distthink.models.inject import add_placeholder_tokens
+
+        self.graph_token_id = add_placeholder_tokens(tokenizer, [GRAPH_TOKEN])[GRAPH_TOKEN]
+
+    def thinking(self) -> bool:
+        return self.opts.think_mode != "off"
+
+    def messages(self, rec: dict) -> list[dict]:
+        from distthink.data.molecule_demo import caption_messages
+
+        msgs = caption_messages(rec["smiles"], rec["description"], use_graph=self.opts.use_graph,
+                                k=self.opts.graph_tokens, include_smiles=self.opts.include_smiles,
+                                thinking=self.thinking())
+        if self.opts.think_mode == "supervised":
+            msgs[-1]["reasoning_content"] = rec.get("reasoning_content", "")
+        return msgs
+
+    def load_split(self, split: str, tokenizer) -> list:
+        from distthink import train_data
+        from distthink.data.chat import encode_chat
+        from distthink.data.molecules import smiles_to_graph
+
+        spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
+        records, source = read_records(spec, split, self.opts.on_error)
+        if self.opts.max_samples:
+            records = records[:self.opts.max_samples]
+        if self.opts.think_mode == "supervised":
+            missing = sum(1 for r in records if not r.get("reasoning_content"))
+            if missing:
+                raise DataError(f"{missing} of {len(records)} rows have no reasoning_content",
+                                source=source, field="reasoning_content",
+                                fix="think_mode=supervised needs reasoning per row; use think_mode=dynamic otherwise")
+        policy = train_data.chat_policy(self.cfg)
+        policy = dataclasses.replace(policy, enable_thinking=self.thinking())
+        samples, skipped = [], {}
+        for i, rec in enumerate(records):
+            line = rec.get("_line", i + 1)
+            try:
+                graph = smiles_to_graph(rec["smiles"], row=line, source=source) if self.opts.use_graph else None
+                sample = encode_chat(tokenizer, self.messages(rec), policy=policy, source=source, line=line)
+            except DataError as err:
+                if self.opts.on_error == "raise":
+                    raise
+                skipped[err.reason or "invalid"] = skipped.get(err.reason or "invalid", 0) + 1
+                continue
+            sample.meta["graphs"] = [graph] if graph is not None else []
+            sample.meta["id"] = rec.get("id", i)
+            samples.append(sample)
+        log.info("molecule %s split %s: %d samples, skipped %s (think_mode=%s, graph=%s)", split, source,
+                 len(samples), skipped or "none", self.opts.think_mode, self.opts.use_graph)
+        if not samples:
+            raise ConfigError(f"data.{split}='{spec}': no usable molecule sample. Fix: check the file")
+        return samples
+
+    def collator(self, tokenizer) -> Callable[[list], dict]:
+        base = super().collator(tokenizer)
+
+        def collate(samples: list) -> dict:
+            from distthink.models.graph import collate_sample_graphs
+
+            batch = base(samples)
+            batch["graph_batch"], batch["graphs_per_sample"] = collate_sample_graphs(
+                [s.meta.get("graphs", []) for s in samples])
+            return batch
+
+        return collate
+
+    # -- model -------------------------------------------------------------------------------------------
+    def wrap_model(self, model, tokenizer) -> torch.nn.Module:
+        from distthink.models.load import base_causal_lm
+
+        prefix = None
+        if self.opts.use_graph:
+            torch.manual_seed(self.cfg.train.seed + 7)  # identical graph-side init on every rank
+            dtype = next(model.parameters()).dtype
+            prefix = build_prefix(self.opts.graph_config(), base_causal_lm(model).config.hidden_size).to(dtype)
+            for name, part in (("encoder", prefix.encoder), ("projector", prefix.projector)):
+                part.requires_grad_(self.opts.trains(name))
+        if not self.opts.trains("llm"):
+            model.requires_grad_(False)
+        think_end = tokenizer.convert_tokens_to_ids("</think>") if self.opts.think_mode == "dynamic" else None
+        if self.opts.think_mode == "dynamic" and (think_end is None or think_end == tokenizer.unk_token_id):
+            raise ConfigError("think_mode=dynamic: the tokenizer has no `</think>` token. Fix: use a thinking "
+                              "model's tokenizer (Qwen3) or think_mode=off")
+        wrapped = MoleculeModel(model, prefix, self.graph_token_id, impl=self.cfg.loss.impl,
+                                chunk_size=self.cfg.loss.chunk_size,
+                                dynamic=self.opts.dynamic if self.opts.think_mode == "dynamic" else None,
+                                think_end_id=think_end)
+        n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        if n_train == 0:
+            raise ConfigError(f"task.options.train_parts={self.opts.train_parts} leaves nothing trainable. "
+                              "Fix: include encoder/projector (use_graph=true) or llm")
+        return wrapped
+
+    def forward(self, wrapped, batch: dict, attn_impl: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        from distthink.data.packing import model_inputs
+
+        loss_sum = wrapped(input_ids=batch["input_ids"], targets=batch["targets"],
+                           target_weights=batch["target_weights"], segment_ids=batch["segment_ids"],
+                           graph_batch=batch["graph_batch"], graphs_per_sample=batch["graphs_per_sample"],
+                           **model_inputs(batch, attn_impl, dtype=dtype, with_input_ids=False))
+        return {"lm": loss_sum}
+
+    # -- export ------------------------------------------------------------------------------------------
+    def save_extra(self, accelerator, wrapped, out_dir: Path) -> None:
+        """Collective: write the graph encoder + projector next to the exported LM (graph_prefix.*)."""
+        from safetensors.torch import save_file
+
+        inner = accelerator.unwrap_model(wrapped)
+        if inner.prefix is None:
+            return
+        params = list(inner.prefix.parameters())
+        ctx = _gathered(params)
+        with ctx:
+            if accelerator.is_main_process:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                sd = {k: v.detach().float().cpu().contiguous() for k, v in inner.prefix.state_dict().items()}
+                save_file(sd, str(out_dir / PREFIX_FILE))
+                meta = {**self.opts.graph_config(), "graph_token": GRAPH_TOKEN,
+                        "use_graph": self.opts.use_graph, "include_smiles": self.opts.include_smiles,
+                        "think_mode": self.opts.think_mode}
+                (out_dir / PREFIX_META).write_text(json.dumps(meta, indent=1))
+
+
+def _gathered(params):
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def load_prefix(export_dir: str | Path, llm_hidden: int):
+    """(GraphPrefix, meta) saved by MoleculeTask.save_extra, or (None, {}) when the export has none."""
+    from safetensors.torch import load_file
+
+    d = Path(export_dir)
+    if not (d / PREFIX_META).exists():
+        return None, {}
+    meta = json.loads((d / PREFIX_META).read_text())
+    prefix = build_prefix(meta, llm_hidden)
+    prefix.load_state_dict(load_file(str(d / PREFIX_FILE)))
+    return prefix.eval(), meta
