@@ -90,6 +90,16 @@ def register(subparsers) -> None:
     s.add_argument("--no-plots", action="store_true")
     s.set_defaults(func=_group)
 
+    s = sub.add_parser("eval", help="score a ThinkRec LLM export on a split: AUC/UAUC/HR/NDCG/MAP, scores to Parquet")
+    s.add_argument("--config", required=True, help="the stage's YAML config (task.options, model)")
+    s.add_argument("--export", default=None, help="adapter export folder of the stage (train.output_dir/export)")
+    s.add_argument("--split", required=True, help="prepared split file, e.g. PREP/test.parquet")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    s.add_argument("--scores", default=None, help="write per-sample scores to this Parquet file")
+    s.add_argument("--cf", default=None, help="a `rec train-cf` export: also report its metrics on the same rows")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("overrides", nargs="*", help="dotted config overrides")
+    s.set_defaults(func=_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -174,3 +184,44 @@ def _int_or_error(text: str) -> int:
     if k < 2:
         raise ConfigError(f"--n-groups must be >= 2, got {k}")
     return k
+
+
+def _eval(args) -> int:
+    """`rec eval`: one process, or every rank of a torchrun launch (predictions gathered exactly)."""
+    import os
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from distthink.config import load_config
+    from distthink.recsys.eval_llm import evaluate
+    from distthink.recsys.metrics import compute_metrics, format_metrics
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        m = evaluate(cfg, args.split, export=args.export, limit=args.limit, scores_out=args.scores,
+                     batch_size=args.batch_size)
+        out = {"llm": m}
+        if args.cf:
+            from distthink.models.cf import load_cf_export
+            from distthink.recsys.prepare import read_split
+
+            cf = load_cf_export(args.cf)
+            df = read_split(args.split)
+            if args.limit is not None:
+                df = df.iloc[:args.limit]
+            import torch
+
+            sc = cf.score(torch.as_tensor(df["user_id"].to_numpy()), torch.as_tensor(df["item_id"].to_numpy()))
+            out["cf"] = compute_metrics(df["user_id"].to_numpy(), df["label"].to_numpy().astype(np.int64),
+                                        sc.numpy().astype(np.float64))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for k, v in out.items():
+                print(f"{k}: {format_metrics(v)}")
+            print(json.dumps(out))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
