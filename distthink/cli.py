@@ -18,6 +18,8 @@ _COMMANDS = {
     "train": "train",
     "check": "check",
     "slurm": "slurm",
+    "generate": "generate",
+    "eval": "eval",
 }
 
 

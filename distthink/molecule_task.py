@@ -337,24 +337,30 @@ class MoleculeTask(SFTTask):
         return {"lm": loss_sum}
 
     # -- export ------------------------------------------------------------------------------------------
-    def save_extra(self, accelerator, wrapped, out_dir: Path) -> None:
-        """Collective: write the graph encoder + projector next to the exported LM (graph_prefix.*)."""
-        from safetensors.torch import save_file
+    def prompt_meta(self) -> dict:
+        """What a generator needs to rebuild this run's prompts and graph side (graph_prefix.json)."""
+        return {**self.opts.graph_config(), "graph_token": GRAPH_TOKEN, "use_graph": self.opts.use_graph,
+                "include_smiles": self.opts.include_smiles, "think_mode": self.opts.think_mode}
 
+    def save_extra(self, accelerator, wrapped, out_dir: Path) -> None:
+        """Collective: write the graph encoder + projector (and the prompt settings) next to the exported LM."""
         inner = accelerator.unwrap_model(wrapped)
-        if inner.prefix is None:
-            return
-        params = list(inner.prefix.parameters())
-        ctx = _gathered(params)
-        with ctx:
+        params = list(inner.prefix.parameters()) if inner.prefix is not None else []
+        with _gathered(params):
             if accelerator.is_main_process:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                sd = {k: v.detach().float().cpu().contiguous() for k, v in inner.prefix.state_dict().items()}
-                save_file(sd, str(out_dir / PREFIX_FILE))
-                meta = {**self.opts.graph_config(), "graph_token": GRAPH_TOKEN,
-                        "use_graph": self.opts.use_graph, "include_smiles": self.opts.include_smiles,
-                        "think_mode": self.opts.think_mode}
-                (out_dir / PREFIX_META).write_text(json.dumps(meta, indent=1))
+                save_prefix(inner.prefix, self.prompt_meta(), out_dir)
+
+
+def save_prefix(prefix, meta: dict, out_dir: str | Path) -> None:
+    """graph_prefix.json (prompt + encoder settings) and, with a graph side, graph_prefix.safetensors (fp32)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if prefix is not None:
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in prefix.state_dict().items()}
+        save_file(sd, str(out / PREFIX_FILE))
+    (out / PREFIX_META).write_text(json.dumps(meta, indent=1))
 
 
 def _gathered(params):
@@ -368,13 +374,15 @@ def _gathered(params):
 
 
 def load_prefix(export_dir: str | Path, llm_hidden: int):
-    """(GraphPrefix, meta) saved by MoleculeTask.save_extra, or (None, {}) when the export has none."""
+    """(GraphPrefix or None, meta) saved by MoleculeTask.save_extra; (None, {}) when the export has none."""
     from safetensors.torch import load_file
 
     d = Path(export_dir)
     if not (d / PREFIX_META).exists():
         return None, {}
     meta = json.loads((d / PREFIX_META).read_text())
+    if not meta.get("use_graph", True) or not (d / PREFIX_FILE).exists():
+        return None, meta
     prefix = build_prefix(meta, llm_hidden)
     prefix.load_state_dict(load_file(str(d / PREFIX_FILE)))
     return prefix.eval(), meta

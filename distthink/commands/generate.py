@@ -1,0 +1,102 @@
+"""`distthink generate MODEL --input DATA --out G.jsonl`: batched generation, reasoning/answer records."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="batched generation from an export/checkpoint; reasoning/answer records to JSONL",
+        description="Generate for every row of --input and stream {id, reasoning, answer, raw, finish_reason, "
+                    "...} records to --out. Molecule rows (smiles[, description, id]) get the run's own captioning "
+                    "prompt (graph tokens when the run had a graph encoder); chat rows use `messages`.")
+    p.add_argument("model", help="a run's export/ dir, or checkpoints/step-N of a non-ZeRO-3 run")
+    p.add_argument("--input", required=True,
+                   help="JSONL of molecule rows or chat rows ({messages: [...]}); `demo` = the demo test split")
+    p.add_argument("--out", required=True, help="output JSONL (written as records are generated)")
+    p.add_argument("--thinking", action=argparse_bool(), default=None,
+                   help="enable_thinking on/off (default: the run's think_mode, off for plain chats)")
+    p.add_argument("--sample", action="store_true", help="sample (default greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget; </think> forced after it")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def load_rows(spec: str) -> tuple[list[dict], str]:
+    import json
+    from pathlib import Path
+
+    from distthink.data.molecule_demo import load_demo
+    from distthink.errors import DataError
+
+    if spec == "demo":
+        return load_demo("test"), "demo:test"
+    path = Path(spec)
+    if not path.exists():
+        raise DataError("input file does not exist", source=spec, fix="give a JSONL file, or `demo`")
+    rows = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"invalid JSON ({err.msg})", source=spec, line=n, fix="one JSON object per line") from None
+            if not isinstance(row, dict) or not ("smiles" in row or "messages" in row):
+                raise DataError("row has neither `smiles` nor `messages`", source=spec, line=n, field="smiles",
+                                fix="molecule rows need smiles; chat rows need messages")
+            row.setdefault("id", n - 1)
+            rows.append(row)
+    return rows, spec
+
+
+def build_prompts(rows: list[dict], meta: dict, thinking: bool):
+    """(messages, graphs) per row: molecule rows through caption_messages with the run's prompt settings."""
+    from distthink.data.molecule_demo import caption_messages
+    from distthink.data.molecules import smiles_to_graph
+
+    use_graph = bool(meta.get("use_graph", False))
+    msgs, graphs = [], []
+    for n, row in enumerate(rows, 1):
+        if "messages" in row:
+            msgs.append(row["messages"])
+            graphs.append([])
+            continue
+        msgs.append(caption_messages(row["smiles"], use_graph=use_graph, k=int(meta.get("graph_tokens", 1)),
+                                     include_smiles=bool(meta.get("include_smiles", True)), thinking=thinking))
+        graphs.append([smiles_to_graph(row["smiles"], row=n)] if use_graph else [])
+    return msgs, graphs
+
+
+def _run(args) -> int:
+    import sys
+
+    from distthink.generate import GenerationOptions, load_generator, write_jsonl
+
+    rows, _ = load_rows(args.input)
+    if args.limit:
+        rows = rows[:args.limit]
+    gen = load_generator(args.model, device=args.device)
+    thinking = args.thinking if args.thinking is not None else gen.meta.get("think_mode", "off") != "off"
+    msgs, graphs = build_prompts(rows, gen.meta, thinking)
+    opts = GenerationOptions(enable_thinking=thinking, do_sample=args.sample, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                             max_think_tokens=args.max_think_tokens, batch_size=args.batch_size, seed=args.seed)
+    n = write_jsonl(gen.generate(msgs, graphs, opts, ids=[r["id"] for r in rows],
+                                 progress=not args.no_progress and sys.stderr.isatty()), args.out)
+    print(f"wrote {n} generations to {args.out}")
+    return 0
