@@ -6,6 +6,7 @@
   before triton is imported). Skipped when they are not installed (the default CPU environment).
 """
 
+import importlib.machinery
 import importlib.util
 import os
 import subprocess
@@ -22,6 +23,12 @@ from test_flce import close, grads_of, make
 
 HAVE_LIGER = importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
+# CI installs triton + liger-kernel with `pip install --target DIR --no-deps` and names DIR here, so that the
+# interpreter check runs without putting triton into the main environment (where other libraries would
+# start importing it on CPU).
+TRITON_SITE = os.environ.get("DISTTHINK_TRITON_SITE", "")
+HAVE_LIGER_SITE = bool(TRITON_SITE) and all(
+    importlib.machinery.PathFinder.find_spec(name, [TRITON_SITE]) is not None for name in ("triton", "liger_kernel"))
 
 
 def _liger_case(device, dtype, dynamic=None, reduction="sum", bias=False):
@@ -82,10 +89,14 @@ def test_auto_backend_is_liger_on_gpu():
     assert stats.backend == "liger"
 
 
-@pytest.mark.skipif(CUDA or not HAVE_LIGER, reason="CPU-only check; needs triton + liger-kernel importable")
+@pytest.mark.skipif(CUDA or not (HAVE_LIGER or HAVE_LIGER_SITE),
+                    reason="CPU-only check; needs triton + liger-kernel importable or DISTTHINK_TRITON_SITE")
 def test_liger_kernel_through_triton_interpreter():
     script = textwrap.dedent("""
-        import sys, torch
+        import sys
+        if %r:
+            sys.path.insert(0, %r)
+        import torch
         sys.path.insert(0, %r)
         from test_flce_liger import _liger_case, _check
         for dynamic in (None, "argmax", "soft"):
@@ -93,7 +104,7 @@ def test_liger_kernel_through_triton_interpreter():
                 _check(_liger_case("cpu", torch.float32, dynamic, reduction, bias=dynamic is None), 1e-5, 1e-5)
         _check(_liger_case("cpu", torch.bfloat16), 2e-3, 3e-2)
         print("OK")
-    """ % os.path.dirname(__file__))
+    """ % (HAVE_LIGER_SITE, TRITON_SITE, os.path.dirname(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
