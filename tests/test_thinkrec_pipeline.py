@@ -29,7 +29,8 @@ def _common(prepared, out):
 @pytest.mark.slow
 def test_lm_and_rec_are_each_normalised_globally(tmp_path, prepared):
     extra = ["lora.enabled=false", "checkpoint.export=none", "train.lr=1e-2", "train.max_steps=3",
-             "train.max_grad_norm=1000", "task.options.reason_ratio=0.5", "data.eval=null", "loss.impl=hf"]
+             "train.max_grad_norm=1000", "task.options.reason_ratio=0.5", "task.options.max_train_samples=64",
+             "data.eval=null", "loss.impl=hf"]
 
     def run(name, nproc, micro, ga):
         out = tmp_path / name
@@ -41,7 +42,7 @@ def test_lm_and_rec_are_each_normalised_globally(tmp_path, prepared):
     for label, other in (("1x1x4", run("r1_m1_ga4", 1, 1, 4)), ("2x1x2", run("r2_m1_ga2", 2, 1, 2))):
         for a, b in zip(ref, other, strict=True):
             for key in ("loss_lm", "loss_rec", "grad_norm"):
-                assert abs(a[key] - b[key]) < 1e-5, (label, a["step"], key, a[key], b[key])
+                assert abs(a[key] - b[key]) <= 1e-5 * (1 + abs(a[key])), (label, a["step"], key, a[key], b[key])
     assert ref[0]["loss"] == pytest.approx(ref[0]["loss_lm"] + ref[0]["loss_rec"], rel=1e-6)
 
 
@@ -76,3 +77,18 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
     for key in ("auc", "uauc", "ndcg@5", "hr@1"):
         assert one["llm"][key] == pytest.approx(two["llm"][key], abs=1e-9, nan_ok=True)
     assert one["llm"]["n"] == two["llm"]["n"] == 30 and "cf" in one
+
+    # Stage 2: ids + projector, stage 1's adapter loaded by path and frozen (2 ranks, ZeRO-3). The frozen
+    # adapter is exported again: it must equal stage 1's bit for bit (loaded, and never updated).
+    # (CLI overrides of task.options replace the YAML's dict, so every option is repeated here.)
+    out2 = tmp_path / "stage2"
+    launch(_common(prepared, out2) + [
+        "distributed.deepspeed=ds_configs/zero3.json", "task.options.prompt_mode=ids",
+        f"task.options.cf_export={cf}", f"task.options.init_adapter={out / 'export'}", "task.options.freeze_lora=true",
+        "task.options.max_train_samples=64", "task.options.max_eval_samples=16"], nproc=2)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "export/adapter_model.safetensors")), load_file(str(out2 / "export/adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a)
+    rows2 = metrics(out2)
+    assert len(rows2) == 4 and all(r["grad_norm"] > 0 for r in rows2)  # only the projector learns
