@@ -33,6 +33,9 @@ def load_for_eval(cfg: Config, export: str | None, tokenizer):
 
     attn = attn_implementation(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     base_dir = Path(export) / "base_model" if export else None
+    if export and not (Path(export) / "adapter_config.json").is_file() and (Path(export) / "config.json").is_file():
+        # a full-model export (checkpoint.export=full)
+        return AutoModelForCausalLM.from_pretrained(str(export), attn_implementation=attn, dtype=torch.float32).eval()
     if base_dir is not None and base_dir.is_dir():
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation=attn, dtype=torch.float32)
     elif cfg.model.name_or_path:
@@ -62,6 +65,10 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
 
     task = ThinkRecTask(cfg)
+    if task.opt.prompt_mode == "ids":
+        raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector, which the trainer does "
+                          "not export yet (it is only in the checkpoints). Fix: evaluate the stage-1 (text) export; "
+                          "stage-2 evaluation is not built yet")
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
