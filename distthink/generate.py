@@ -106,42 +106,14 @@ class Generator:
         """One batch: messages (chats; a trailing assistant turn is dropped), graphs[i] = the Data graphs of
         prompt i's `<|graph|>` groups (or None for text-only). Returns one record per prompt."""
         from distthink.generate_parse import parse_generation
-        from distthink.molecule_task import molecule_inputs_embeds
 
         tok = self.tokenizer
         prompts = [self.render(m, opts.enable_thinking) for m in messages]
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        L = max(len(x) for x in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
-        input_ids = torch.tensor([[pad] * (L - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        graph_batch, counts = None, None
-        if graphs is not None and any(graphs):
-            from distthink.models.graph import collate_sample_graphs
-
-            if self.prefix is None:
-                raise ConfigError("graphs were given but the model has no graph encoder. Fix: generate from the "
-                                  "export of a molecule run (graph_prefix.* next to the model)")
-            graph_batch, counts = collate_sample_graphs([g or [] for g in graphs])
-            counts = counts.to(self.device)
-        embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch, counts)
-        procs = []
-        budget = None
-        if opts.enable_thinking and opts.max_think_tokens is not None and self.think_end_id is not None:
-            budget = ThinkBudget(self.think_end_id, opts.max_think_tokens)
-            procs.append(budget)
-        from transformers import LogitsProcessorList
-
-        kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, pad_token_id=pad,
-                      eos_token_id=self.stop_ids, use_cache=True, logits_processor=LogitsProcessorList(procs))
-        if opts.do_sample:
-            kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        out, budget = self.generate_ids(ids, graphs, opts)
         records = []
         for row, prompt in enumerate(prompts):
-            gen = out[row].tolist()
+            gen = out[row]
             stop_at = next((i for i, t in enumerate(gen) if t in self.stop_ids), None)
             finish = "stop" if stop_at is not None else "length"
             gen = gen[:stop_at] if stop_at is not None else gen
@@ -155,6 +127,43 @@ class Generator:
             rec["think_budget_hit"] = bool(budget is not None and budget.hit is not None and budget.hit[row])
             records.append(rec)
         return records
+
+    @torch.no_grad()
+    def generate_ids(self, ids: Sequence[list[int]], graphs: Sequence[list] | None, opts: GenerationOptions):
+        """Token-level batch generation: ids[i] = prompt token ids (left-padded here), graphs[i] = its graphs.
+
+        Returns (generated ids per row, right-padded with pad, as lists; the ThinkBudget or None)."""
+        from transformers import LogitsProcessorList
+
+        from distthink.molecule_task import molecule_inputs_embeds
+
+        tok = self.tokenizer
+        L = max(len(x) for x in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
+        input_ids = torch.tensor([[pad] * (L - len(x)) + list(x) for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        graph_batch, counts = None, None
+        if graphs is not None and any(graphs):
+            from distthink.models.graph import collate_sample_graphs
+
+            if self.prefix is None:
+                raise ConfigError("graphs were given but the model has no graph encoder. Fix: generate from the "
+                                  "export of a molecule run (graph_prefix.* next to the model)")
+            graph_batch, counts = collate_sample_graphs([g or [] for g in graphs])
+            counts = counts.to(self.device)
+        embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch, counts)
+        procs, budget = [], None
+        if opts.enable_thinking and opts.max_think_tokens is not None and self.think_end_id is not None:
+            budget = ThinkBudget(self.think_end_id, opts.max_think_tokens)
+            procs.append(budget)
+        kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, pad_token_id=pad,
+                      eos_token_id=self.stop_ids, use_cache=True, logits_processor=LogitsProcessorList(procs))
+        if opts.do_sample:
+            kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return out.tolist(), budget
 
     def generate(self, messages: Sequence[list[dict]], graphs: Sequence[list] | None = None,
                  opts: GenerationOptions | None = None, *, ids: Sequence | None = None,

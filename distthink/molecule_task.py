@@ -35,7 +35,7 @@ from distthink.tasks import SFTTask
 log = get_logger(__name__)
 
 GRAPH_TOKEN = "<|graph|>"
-THINK_MODES = ("off", "dynamic", "supervised")
+THINK_MODES = ("off", "dynamic", "supervised", "free")
 TRAIN_PARTS = ("encoder", "projector", "llm", "all")
 PREFIX_FILE = "graph_prefix.safetensors"
 PREFIX_META = "graph_prefix.json"
@@ -59,6 +59,12 @@ class MoleculeOptions:
     train_parts: list = field(default_factory=lambda: ["all"])  # encoder | projector | llm | all
     on_error: str = "raise"            # invalid SMILES / rows: raise | skip (counted)
     max_samples: int | None = None     # cap per split (smoke runs)
+    # think_mode=free (on-policy thoughts): regenerate a sample's thought when it is this many steps old
+    regen_every: int = 1
+    max_think_tokens: int = 32         # thinking budget per generated thought (unclosed ones are closed, counted)
+    temperature: float = 1.0           # sampling of the thoughts
+    top_p: float = 1.0
+    top_k: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "MoleculeOptions":
@@ -74,7 +80,7 @@ class MoleculeOptions:
         for key, allowed in choices.items():
             if getattr(opts, key) not in allowed:
                 raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: use one of {list(allowed)}")
-        for key in ("graph_tokens", "hidden", "num_layers", "proj_mult"):
+        for key in ("graph_tokens", "hidden", "num_layers", "proj_mult", "regen_every", "max_think_tokens"):
             if not isinstance(getattr(opts, key), int) or getattr(opts, key) < 1:
                 raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: a positive integer")
         if isinstance(opts.train_parts, str):
@@ -89,6 +95,13 @@ class MoleculeOptions:
         if opts.think_mode == "dynamic" and cfg.loss.impl != "fused":
             raise ConfigError("task.options.think_mode=dynamic needs the fused loss's dynamic weights. "
                               "Fix: set loss.impl=fused")
+        if opts.think_mode == "free":
+            if cfg.batch.mode != "samples":
+                raise ConfigError("task.options.think_mode=free changes sample lengths at every regeneration, so "
+                                  "the token-budget plan would go stale. Fix: batch.mode=samples")
+            if cfg.distributed.deepspeed and "zero3" in str(cfg.distributed.deepspeed):
+                raise ConfigError("task.options.think_mode=free is not supported under ZeRO-3 yet (generation "
+                                  "would need synchronised ranks). Fix: DDP or ZeRO-2 (distributed.deepspeed)")
         return opts
 
     def trains(self, part: str) -> bool:
@@ -161,8 +174,8 @@ class MoleculeModel(torch.nn.Module):
             self._logged = True
             log.info("graph encoder + projector: %d params, partitioned by ZeRO-3: %s",
                      sum(getattr(p, "ds_numel", p.numel()) for p in self.prefix.parameters()),
-                     all(hasattr(p, "ds_id") and p.data.numel() < p.ds_numel for p in self.prefix.parameters()
-                         if getattr(p, "ds_numel", 0) > 1))
+                     any(hasattr(p, "ds_id") for p in self.prefix.parameters())
+                     and all(p.data.numel() < p.ds_numel for p in self.prefix.parameters() if p.ds_numel > 1))
         embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch,
                                         graphs_per_sample, segment_ids=segment_ids)
         flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1)
@@ -280,6 +293,8 @@ class MoleculeTask(SFTTask):
                 continue
             sample.meta["graphs"] = [graph] if graph is not None else []
             sample.meta["id"] = rec.get("id", i)
+            if self.opts.think_mode == "free":
+                sample = self._free_template(tokenizer, sample, rec)
             samples.append(sample)
         log.info("molecule %s split %s: %d samples, skipped %s (think_mode=%s, graph=%s)", split, source,
                  len(samples), skipped or "none", self.opts.think_mode, self.opts.use_graph)
@@ -287,7 +302,96 @@ class MoleculeTask(SFTTask):
             raise ConfigError(f"data.{split}='{spec}': no usable molecule sample. Fix: check the file")
         return samples
 
+    # -- think_mode=free: on-policy thoughts ---------------------------------------------------------------
+    def _free_template(self, tokenizer, sample, rec: dict):
+        """Split a thinking-mode encoding into prompt (+ opened `<think>`) and the gold tail after `</think>`.
+
+        The initial sample (used before its first regeneration, never trained on in practice since the
+        thought is generated at the first step that uses it) is prompt + empty thought + description."""
+        tok = tokenizer
+        prompt_text = tok.apply_chat_template(self.messages(rec)[:2], tokenize=False, add_generation_prompt=True,
+                                              enable_thinking=True)
+        prompt = tok.encode(prompt_text, add_special_tokens=False)
+        ids, labels = list(sample.input_ids), list(sample.labels)
+        end = tok.convert_tokens_to_ids("</think>")
+        opener = tok.encode("<think>\n", add_special_tokens=False)
+        if ids[:len(prompt)] != prompt or end not in ids[len(prompt):]:
+            raise DataError("the chat template's thinking render does not start with its generation prompt and "
+                            "contain </think>", field="think_mode",
+                            fix="use a Qwen3-style template, or think_mode=dynamic")
+        at = ids.index(end, len(prompt))
+        tail = ids[at + 1:]
+        tail_labels = labels[at + 1:]
+        # learned: the description and end of turn; the "\n\n" after </think> is context, not target
+        lead = 0
+        while lead < len(tail) and tok.decode([tail[lead]]).strip() == "":
+            lead += 1
+        weights = [0.0] * lead + [1.0 if lab != -100 else 0.0 for lab in tail_labels[lead:]]
+        meta = dict(sample.meta, free_prompt=prompt + opener, free_tail=tail, free_tail_weights=weights,
+                    free_end=end, free_step=None, free_think_len=0, free_closed_by_us=False)
+        return self._free_sample(meta, [])
+
+    @staticmethod
+    def _free_sample(meta: dict, thought: list[int]):
+        """prompt + `<think>\n` + thought + `</think>` + tail, learning only the tail's description."""
+        from distthink.data.types import EncodedSample
+
+        head = meta["free_prompt"] + list(thought) + [meta["free_end"]]
+        ids = head + meta["free_tail"]
+        w = [0.0] * len(head) + meta["free_tail_weights"]
+        labels = [t if wi > 0 else -100 for t, wi in zip(ids, w)]
+        return EncodedSample(input_ids=ids, labels=labels, loss_weights=w, meta=meta)
+
+    def on_step_start(self, step: int, model, train_set: list, indices: list[int]) -> None:
+        """Trainer hook (optional): refresh the on-policy thoughts of the samples this step uses.
+
+        A sample's thought is regenerated when it was never generated or is `regen_every` steps old; the
+        current model samples `<think>…` after the prompt (thinking budget `max_think_tokens`), unclosed thoughts
+        are closed and counted, the gold description is appended, and train_set[i] is replaced in place."""
+        if self.opts.think_mode != "free":
+            return
+        from distthink.generate import GenerationOptions
+        from distthink.generate_parse import close_thoughts
+
+        stale = [i for i in indices if train_set[i].meta["free_step"] is None
+                 or step - train_set[i].meta["free_step"] >= self.opts.regen_every]
+        if not stale:
+            return
+        gen = self._free_generator(model)
+        end = gen.think_end_id
+        opts = GenerationOptions(enable_thinking=True, do_sample=True, temperature=self.opts.temperature,
+                                 top_p=self.opts.top_p, top_k=self.opts.top_k,
+                                 max_new_tokens=self.opts.max_think_tokens + 1,
+                                 max_think_tokens=self.opts.max_think_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in stale],
+                                      [train_set[i].meta["graphs"] for i in stale], opts)
+        finally:
+            model.train(was_training)
+        closed = close_thoughts(out, close_ids=[end], stop_ids=gen.stop_ids,
+                                max_think_tokens=self.opts.max_think_tokens)
+        for i, seq, n, by_us in zip(stale, closed.sequences, closed.think_lengths, closed.closed_by_us):
+            meta = dict(train_set[i].meta, free_step=step, free_think_len=n, free_closed_by_us=bool(by_us))
+            train_set[i] = self._free_sample(meta, seq[:-1])  # close_thoughts ends each sequence with </think>
+        at_budget = int(budget.hit.sum()) if budget is not None and budget.hit is not None else 0
+        self.free_stats = {"regenerated": len(stale), "closed_at_budget": at_budget,
+                           "ended_unclosed": int(sum(closed.closed_by_us)),
+                           "mean_think_len": sum(closed.think_lengths) / len(stale)}
+        log.info("free mode step %d: regenerated %d thoughts: %d closed at the budget (%d tokens), %d ended the turn "
+                 "inside the thought (closed by us), mean length %.1f tokens", step + 1, len(stale), at_budget,
+                 self.opts.max_think_tokens, self.free_stats["ended_unclosed"], self.free_stats["mean_think_len"])
+
+    def _free_generator(self, model):
+        from distthink.generate import Generator
+
+        if not hasattr(self, "_gen_tokenizer"):
+            raise DistthinkError("free mode: the tokenizer is unknown (collator() was not called)")
+        return Generator(model.model, self._gen_tokenizer, model.prefix, self.graph_token_id)
+
     def collator(self, tokenizer) -> Callable[[list], dict]:
+        self._gen_tokenizer = tokenizer
         base = super().collator(tokenizer)
 
         def collate(samples: list) -> dict:

@@ -13,6 +13,9 @@ captioning:
 - `norms`: the matching local normalisers of a micro-batch.
 - optional `save_extra(accelerator, wrapped, export_dir)`: collective, after the export, for side modules the
   LM export does not hold (the molecule task writes its graph encoder + projector there).
+- optional `on_step_start(step, model, train_set, indices)`: called before a step's micro-batches are
+  collated, with the unwrapped module and the train-set indices this rank uses in the step; it may replace
+  `train_set[i]` for those indices (on-policy data: the molecule task's `think_mode: free` generates thoughts).
 
 Normalisation contract. For each key k in `loss_keys`, the loss of an optimizer step is
 

@@ -255,7 +255,11 @@ def run(cfg: Config) -> int:
             _fault_injection(step + 1, rank)
             t0 = time.time()
             # Prefetch this step's GA micro-batches, so the global weight total is known before backward.
-            micro = [collate([train_set[i] for i in b]) for b in batches[micro_index:micro_index + ga]]
+            step_batches = batches[micro_index:micro_index + ga]
+            if hasattr(task, "on_step_start"):  # optional hook: on-policy tasks refresh this step's samples
+                task.on_step_start(step, accelerator.unwrap_model(wrapped), train_set,
+                                   [i for b in step_batches for i in b])
+            micro = [collate([train_set[i] for i in b]) for b in step_batches]
             local_norms = [sum(task.norms(m)[k] for m in micro) for k in keys]
             local_n = sum(m["num_target_tokens"] for m in micro)
             local_tok = sum(int((m["segment_ids"] >= 0).sum()) for m in micro)  # real (non-pad) tokens

@@ -6,6 +6,7 @@ trajectory as one process."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from _train_utils import FAST, ROOT, launch, metrics, summary
@@ -147,3 +148,55 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
     for a, b in zip(metrics(one), metrics(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"])
+
+
+def test_free_mode_refuses_token_batching_and_zero3(tmp_path):
+    with pytest.raises(ConfigError, match="batch.mode=samples"):
+        _task(tmp_path, ["batch.mode=tokens"], think_mode="free")
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        _task(tmp_path, ["distributed.deepspeed=ds_configs/zero3.json"], think_mode="free")
+
+
+def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distthink.data.molecule_demo import load_demo
+    from distthink.tiny import tiny_qwen3_config
+
+    tok = tiny_tokenizer("qwen3")
+    task = _task(tmp_path, think_mode="free", max_think_tokens=5, regen_every=2, max_samples=4)
+    task.prepare_tokenizer(tok)
+    train = task.load_split("train", tok)
+    task.collator(tok)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=len(tok)), attn_implementation="sdpa")
+    wrapped = task.wrap_model(lm, tok)
+    task.on_step_start(0, wrapped, train, [0, 1])
+    end = tok.convert_tokens_to_ids("</think>")
+    for i, rec in zip((0, 1), load_demo("train")[:2]):
+        s = train[i]
+        assert s.meta["free_step"] == 0 and 0 <= s.meta["free_think_len"] <= 5
+        prompt = s.meta["free_prompt"]
+        assert s.input_ids[:len(prompt)] == prompt and tok.decode(prompt).endswith("assistant\n<think>\n")
+        assert "/no_think" not in tok.decode(prompt)
+        k = s.input_ids.index(end, len(prompt))
+        assert k - len(prompt) == s.meta["free_think_len"]  # the generated thought sits between <think>\n and </think>
+        assert all(w == 0 for w in s.loss_weights[:k + 1])
+        assert _learned(tok, s) == rec["description"] + "<|im_end|>"
+        assert tok.decode(s.input_ids[k:]).startswith("</think>\n\n" + rec["description"])
+    assert train[2].meta["free_step"] is None  # not used this step: not generated
+    before = list(train[0].input_ids)
+    task.on_step_start(1, wrapped, train, [0])  # 1 step old < regen_every: kept
+    assert train[0].input_ids == before and train[0].meta["free_step"] == 0
+    task.on_step_start(2, wrapped, train, [0])
+    assert train[0].meta["free_step"] == 2
+
+
+@pytest.mark.slow
+def test_free_mode_trains_and_description_loss_decreases(tmp_path):
+    out = tmp_path / "free"
+    proc = launch(["--config", str(_cfg(tmp_path, "free", think_mode="free", max_think_tokens=8, regen_every=2,
+                                        max_samples=16))] + FAST + [f"train.output_dir={out}"])
+    assert proc.stderr.count("free mode step") == 8
+    losses = _losses(out)
+    assert losses[-1] < losses[0] - 0.5, losses
