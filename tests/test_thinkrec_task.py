@@ -213,3 +213,25 @@ def test_bce_definition():
     z, y, c = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9])
     want = 0.1 * math.log(1 + math.exp(-2.0)) + 0.9 * math.log(1 + math.exp(1.0))
     assert float(rec_bce_sum(z, y, c)) == pytest.approx(want, rel=1e-6)
+
+
+def test_eval_loads_the_trained_projector_from_a_checkpoint_file(tmp_path, tok):
+    from safetensors.torch import save_file
+
+    from distthink.recsys.eval_llm import load_projector
+
+    yes, no = verdict_ids(tok, ThinkRecOptions())
+    torch.manual_seed(1)
+    trained = Projector(8, 64, mult=2)
+    save_file({f"projector.{k}": v.contiguous() for k, v in trained.state_dict().items()} |
+              {"model.x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(2)
+    fresh = ThinkRecModel(_model(tok), yes_id=yes, no_id=no, projector=Projector(8, 64, mult=2),
+                          user_table=torch.zeros(2, 8), item_table=torch.zeros(2, 8))
+    x = torch.randn(3, 8)
+    assert not torch.equal(fresh.projector(x), trained(x))
+    load_projector(fresh, str(tmp_path / "model.safetensors"))
+    assert torch.equal(fresh.projector(x), trained(x))
+    save_file({"model.x": torch.zeros(1)}, str(tmp_path / "none.safetensors"))
+    with pytest.raises(ConfigError, match="Fix"):
+        load_projector(fresh, str(tmp_path / "none.safetensors"))

@@ -97,6 +97,8 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     s.add_argument("--scores", default=None, help="write per-sample scores to this Parquet file")
     s.add_argument("--cf", default=None, help="a `rec train-cf` export: also report its metrics on the same rows")
+    s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
+                   "model.safetensors holding the trained projector")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="dotted config overrides")
     s.set_defaults(func=_eval)
@@ -202,7 +204,7 @@ def _eval(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         m = evaluate(cfg, args.split, export=args.export, limit=args.limit, scores_out=args.scores,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, projector=args.projector)
         out = {"llm": m}
         if args.cf:
             from distthink.models.cf import load_cf_export

@@ -56,7 +56,7 @@ def load_for_eval(cfg: Config, export: str | None, tokenizer):
 
 @torch.no_grad()
 def score_split(cfg: Config, split_path: str, *, export: str | None = None, limit: int | None = None,
-                batch_size: int = 8, rank: int = 0, world: int = 1):
+                batch_size: int = 8, rank: int = 0, world: int = 1, projector: str | None = None):
     """Scores of this rank's share of the split. Returns (sample_index, users, items, labels, scores) arrays
     of this rank and the split size."""
     from distthink import train_data
@@ -65,10 +65,10 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
 
     task = ThinkRecTask(cfg)
-    if task.opt.prompt_mode == "ids":
-        raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector, which the trainer does "
-                          "not export yet (it is only in the checkpoints). Fix: evaluate the stage-1 (text) export; "
-                          "stage-2 evaluation is not built yet")
+    if task.opt.prompt_mode == "ids" and not projector:
+        raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector, which the trainer's export "
+                          "does not hold. Fix: pass --projector CHECKPOINT/model.safetensors (a checkpoint of the "
+                          "stage; ZeRO-3 checkpoints must be consolidated first with DeepSpeed's zero_to_fp32)")
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
@@ -77,6 +77,8 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     opt = task.opt
     opt.init_adapter, opt.freeze_lora = None, False  # the export already holds the adapter
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
+    if opt.prompt_mode == "ids":
+        load_projector(wrapper, projector)
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
@@ -94,8 +96,24 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     return {k: np.asarray(v) for k, v in out.items()}, len(samples)
 
 
+def load_projector(wrapper, path: str) -> None:
+    """Load the `projector.*` tensors of a (non-ZeRO-3 or consolidated) training checkpoint's safetensors."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--projector {path} is not a file. Fix: pass CHECKPOINT/model.safetensors")
+    sd = {k[len("projector."):]: v for k, v in load_file(str(path)).items() if k.startswith("projector.")}
+    if not sd:
+        raise ConfigError(f"--projector {path} holds no projector.* tensors. Fix: pass a checkpoint of a "
+                          "prompt_mode=ids stage")
+    try:
+        wrapper.projector.load_state_dict(sd)
+    except RuntimeError as err:
+        raise ConfigError(f"--projector {path} does not fit this config ({err}). Fix: use the stage's config") from None
+
+
 def evaluate(cfg: Config, split_path: str, *, export: str | None = None, limit: int | None = None,
-             scores_out: str | None = None, batch_size: int = 8, ks=(1, 5, 10)) -> dict:
+             scores_out: str | None = None, batch_size: int = 8, ks=(1, 5, 10), projector: str | None = None) -> dict:
     """Collective when a process group is initialised. Metrics dict (same on every rank); rank 0 writes Parquet."""
     import torch.distributed as dist
 
@@ -103,7 +121,8 @@ def evaluate(cfg: Config, split_path: str, *, export: str | None = None, limit: 
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    r, n = score_split(cfg, split_path, export=export, limit=limit, batch_size=batch_size, rank=rank, world=world)
+    r, n = score_split(cfg, split_path, export=export, limit=limit, batch_size=batch_size, rank=rank, world=world,
+                       projector=projector)
     # items travel with the user column packed as user * n_items_bound + item? keep it simple: gather twice.
     idx, usr, lab, sco = gather_predictions(r["idx"], r["user"], r["label"], r["score"], expected_count=n)
     _, itm, _, _ = gather_predictions(r["idx"], r["item"], r["label"], r["score"], expected_count=n)
