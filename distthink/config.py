@@ -243,8 +243,19 @@ def _merge_into(obj, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge_into(current, value if value is not None else {}, dotted + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # Free-form mappings (task.options, data.policy) merge key by key, so that an override such as
+            # task.options.lr_scale=2 changes one option instead of replacing the YAML's whole mapping.
+            setattr(obj, key, _deep_merge(current, value))
         else:
             setattr(obj, key, _check_value(dotted, value, f))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -111,3 +111,13 @@ def test_every_shipped_config_loads():
             load_config(f)
     finally:
         os.chdir(cwd)
+
+
+def test_mapping_overrides_merge_key_by_key(tmp_path):
+    from distthink.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  options:\n    a: 1\n    nested: {x: 1, y: 2}\ndata:\n  policy:\n    think: mask\n")
+    cfg = load_config(path, ["task.options.b=2", "task.options.nested.y=3", "data.policy.think_weight=0.5"])
+    assert cfg.task.options == {"a": 1, "b": 2, "nested": {"x": 1, "y": 3}}
+    assert cfg.data.policy == {"think": "mask", "think_weight": 0.5}
