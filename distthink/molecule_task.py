@@ -99,7 +99,7 @@ class MoleculeOptions:
             if cfg.batch.mode != "samples":
                 raise ConfigError("task.options.think_mode=free changes sample lengths at every regeneration, so "
                                   "the token-budget plan would go stale. Fix: batch.mode=samples")
-            if cfg.distributed.deepspeed and "zero3" in str(cfg.distributed.deepspeed):
+            if _zero_stage(cfg.distributed.deepspeed) == 3:
                 raise ConfigError("task.options.think_mode=free is not supported under ZeRO-3 yet (generation "
                                   "would need synchronised ranks). Fix: DDP or ZeRO-2 (distributed.deepspeed)")
         return opts
@@ -110,6 +110,20 @@ class MoleculeOptions:
     def graph_config(self) -> dict:
         return {"conv": self.conv, "hidden": self.hidden, "num_layers": self.num_layers, "pool": self.pool,
                 "dropout": self.dropout, "proj_mult": self.proj_mult, "graph_tokens": self.graph_tokens}
+
+
+def _zero_stage(ds) -> int:
+    """ZeRO stage of a distributed.deepspeed setting (a JSON path or a dict); 0 without DeepSpeed."""
+    if not ds:
+        return 0
+    if isinstance(ds, dict):
+        conf = ds
+    else:
+        try:
+            conf = json.loads(Path(ds).read_text())
+        except (OSError, json.JSONDecodeError):
+            return 0  # the trainer reports an unreadable DeepSpeed config itself
+    return int((conf.get("zero_optimization") or {}).get("stage", 0) or 0)
 
 
 def build_prefix(graph_cfg: dict, llm_hidden: int):
