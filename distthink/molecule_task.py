@@ -13,6 +13,9 @@ Thinking modes (`task.options.think_mode`):
   loss's dynamic weights (`dynamic: argmax | soft`) count a sample's tokens only after the position where the
   model itself predicts `</think>` (docs/ops.md). Needs loss.impl=fused.
 - `supervised`: rows carry `reasoning_content`; encode_chat learns reasoning + description (data.policy).
+- `free`: on-policy thoughts. `on_step_start` (trainer hook) samples `<think>…` with the current model for the
+  step's samples (budget `max_think_tokens`, regenerated when `regen_every` steps old), closes and counts
+  unfinished thoughts, appends the gold description and learns only it (thought weight 0).
 
 Options are validated by `MoleculeOptions`; see docs/molecules.md for the table.
 """
