@@ -85,6 +85,13 @@ class ThinkRecOptions:
         return opt
 
     def validate(self) -> None:
+        # YAML 1.1 reads an unquoted yes/no as a boolean: map those back to the words the user wrote.
+        if self.rec_score is True:
+            self.rec_score = "yes"
+        if self.yes_text is True:
+            self.yes_text = "Yes"
+        if self.no_text is False:
+            self.no_text = "No"
         if self.rec_score not in ("yes", "yes_minus_no"):
             raise ConfigError(f"task.options.rec_score={self.rec_score!r}. Fix: use `yes` or `yes_minus_no`")
         for k in ("alpha", "beta", "theta", "gamma"):
