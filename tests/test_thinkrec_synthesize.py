@@ -95,3 +95,19 @@ def test_rows_never_right_are_stored_as_failed_and_hints_cycle(tmp_path, server)
     assert counts["failed"] == 1
     hints = [c["messages"][-1]["content"] for c in _Teacher.calls if len(c["messages"]) > 1]
     assert hints == ["Please think again (Yes?)", "Try once more (Yes?)"]
+
+
+def test_cli_writes_records_and_the_split(tmp_path, server):
+    import subprocess
+    import sys
+
+    split = tmp_path / "train.parquet"
+    _rows().to_parquet(split, index=False)
+    env = {"OPENAI_BASE_URL": server, "DISTTHINK_TEACHER_MODEL": "t", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-m", "distthink", "rec", "synthesize", "--split", str(split), "--out",
+                        str(tmp_path / "r.jsonl"), "--limit", "2", "--write-split", str(tmp_path / "new.parquet")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["ok"] == 2
+    new = pd.read_parquet(tmp_path / "new.parquet")
+    assert new["reason"].iloc[0].startswith("Yes. because") and new["reason"].iloc[2] == ""

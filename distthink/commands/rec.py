@@ -102,6 +102,18 @@ def register(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="dotted config overrides")
     s.set_defaults(func=_eval)
+    s = sub.add_parser("synthesize", help="ask a teacher (OpenAI-compatible endpoint) for reasoning traces")
+    s.add_argument("--split", required=True, help="prepared split file to synthesise reasons for")
+    s.add_argument("--out", required=True, help="JSONL of records (resumable: existing keys are skipped)")
+    s.add_argument("--scores", default=None, help="`rec eval --scores` Parquet: only rows the model gets wrong")
+    s.add_argument("--threshold", type=float, default=0.0, help="score > threshold predicts Yes (with --scores)")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--base-url", default=None, help="default: $OPENAI_BASE_URL")
+    s.add_argument("--model", default=None, help="default: $DISTTHINK_TEACHER_MODEL")
+    s.add_argument("--max-rounds", type=int, default=3)
+    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--write-split", default=None, help="also write the split with the new reasons (Parquet)")
+    s.set_defaults(func=_synthesize)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -226,4 +238,23 @@ def _eval(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+def _synthesize(args) -> int:
+    """`rec synthesize`: API key from $OPENAI_API_KEY (never a flag, so it stays out of shell history)."""
+    import os
+
+    from distthink.recsys.prepare import read_split
+    from distthink.recsys.synthesize import TeacherConfig, apply_reasons, select_rows, synthesize
+
+    cfg = TeacherConfig(base_url=args.base_url or os.environ.get("OPENAI_BASE_URL", ""),
+                        model=args.model or os.environ.get("DISTTHINK_TEACHER_MODEL", ""),
+                        api_key=os.environ.get("OPENAI_API_KEY"), max_rounds=args.max_rounds,
+                        concurrency=args.concurrency)
+    split = read_split(args.split)
+    counts = synthesize(select_rows(split, args.scores, args.threshold, args.limit), args.out, cfg)
+    if args.write_split:
+        apply_reasons(split, args.out).to_parquet(args.write_split, index=False)
+    print(json.dumps({"out": args.out, **counts}))
     return 0
