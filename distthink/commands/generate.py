@@ -36,9 +36,9 @@ def argparse_bool():
 
 
 def load_rows(spec: str) -> tuple[list[dict], str]:
-    import json
     from pathlib import Path
 
+    from distthink.data.jsonl import iter_jsonl
     from distthink.data.molecule_demo import load_demo
     from distthink.errors import DataError
 
@@ -48,19 +48,12 @@ def load_rows(spec: str) -> tuple[list[dict], str]:
     if not path.exists():
         raise DataError("input file does not exist", source=spec, fix="give a JSONL file, or `demo`")
     rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON ({err.msg})", source=spec, line=n, fix="one JSON object per line") from None
-            if not isinstance(row, dict) or not ("smiles" in row or "messages" in row):
-                raise DataError("row has neither `smiles` nor `messages`", source=spec, line=n, field="smiles",
-                                fix="molecule rows need smiles; chat rows need messages")
-            row.setdefault("id", n - 1)
-            rows.append(row)
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not ("smiles" in row or "messages" in row):
+            raise DataError("row has neither `smiles` nor `messages`", source=spec, line=n, field="smiles",
+                            fix="molecule rows need smiles; chat rows need messages")
+        row.setdefault("id", n - 1)
+        rows.append(row)
     return rows, spec
 
 

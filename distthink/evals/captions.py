@@ -234,17 +234,9 @@ def _as_parsed(gen, i: int) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON ({err.msg})", source=str(path), line=n,
-                                fix="each line must be one JSON object") from None
-    return rows
+    from distthink.data.jsonl import iter_jsonl
+
+    return [row for _, row in iter_jsonl(path)]
 
 
 def main(argv: list[str] | None = None) -> int:
