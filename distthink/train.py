@@ -408,7 +408,7 @@ def _peak_memory_mb(device) -> float:
 
 def _summary_text(s: dict) -> str:
     def fmt(x, spec):
-        return format(x, spec) if isinstance(x, (int, float)) else str(x)
+        return format(x, spec) if isinstance(x, (int, float)) else ("n/a" if x is None else str(x))
 
     return "\n".join([
         "=" * 64,
