@@ -73,6 +73,7 @@ class ThinkRecOptions:
     train_projector: bool | None = None  # default: prompt_mode == ids
     init_adapter: str | None = None    # a previous stage's adapter export folder (loaded by path)
     freeze_lora: bool = False          # stage 2: LoRA frozen
+    molora: dict | None = None         # stage 3: {groups_dir, init_adapter, gate: hard|soft, dropout} (MoLoRAStage)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ThinkRecOptions":
@@ -123,6 +124,57 @@ class ThinkRecOptions:
         for k in ("yes_text", "no_text"):
             if not getattr(self, k) or not isinstance(getattr(self, k), str):
                 raise ConfigError(f"task.options.{k} must be a non-empty string. Fix: e.g. Yes / No")
+        if self.molora is not None:
+            self.molora = MoLoRAStage.from_dict(self.molora, cf_export=self.cf_export)
+            if self.init_adapter or self.freeze_lora:
+                raise ConfigError("task.options.init_adapter/freeze_lora do not apply to stage 3. Fix: name the "
+                                  "stage-1 adapter in task.options.molora.init_adapter and remove them")
+
+
+@dataclass
+class MoLoRAStage:
+    """``task.options.molora`` (stage 3, docs/thinkrec.md): per-group experts trained in one job.
+
+    groups_dir: folder of `distthink rec group` (user_groups.parquet + centroids). init_adapter: the stage-1
+    PEFT adapter folder every expert and the global adapter start from. gate: ``hard`` routes each sample to
+    its user's group expert (users absent from the table: the global adapter); ``soft`` uses the entropy gate
+    on the CF user vectors (needs task.options.cf_export).
+    """
+
+    groups_dir: str = ""
+    init_adapter: str = ""
+    gate: str = "hard"
+    dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d, cf_export=None) -> "MoLoRAStage":
+        if isinstance(d, MoLoRAStage):
+            return d
+        if not isinstance(d, dict) and hasattr(d, "items"):
+            d = dict(d.items())
+        if not isinstance(d, dict):
+            raise ConfigError(f"task.options.molora must be a mapping, got {d!r}. Fix: e.g. "
+                              "{groups_dir: runs/groups, init_adapter: runs/stage1/export}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"task.options.molora: unknown key(s) {unknown}. Fix: use {sorted(names)}")
+        m = cls(**d)
+        g = Path(m.groups_dir) if m.groups_dir else None
+        if g is None or not (g / "user_groups.parquet").is_file() or not (g / "groups.safetensors").is_file():
+            raise ConfigError(f"task.options.molora.groups_dir={m.groups_dir!r} is not a `distthink rec group` "
+                              "folder. Fix: run `distthink rec group --cf CF --out DIR` and pass DIR")
+        if not m.init_adapter or not (Path(m.init_adapter) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"task.options.molora.init_adapter={m.init_adapter!r} has no "
+                              "adapter_model.safetensors. Fix: pass stage 1's export folder (train.output_dir/export)")
+        if m.gate not in ("hard", "soft"):
+            raise ConfigError(f"task.options.molora.gate={m.gate!r}. Fix: use `hard` or `soft`")
+        if m.gate == "soft" and not cf_export:
+            raise ConfigError("task.options.molora.gate=soft needs the CF user vectors. Fix: set "
+                              "task.options.cf_export (the `distthink rec train-cf` folder)")
+        if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
+            raise ConfigError(f"task.options.molora.dropout={m.dropout!r} must be in [0, 1). Fix: e.g. 0.0")
+        return m
 
 
 def verdict_ids(tokenizer, opt: ThinkRecOptions) -> tuple[int, int]:
@@ -360,16 +412,112 @@ class ThinkRecTask:
         return ThinkRecCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=self.cfg.batch.packing)
 
     def wrap_model(self, model, tokenizer) -> torch.nn.Module:
+        if self.opt.molora is not None:
+            model = self._apply_molora(model)
         return build_wrapper(model, tokenizer, self.opt, impl=self.cfg.loss.impl, chunk_size=self.cfg.loss.chunk_size)
+
+    def _apply_molora(self, model):
+        """Stage 3: swap the targeted linears for MoLoRA layers, every adapter starting from stage 1's."""
+        from distthink.models.molora import EntropyGate, apply_molora
+        from distthink.recsys.grouping import load_groups
+
+        m = self.opt.molora
+        if hasattr(model, "peft_config"):
+            raise ConfigError("task.options.molora (stage 3) builds its own adapters. Fix: set lora.enabled=false")
+        groups = load_groups(m.groups_dir)
+        k = int(groups["centroids"].shape[0])
+        table = groups["table"]
+        n = int(max(table["user_id"].max(), 0)) + 1
+        # user id -> group (-1 = not in the table -> global adapter); a lookup tensor, no per-sample dict.
+        self.user_group = torch.full((n,), -1, dtype=torch.long)
+        self.user_group[torch.as_tensor(table["user_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(
+            table["group"].to_numpy(), dtype=torch.long)
+        self.num_experts = k
+        self.gate = EntropyGate.from_groups(m.groups_dir) if m.gate == "soft" else None
+        inner = apply_molora(model, k, dropout=float(m.dropout), init_from_peft_adapter=m.init_adapter)
+        self.molora_model = inner
+        return inner
+
+    def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None) -> torch.Tensor:
+        """(S,) user ids -> (S, K+1) gates: one-hot by group (hard) or the entropy gate on CF vectors (soft)."""
+        from distthink.models.molora import hard_gate
+
+        u = user_ids.detach().cpu().long()
+        if self.gate is not None:
+            return self.gate(user_table[user_ids].detach().float().cpu()).weights
+        g = torch.full_like(u, -1)
+        known = u < self.user_group.numel()
+        g[known] = self.user_group[u[known]]
+        return hard_gate(g, self.num_experts)
 
     def forward(self, wrapped, batch: dict, attn_impl: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from distthink.data.packing import model_inputs
 
+        if self.opt.molora is not None:
+            # Stage 3. The trainer calls backward *outside* this method, so the gates are set here and stay set
+            # until the next micro-batch's forward replaces them (never cleared in between): a backward that
+            # recomputes the forward (gradient checkpointing) then sees this micro-batch's gates.
+            from distthink.models.molora import set_gates
+
+            table = None
+            if self.gate is not None:
+                from distthink.models.cf import load_cf_export
+
+                if getattr(self, "_cf_user", None) is None:
+                    self._cf_user = load_cf_export(self.opt.cf_export).user
+                table = self._cf_user
+            gates = self.sample_gates(batch["user_ids"], table).to(batch["input_ids"].device)
+            set_gates(self.molora_model, gates, segment_ids=batch["segment_ids"])
         kw = model_inputs(batch, attn_impl, dtype=dtype, with_input_ids=False)
         return wrapped(**{k: batch[k] for k in SIDE_KEYS}, **kw)
 
+    def save_extra(self, accelerator, wrapped, export_dir) -> None:
+        """Stage 3 (collective, all ranks): every expert + the global adapter as PEFT folders + molora.json, in
+        export_dir/molora (distthink.models.molora_export)."""
+        if self.opt.molora is None:
+            return
+        from distthink.models.molora import EntropyGate
+        from distthink.models.molora_export import export_molora
+
+        m = self.opt.molora
+        export_molora(accelerator.unwrap_model(wrapped).model, Path(export_dir) / "molora",
+                      gate=EntropyGate.from_groups(m.groups_dir), groups_dir=m.groups_dir)
+        if accelerator.is_main_process:
+            _clean_full_export(Path(export_dir))
+        accelerator.wait_for_everyone()
+
     def norms(self, batch: dict) -> dict[str, float]:
         return {"lm": float(batch["target_weight_sum"]), "rec": float(batch["rec_rows"].numel())}
+
+
+def _clean_full_export(export_dir: Path) -> None:
+    """The `full` export of a MoLoRA model holds ``<proj>.base_layer.weight`` and the stacked ``lora_A/lora_B``;
+    rewrite it as the plain base model (``<proj>.weight``, no adapters) so transformers loads it and any
+    exported adapter applies on top. The adapters themselves live in export_dir/molora."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def clean(key: str) -> str | None:
+        if key.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            return None
+        return key.replace(".base_layer.", ".")
+
+    for f in sorted(export_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata()
+            keys = list(fh.keys())
+            if not any(clean(k) != k for k in keys):
+                continue
+            tensors = {clean(k): fh.get_tensor(k) for k in keys if clean(k) is not None}
+        save_file(tensors, str(f), metadata=meta)
+    idx = export_dir / "model.safetensors.index.json"
+    if idx.is_file():
+        d = json.loads(idx.read_text())
+        d["weight_map"] = {clean(k): v for k, v in d["weight_map"].items() if clean(k) is not None}
+        idx.write_text(json.dumps(d, indent=2))
+
 
 
 def build_wrapper(model, tokenizer, opt: ThinkRecOptions, *, impl: str = "fused", chunk_size: int = 1024):

@@ -1,0 +1,161 @@
+"""ThinkRec stage 3 (task.options.molora): option validation, gates per sample, and a 2-rank ZeRO-3 run where
+every expert learns only from its own group's samples (an expert whose group has no sample keeps the stage-1
+weights bit for bit), exported as plain PEFT adapters."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _train_utils import launch, metrics
+
+R, ALPHA = 4, 8
+
+
+def _write_adapter(out, seed=0):
+    """A stage-1-like PEFT LoRA adapter for tiny-qwen3 (q_proj, v_proj), with non-zero A and B."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(2):
+        for mod, d_out in (("q_proj", 64), ("v_proj", 32)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            t[f"{key}.lora_A.weight"] = torch.randn(R, 64, generator=g) * 0.1
+            t[f"{key}.lora_B.weight"] = torch.randn(d_out, R, generator=g) * 0.1
+    out.mkdir(parents=True)
+    LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").save_pretrained(out)
+    save_file(t, str(out / "adapter_model.safetensors"))
+    return t
+
+
+def _write_groups(out, train_users, k=3, missing=()):
+    """A `rec group`-shaped folder whose table sends the run's users to groups 0 and 1 only (group k-1 empty);
+    users in `missing` are absent from the table (-> global adapter)."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True)
+    users = sorted(set(train_users) - set(missing))
+    group = [i % 2 for i in range(len(users))]  # alternate, so both groups 0 and 1 get samples
+    users.append(10_000)  # one user of the last group, never in the data
+    group.append(k - 1)
+    pd.DataFrame({"user_id": users, "raw_user_id": [str(u) for u in users], "group": group,
+                  "fitted": True}).to_parquet(out / "user_groups.parquet", index=False)
+    rng = np.random.default_rng(0)
+    save_file({"centroids": rng.normal(size=(k, 8)).astype(np.float32), "scaler_mean": np.zeros(8, np.float32),
+               "scaler_scale": np.ones(8, np.float32)}, str(out / "groups.safetensors"))
+    (out / "groups.json").write_text(json.dumps({"n_groups": k}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from distthink.recsys.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("stage3")
+    prep = root / "prep"
+    prepare_synthetic(prep, reasons="template", n_users=20, n_items=40, min_per_user=10, max_per_user=20)
+    users = pd.read_parquet(prep / "train.parquet")["user_id"].iloc[:8].tolist()
+    missing = (users[0],)
+    assert len(set(users) - set(missing)) >= 2
+    _write_groups(root / "groups", users, missing=missing)
+    adapter = _write_adapter(root / "stage1")
+    return root, prep, adapter, users, missing
+
+
+def _opts(root, **extra):
+    from distthink.config import load_config
+
+    return load_config("configs/thinkrec/stage3_smoke.yaml", [
+        f"task.options.molora.groups_dir={root / 'groups'}", f"task.options.molora.init_adapter={root / 'stage1'}",
+        *[f"task.options.molora.{k}={v}" for k, v in extra.items()]])
+
+
+def test_options_validated_with_key_and_fix(world):
+    from distthink.errors import ConfigError
+    from distthink.recsys.task import ThinkRecOptions
+
+    root = world[0]
+    good = {"groups_dir": str(root / "groups"), "init_adapter": str(root / "stage1")}
+    ThinkRecOptions.from_dict({"molora": good})
+    for bad, words in (({**good, "gate": "fuzzy"}, "molora.gate"), ({**good, "groups_dir": str(root)}, "groups_dir"),
+                       ({**good, "init_adapter": str(root)}, "init_adapter"), ({**good, "experts": 3}, "unknown"),
+                       ({**good, "gate": "soft"}, "cf_export")):
+        with pytest.raises(ConfigError, match=words) as e:
+            ThinkRecOptions.from_dict({"molora": bad})
+        assert "Fix" in str(e.value)
+
+
+def test_hard_gates_follow_the_group_table(world):
+    from distthink.models.molora import apply_molora  # noqa: F401  (import check)
+    from distthink.recsys.task import MoLoRAStage, ThinkRecTask
+
+    root, _, _, users, missing = world
+    task = ThinkRecTask.__new__(ThinkRecTask)
+    task.opt = type("O", (), {"molora": MoLoRAStage.from_dict({"groups_dir": str(root / "groups"),
+                                                                "init_adapter": str(root / "stage1")})})()
+    model = torch.nn.Sequential()
+    model.q_proj = torch.nn.Linear(64, 64)
+    model.v_proj = torch.nn.Linear(64, 32)
+    from distthink.recsys.grouping import load_groups
+
+    table = load_groups(root / "groups")["table"]
+    task.num_experts = 3
+    task.gate = None
+    task.user_group = torch.full((10_001,), -1, dtype=torch.long)
+    task.user_group[torch.as_tensor(table["user_id"].to_numpy().copy())] = torch.as_tensor(table["group"].to_numpy().copy())
+    ids = torch.tensor([users[1], missing[0], 10_000, 99_999])
+    g = task.sample_gates(ids)
+    expected = torch.zeros(4, 4)
+    expected[0, int(table.set_index("user_id").loc[users[1], "group"])] = 1
+    expected[1, 3] = expected[2, 2] = expected[3, 3] = 1  # missing / unknown id -> global (column K)
+    assert torch.equal(g, expected)
+
+
+@pytest.mark.slow
+def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, world):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    root, prep, stage1, users, _ = world
+    out = tmp_path / "run"
+    launch(["--config", "configs/thinkrec/stage3_smoke.yaml", f"data.train={prep / 'train.parquet'}",
+            "data.eval=null", f"train.output_dir={out}", "distributed.deepspeed=ds_configs/zero3.json",
+            f"task.options.molora.groups_dir={root / 'groups'}", f"task.options.molora.init_adapter={root / 'stage1'}",
+            "task.options.max_train_samples=8", "batch.samples_per_micro=2", "batch.shuffle=false",
+            "train.lr=3e-3", "train.max_steps=4"], nproc=2)
+    rows = metrics(out)
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    # 8 samples = 2 steps per epoch, no shuffle: steps 3/4 see the data of steps 1/2 again, after training on it.
+    assert rows[2]["loss"] < rows[0]["loss"] and rows[3]["loss"] < rows[1]["loss"], rows
+    mdir = out / "export" / "molora"
+    meta = json.loads((mdir / "molora.json").read_text())
+    assert meta["adapters"] == ["expert_0", "expert_1", "expert_2", "global"] and meta["gate"] is not None
+    w = {n: load_file(str(mdir / n / "adapter_model.safetensors")) for n in meta["adapters"]}
+    for name in meta["adapters"]:
+        assert sorted(w[name]) == sorted(stage1)
+    same = {n: all(torch.equal(w[n][k], stage1[k]) for k in stage1) for n in meta["adapters"]}
+    # group 2 has no sample in the run: untouched; groups 0, 1 and the global adapter (a user missing from
+    # the table) trained.
+    assert same == {"expert_0": False, "expert_1": False, "expert_2": True, "global": False}, same
+
+    # Plain peft loads an exported expert onto the exported base and reproduces the MoLoRA layer (one-hot gate).
+    from transformers import AutoModelForCausalLM
+
+    from distthink.models.molora import hard_gate, molora_gates
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float32)
+    x = torch.randint(0, 100, (1, 12))
+    peft = PeftModel.from_pretrained(base, str(mdir / "expert_1"))
+    with torch.no_grad():
+        ref = peft(input_ids=x).logits
+    from distthink.models.molora_export import load_molora
+
+    mol, gate = load_molora(AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float32), mdir)
+    assert gate is not None and gate.num_experts == 3
+    with torch.no_grad(), molora_gates(mol, hard_gate(torch.tensor([1]), 3)):
+        got = mol(input_ids=x).logits
+    assert torch.allclose(got, ref, atol=1e-5)
