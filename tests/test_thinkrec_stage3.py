@@ -159,3 +159,31 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
     with torch.no_grad(), molora_gates(mol, hard_gate(torch.tensor([1]), 3)):
         got = mol(input_ids=x).logits
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
+    """Soft (entropy) gate on real CF vectors + `rec group`, one rank, activations recomputed in backward: the
+    gates set by the task's forward must still be there when backward recomputes the forward."""
+    import subprocess
+    import sys
+
+    from _train_utils import ROOT, env
+
+    root, prep, _, _, _ = world
+    cf, groups = tmp_path / "cf", tmp_path / "groups"
+    for cmd in (["train-cf", "--data", str(prep), "--out", str(cf), "--epochs", "2", "--no-progress"],
+                ["group", "--cf", str(cf), "--out", str(groups), "--n-groups", "2", "--no-plots"]):
+        p = subprocess.run([sys.executable, "-m", "distthink", "rec", *cmd], cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "run"
+    launch(["--config", "configs/thinkrec/stage3_smoke.yaml", f"data.train={prep / 'train.parquet'}",
+            "data.eval=null", f"train.output_dir={out}", "model.gradient_checkpointing=true",
+            f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
+            f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft",
+            "task.options.max_train_samples=8", "train.max_steps=2"], nproc=1)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    meta = json.loads((out / "export" / "molora" / "molora.json").read_text())
+    assert meta["num_experts"] == 2 and meta["gate"]["tau"] == pytest.approx(0.1)
