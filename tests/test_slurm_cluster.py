@@ -236,6 +236,54 @@ def test_rendered_stage3_script_runs_one_node_two_processes(slurm_cluster, workd
         assert s["final_loss"] == pytest.approx(summary(base_out)["final_loss"], rel=1e-6, abs=1e-7)
 
 
+def test_thinkrec_stage3_template_one_node_two_processes(slurm_cluster, workdir):  # noqa: F811
+    """`sbatch slurm/stage3.sbatch` with the real ThinkRec stage-3 smoke config (MoLoRA experts from a stage-1
+    adapter, hard gates from a `rec group` table), 1 node x 2 CPU processes: completes with exit code 0, writes
+    the checkpoint, the per-job and per-node logs, and the MoLoRA export (molora.json + one PEFT folder each)."""
+    import pandas as pd
+    from test_thinkrec_stage3 import _write_adapter, _write_groups  # the stage-3 tests' input builders
+
+    from distthink.recsys.synthetic import prepare_synthetic
+
+    inputs = workdir / "stage3-inputs"
+    prep = inputs / "prep"
+    prepare_synthetic(prep, reasons="template", n_users=20, n_items=40, min_per_user=10, max_per_user=20)
+    users = pd.read_parquet(prep / "train.parquet")["user_id"].tolist()
+    _write_groups(inputs / "groups", users)
+    _write_adapter(inputs / "stage1")
+    out = workdir / "stage3"
+    steps = 4
+    overrides = (f"data.train={prep / 'train.parquet'} data.eval=null "
+                 f"task.options.molora.groups_dir={inputs / 'groups'} "
+                 f"task.options.molora.init_adapter={inputs / 'stage1'} "
+                 f"task.options.max_train_samples=16 train.max_steps={steps}")
+    t0 = time.monotonic()
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=1", "--gpus-per-node=0", template="stage3",
+                          DISTTHINK_CONFIG=str(REPO / "configs" / "thinkrec" / "stage3_smoke.yaml"),
+                          DISTTHINK_CPU_PROCS_PER_NODE="2", DISTTHINK_OVERRIDES=overrides)
+    info = slurm_cluster.wait_job(job, timeout=240)
+    wall = time.monotonic() - t0
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "COMPLETED" and info.rc == 0, detail
+    log = job_log(workdir, job, name="distthink-stage3")
+    assert "restart 0 on 1 node(s)" in log and "1 node(s) x 2 process(es) = 2; CPU, gloo" in log, detail
+    assert "stage3_smoke.yaml" in log and "training finished (exit code 0)" in log, detail
+    nodes = node_logs(out, job)
+    assert sorted(nodes) == [0], detail
+    assert "--num_machines 1 --machine_rank 0 --num_processes 2" in nodes[0], detail
+    assert "training processes ended with exit code 0" in nodes[0], detail
+    ckpt = f"step-{steps:08d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpt, detail
+    assert (out / "checkpoints" / ckpt / "COMPLETE").exists(), detail
+    s = summary(out)
+    assert s["steps"] == steps and s["world_size"] == 2, s
+    meta = json.loads((out / "export" / "molora" / "molora.json").read_text())
+    assert meta["adapters"] == ["expert_0", "expert_1", "expert_2", "global"], meta
+    for name in meta["adapters"]:
+        assert (out / "export" / "molora" / name / "adapter_model.safetensors").exists(), name
+    print(f"stage3 (ThinkRec MoLoRA) 1x2 job: {wall:.1f}s wall, final loss {s['final_loss']:.6f}")
+
+
 def test_zero3_across_two_namespace_hosts(slurm_cluster, workdir):  # noqa: F811
     """The stretch goal: `sbatch -N 2 slurm/sft.sbatch`, 2 nodes x 1 process, DeepSpeed ZeRO-3, with
     each node a separate network namespace (own address, hostname, eth0)."""
