@@ -3,7 +3,8 @@ slurmd, each in its own network namespace (own eth0 address and hostname) where 
 else both on loopback. The multi-node path (one srun task per node, SLURM_NODEID 0 and 1, c10d
 rendezvous) runs for real, with the real templates, launcher and trainer on CPU (gloo).
 
-The jobs share one tiny smoke config (a Qwen3 built from config, bundled data, no eval, no export).
+The jobs share one tiny smoke config (a Qwen3 built from config, bundled data, no eval, no export), except
+the ThinkRec stage-3 job, which runs configs/thinkrec/stage3_smoke.yaml on synthetic inputs built in the test.
 """
 
 from __future__ import annotations
