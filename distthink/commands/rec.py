@@ -100,6 +100,8 @@ def register(subparsers) -> None:
     s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
                    "model.safetensors holding the trained projector")
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--fusion", action="store_true", help="--export is a stage-3 export (export/ + export/molora): "
+                   "report entropy-gated fusion, global-adapter-only and hard-routing-only metrics + gate branches")
     s.add_argument("overrides", nargs="*", help="dotted config overrides")
     s.set_defaults(func=_eval)
     s = sub.add_parser("synthesize", help="ask a teacher (OpenAI-compatible endpoint) for reasoning traces")
@@ -215,9 +217,20 @@ def _eval(args) -> int:
         dist.init_process_group("gloo")
     try:
         cfg = load_config(args.config, args.overrides)
-        m = evaluate(cfg, args.split, export=args.export, limit=args.limit, scores_out=args.scores,
-                     batch_size=args.batch_size, projector=args.projector)
-        out = {"llm": m}
+        if args.fusion:
+            from distthink.errors import ConfigError
+            from distthink.recsys.eval_llm import evaluate_fusion
+
+            if not args.export:
+                raise ConfigError("rec eval --fusion needs --export (train.output_dir/export of a stage-3 run)")
+            fm = evaluate_fusion(cfg, args.split, export=args.export, limit=args.limit, scores_out=args.scores,
+                                 batch_size=args.batch_size)
+            out = {f"llm_{k}": v for k, v in fm.items() if k != "branch_counts"}
+            out["branch_counts"] = fm["branch_counts"]
+        else:
+            m = evaluate(cfg, args.split, export=args.export, limit=args.limit, scores_out=args.scores,
+                         batch_size=args.batch_size, projector=args.projector)
+            out = {"llm": m}
         if args.cf:
             from distthink.models.cf import load_cf_export
             from distthink.recsys.prepare import read_split
@@ -233,7 +246,8 @@ def _eval(args) -> int:
                                         sc.numpy().astype(np.float64))
         if not dist.is_initialized() or dist.get_rank() == 0:
             for k, v in out.items():
-                print(f"{k}: {format_metrics(v)}")
+                print(f"{k}: " + (" ".join(f"{b}={c}" for b, c in v.items()) if k == "branch_counts"
+                                  else format_metrics(v)))
             print(json.dumps(out))
     finally:
         if dist.is_initialized():

@@ -54,6 +54,158 @@ def load_for_eval(cfg: Config, export: str | None, tokenizer):
     return model.eval()
 
 
+FUSION_MODES = ("fusion", "global", "hard")
+
+
+class FusionGates:
+    """Stage-3 gates per sample for the three evaluation modes (docs/molora.md, "Evaluating fusion").
+
+    fusion: the entropy gate stored in molora.json on the CF user vectors (task.options.cf_export);
+    global: every sample on the global adapter; hard: one-hot by the export's user -> group table
+    (users absent from it: the global adapter), as in stage-3 training.
+    """
+
+    def __init__(self, molora_dir: Path, gate, num_experts: int, cf_export: str | None, groups_dir: str | None):
+        import pandas as pd
+
+        from distthink.models.molora_export import read_molora_json
+
+        meta = read_molora_json(molora_dir)
+        if gate is None:
+            raise ConfigError(f"{molora_dir}/molora.json has no gate (centroids). Fix: export stage 3 with its "
+                              "groups folder (task.options.molora.groups_dir)")
+        if not cf_export:
+            raise ConfigError("rec eval --fusion needs the CF user vectors for the entropy gate. Fix: set "
+                              "task.options.cf_export (the `distthink rec train-cf` folder of the grouping)")
+        table_path = molora_dir / meta["user_groups"] if meta.get("user_groups") else \
+            (Path(groups_dir) / "user_groups.parquet" if groups_dir else None)
+        if table_path is None or not table_path.is_file():
+            raise ConfigError(f"{molora_dir}: no user_groups.parquet in the export and no "
+                              "task.options.molora.groups_dir. Fix: pass the stage's config")
+        from distthink.models.cf import load_cf_export
+
+        self.gate, self.k = gate, num_experts
+        self.cf_user = load_cf_export(cf_export).user.detach().float().cpu()
+        table = pd.read_parquet(table_path)
+        n = int(max(table["user_id"].max(), 0)) + 1
+        self.user_group = torch.full((n,), -1, dtype=torch.long)
+        self.user_group[torch.as_tensor(table["user_id"].to_numpy().copy(), dtype=torch.long)] = torch.as_tensor(
+            table["group"].to_numpy().copy(), dtype=torch.long)
+
+    def __call__(self, user_ids: torch.Tensor) -> dict:
+        """(S,) user ids -> {mode: (S, K+1) gates} + {"branch": (S,) long} of the entropy gate."""
+        from distthink.models.molora import global_gate, hard_gate
+
+        u = torch.as_tensor(user_ids).detach().cpu().long()
+        bad = (u < 0) | (u >= self.cf_user.shape[0])
+        if bad.any():
+            raise ConfigError(f"user id {int(u[bad][0])} is outside the CF table ({self.cf_user.shape[0]} users). "
+                              "Fix: task.options.cf_export must be the CF export of the prepared data")
+        dec = self.gate(self.cf_user[u])
+        g = torch.full_like(u, -1)
+        known = u < self.user_group.numel()
+        g[known] = self.user_group[u[known]]
+        return {"fusion": dec.weights, "global": global_gate(len(u), self.k), "hard": hard_gate(g, self.k),
+                "branch": dec.branch}
+
+
+def load_stage3_for_eval(export: str):
+    """(model with MoLoRA layers, EntropyGate|None, molora dir) from a stage-3 export: the plain base model in
+    ``export/`` (config.json + weights) and the adapters in ``export/molora`` (distthink.models.molora_export)."""
+    from transformers import AutoModelForCausalLM
+
+    from distthink.models.molora_export import load_molora
+
+    ex = Path(export)
+    mdir = ex / "molora" if (ex / "molora" / "molora.json").is_file() else ex
+    if not (mdir / "molora.json").is_file():
+        raise ConfigError(f"--export {export} holds no molora/molora.json. Fix: pass train.output_dir/export of a "
+                          "stage-3 run (task.options.molora)")
+    base_dir = mdir.parent
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"{base_dir} holds no base model (config.json). Fix: pass the stage-3 export folder "
+                          "(checkpoint.export=full writes the plain base there)")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model, gate = load_molora(model, mdir, dropout=0.0)
+    return model.eval(), gate, mdir
+
+
+@torch.no_grad()
+def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int | None = None, batch_size: int = 8,
+                       rank: int = 0, world: int = 1, gates_fn=None):
+    """Stage-3 export: scores of this rank's share under each gate mode (FUSION_MODES) and the entropy gate's
+    branch per sample. gates_fn(user_ids) -> {mode: (S, K+1)} replaces the modes it names (tests)."""
+    from distthink import train_data
+    from distthink.data.packing import model_inputs
+    from distthink.models.load import load_tokenizer
+    from distthink.models.molora import molora_gates
+    from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
+
+    task = ThinkRecTask(cfg)
+    opt = task.opt
+    if opt.prompt_mode == "ids":
+        raise ConfigError("rec eval --fusion supports prompt_mode=text stages. Fix: use a text-prompt stage 3")
+    tokenizer = load_tokenizer(cfg)
+    task.prepare_tokenizer(tokenizer)
+    samples = build_samples(tokenizer, split_path, opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
+                            split="test", reason_ratio=0.0, limit=limit)
+    model, gate, mdir = load_stage3_for_eval(export)
+    gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
+                        opt.molora.groups_dir if opt.molora else None)
+    opt.init_adapter, opt.freeze_lora = None, False
+    wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
+    collate = task.collator(tokenizer)
+    mine = list(range(rank, len(samples), world))
+    attn = model.config._attn_implementation
+    out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
+    for i in range(0, len(mine), batch_size):
+        part = [samples[j] for j in mine[i:i + batch_size]]
+        batch = collate(part)
+        g = gates(batch["user_ids"])
+        if gates_fn is not None:
+            g.update(gates_fn(batch["user_ids"]))
+        for mode in FUSION_MODES:
+            with molora_gates(model, g[mode].to(batch["input_ids"].device), segment_ids=batch["segment_ids"]):
+                res = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **model_inputs(batch, attn, with_input_ids=False),
+                              return_scores=True)
+            out[mode] += res["scores"].double().tolist()
+        out["branch"] += g["branch"].tolist()
+        out["idx"] += [s.meta["index"] for s in part]
+        out["user"] += [s.meta["user_id"] for s in part]
+        out["item"] += [s.meta["item_id"] for s in part]
+        out["label"] += [s.meta["label"] for s in part]
+    return {k: np.asarray(v) for k, v in out.items()}, len(samples)
+
+
+def evaluate_fusion(cfg: Config, split_path: str, *, export: str, limit: int | None = None,
+                    scores_out: str | None = None, batch_size: int = 8, ks=(1, 5, 10), gates_fn=None) -> dict:
+    """Collective. {"fusion"|"global"|"hard": metrics, "branch_counts": {expert, global, fuse}} over the whole
+    split (exact gather); rank 0 writes Parquet with score_<mode> and gate_branch columns."""
+    import torch.distributed as dist
+
+    from distthink.models.molora import BRANCH_NAMES
+    from distthink.recsys.metrics import compute_metrics, gather_predictions, write_scores
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    r, n = score_split_fusion(cfg, split_path, export=export, limit=limit, batch_size=batch_size, rank=rank,
+                              world=world, gates_fn=gates_fn)
+    full = {}
+    for mode in FUSION_MODES:
+        full[mode] = gather_predictions(r["idx"], r["user"], r["label"], r[mode], expected_count=n)
+    _, itm, _, _ = gather_predictions(r["idx"], r["item"], r["label"], r["fusion"], expected_count=n)
+    idx, usr, lab, br = gather_predictions(r["idx"], r["user"], r["label"], r["branch"].astype(np.float64),
+                                           expected_count=n)
+    br = br.astype(np.int64)
+    out = {mode: compute_metrics(full[mode][1], full[mode][2], full[mode][3], ks) for mode in FUSION_MODES}
+    out["branch_counts"] = {name: int((br == b).sum()) for b, name in enumerate(BRANCH_NAMES)}
+    if scores_out and rank == 0:
+        write_scores(scores_out, idx, usr, itm, lab, full["fusion"][3],
+                     extra={**{f"score_{m}": full[m][3] for m in FUSION_MODES},
+                            "gate_branch": np.asarray([BRANCH_NAMES[b] for b in br])})
+    return out
+
+
 @torch.no_grad()
 def score_split(cfg: Config, split_path: str, *, export: str | None = None, limit: int | None = None,
                 batch_size: int = 8, rank: int = 0, world: int = 1, projector: str | None = None):

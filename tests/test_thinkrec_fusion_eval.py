@@ -1,0 +1,117 @@
+"""`distthink rec eval --fusion` on a tiny stage-3 export: the three gate modes (entropy-gated fusion, global
+adapter only, hard routing only) and the entropy gate's branch counts, each checked against an independent
+route (plain peft for the global adapter, one-hot gates built from the group table with pandas for hard)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _train_utils import ROOT, env
+from test_thinkrec_stage3 import _write_adapter
+
+LIMIT = 12
+
+
+def _cli(*args):
+    p = subprocess.run([sys.executable, "-m", "distthink", "rec", *args], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def stage3(tmp_path_factory):
+    """A stage-3 export as the trainer writes it (plain base in export/, adapters in export/molora), built
+    directly: every adapter = the stage-1 adapter + its own perturbation, so the modes give different scores."""
+    from transformers import AutoModelForCausalLM
+
+    from distthink.config import load_config
+    from distthink.models.load import build_model_config, load_tokenizer
+    from distthink.models.molora import apply_molora, molora_layers
+    from distthink.models.molora_export import export_molora
+    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.recsys.task import ThinkRecTask
+
+    root = tmp_path_factory.mktemp("fusion")
+    prep, cf, groups = root / "prep", root / "cf", root / "groups"
+    prepare_synthetic(prep, reasons="template", n_users=20, n_items=40, min_per_user=10, max_per_user=20)
+    _cli("train-cf", "--data", str(prep), "--out", str(cf), "--epochs", "2", "--no-progress")
+    _cli("group", "--cf", str(cf), "--out", str(groups), "--n-groups", "2", "--no-plots")
+    _write_adapter(root / "stage1")
+    overrides = [f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
+                 f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft"]
+    cfg = load_config("configs/thinkrec/stage3_smoke.yaml", overrides)
+    tok = load_tokenizer(cfg)
+    ThinkRecTask(cfg).prepare_tokenizer(tok)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(build_model_config(cfg, tok))
+    export = root / "export"
+    base.save_pretrained(str(export))
+    model = apply_molora(base, 2, init_from_peft_adapter=str(root / "stage1"))
+    g = torch.Generator().manual_seed(1)
+    for layer in molora_layers(model).values():
+        for e in range(3):
+            a, b = layer.adapter_weights(e)
+            layer.set_adapter_weights(e, a + 0.3 * torch.randn(a.shape, generator=g),
+                                      b + 0.3 * torch.randn(b.shape, generator=g))
+    export_molora(model, export / "molora", groups_dir=groups)
+    return root, prep, cf, groups, export, overrides, cfg
+
+
+def test_rec_eval_fusion_three_modes_and_branch_counts(stage3, tmp_path):
+    from distthink.config import load_config
+    from distthink.models.molora import hard_gate
+    from distthink.recsys.eval_llm import evaluate, score_split_fusion
+
+    root, prep, cf, groups, export, overrides, cfg = stage3
+    split = str(prep / "test.parquet")
+    scores = tmp_path / "scores.parquet"
+    out = _cli("eval", "--config", "configs/thinkrec/stage3_smoke.yaml", "--export", str(export), "--split", split,
+               "--limit", str(LIMIT), "--fusion", "--scores", str(scores), *overrides)
+    lines = out.strip().splitlines()
+    res = json.loads(lines[-1])
+    for mode in ("fusion", "global", "hard"):
+        assert res[f"llm_{mode}"]["n"] == LIMIT and np.isfinite(res[f"llm_{mode}"]["auc"])
+        assert any(ln.startswith(f"llm_{mode}: ") and " auc=" in ln for ln in lines)
+    assert any(ln.startswith("branch_counts: expert=") for ln in lines)
+    bc = res["branch_counts"]
+    assert set(bc) == {"expert", "global", "fuse"} and sum(bc.values()) == LIMIT
+    df = pd.read_parquet(scores).sort_values("sample_index")
+    assert len(df) == LIMIT and df["gate_branch"].value_counts().to_dict() == {k: v for k, v in bc.items() if v}
+    # the adapters differ, so the modes' scores differ (the equalities below can fail)
+    assert not np.allclose(df["score_global"], df["score_hard"])
+
+    # global only == the global adapter loaded with plain peft onto the exported base (rec eval without --fusion)
+    plain = tmp_path / "global_plain"
+    shutil.copytree(export / "molora" / "global", plain)
+    (plain / "base_model").symlink_to(export, target_is_directory=True)
+    plain_scores = tmp_path / "plain.parquet"
+    m = evaluate(load_config("configs/thinkrec/stage3_smoke.yaml", overrides), split, export=str(plain),
+                 limit=LIMIT, scores_out=str(plain_scores))
+    ref = pd.read_parquet(plain_scores).sort_values("sample_index")
+    assert np.array_equal(ref["sample_index"].to_numpy(), df["sample_index"].to_numpy())
+    np.testing.assert_allclose(df["score_global"].to_numpy(), ref["score"].to_numpy(), atol=1e-5)
+    assert m["auc"] == pytest.approx(res["llm_global"]["auc"])
+
+    # hard only == one-hot gates computed here from the group table (dict lookup; unknown users -> global)
+    table = pd.read_parquet(groups / "user_groups.parquet")
+    group_of = dict(zip(table["user_id"].tolist(), table["group"].tolist()))
+
+    def independent(user_ids):
+        g = torch.zeros(len(user_ids), 3)
+        for i, u in enumerate(user_ids.tolist()):
+            g[i, group_of.get(u, 2)] = 1.0
+        return {"fusion": g}  # scored in the "fusion" slot so the hard slot stays the module's own
+
+    r, n = score_split_fusion(load_config("configs/thinkrec/stage3_smoke.yaml", overrides), split,
+                              export=str(export), limit=LIMIT, gates_fn=independent)
+    order = np.argsort(r["idx"])
+    np.testing.assert_allclose(r["fusion"][order], df["score_hard"].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(r["hard"][order], df["score_hard"].to_numpy(), atol=1e-6)
+    assert hard_gate(torch.tensor([0, -1]), 2).tolist() == [[1, 0, 0], [0, 0, 1]]
