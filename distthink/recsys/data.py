@@ -168,38 +168,32 @@ def load_movielens(root: str | Path) -> Interactions:
     movies_path = _require_file(root / "movies.dat", "movies.dat", fix)
 
     rows = []
-    with open(ratings_path, encoding="latin-1") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = line.split("::")
-            if len(parts) != 4:
-                raise DataError(f"expected 4 '::'-separated fields, got {len(parts)}", source=str(ratings_path),
-                                line=lineno, field="UserID::MovieID::Rating::Timestamp",
-                                fix="each line must be UserID::MovieID::Rating::Timestamp", reason="bad_row")
-            try:
-                rows.append((parts[0], parts[1], float(parts[2]), int(parts[3])))
-            except ValueError:
-                bad = "Rating" if not _is_float(parts[2]) else "Timestamp"
-                raise DataError(f"not a number: {parts[2] if bad == 'Rating' else parts[3]!r}",
-                                source=str(ratings_path), line=lineno, field=bad,
-                                fix="Rating is a number (1-5), Timestamp is integer seconds", reason="bad_value") from None
+    for lineno, parts in _iter_dat(ratings_path, "UserID::MovieID::Rating::Timestamp"):
+        try:
+            rows.append((parts[0], parts[1], float(parts[2]), int(parts[3])))
+        except ValueError:
+            bad = "Rating" if not _is_float(parts[2]) else "Timestamp"
+            raise DataError(f"not a number: {parts[2] if bad == 'Rating' else parts[3]!r}",
+                            source=str(ratings_path), line=lineno, field=bad,
+                            fix="Rating is a number (1-5), Timestamp is integer seconds", reason="bad_value") from None
     ratings = pd.DataFrame(rows, columns=list(INTERACTION_COLUMNS))
+    items = [(p[0], p[1], "", p[2]) for _, p in _iter_dat(movies_path, "MovieID::Title::Genres")]
+    return _finish(ratings, pd.DataFrame(items, columns=list(ITEM_COLUMNS)), f"movielens:{root}")
 
-    items = []
-    with open(movies_path, encoding="latin-1") as f:
+
+def _iter_dat(path: Path, layout: str):
+    """(line number, fields) of a MovieLens `::` file (latin-1); a wrong field count names the line."""
+    n_fields = len(layout.split("::"))
+    with open(path, encoding="latin-1") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line:
                 continue
             parts = line.split("::")
-            if len(parts) != 3:
-                raise DataError(f"expected 3 '::'-separated fields, got {len(parts)}", source=str(movies_path),
-                                line=lineno, field="MovieID::Title::Genres",
-                                fix="each line must be MovieID::Title::Genres", reason="bad_row")
-            items.append((parts[0], parts[1], "", parts[2]))
-    return _finish(ratings, pd.DataFrame(items, columns=list(ITEM_COLUMNS)), f"movielens:{root}")
+            if len(parts) != n_fields:
+                raise DataError(f"expected {n_fields} '::'-separated fields, got {len(parts)}", source=str(path),
+                                line=lineno, field=layout, fix=f"each line must be {layout}", reason="bad_row")
+            yield lineno, parts
 
 
 def _is_float(s: str) -> bool:
