@@ -115,17 +115,21 @@ class Workspace:
                      if need_fp32 and dtype != torch.float32 else None)
 
 
+def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 out: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (+ bias) written into the workspace slice `out` (no new (chunk, V) allocation)."""
+    if bias is not None:
+        return torch.addmm(bias, x, weight.t(), out=out)
+    # matmul(out=) writes in place; mm(out=) with a transposed operand goes through a temporary of the
+    # output's size on CPU (measured: +1 chunk of memory)
+    return torch.matmul(x, weight.t(), out=out)
+
+
 def torch_row_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
                      ws: Workspace, need_grad: bool, need_argmax: bool) -> RowResult:
     """Chunk logits -> CE/argmax and, if asked, the fp32 gradient (softmax - onehot) in place."""
     c = x.shape[0]
-    logits = ws.logits[:c]
-    if bias is not None:
-        torch.addmm(bias, x, weight.t(), out=logits)
-    else:
-        # matmul(out=) writes in place; mm(out=) with a transposed operand goes through a temporary of the
-        # output's size on CPU (measured: +1 chunk of memory)
-        torch.matmul(x, weight.t(), out=logits)
+    logits = chunk_logits(x, weight, bias, ws.logits[:c])
     work = logits
     if ws.fp32 is not None:               # low precision: softmax etc. in fp32
         work = ws.fp32[:c]

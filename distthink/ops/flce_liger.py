@@ -103,14 +103,10 @@ def _next_power_of_2(n: int) -> int:
 
 def liger_row_kernel(x, weight, bias, target, ws, need_grad: bool, need_argmax: bool):
     """Chunk logits (logits dtype) -> CE (fp32), argmax, and in place the gradient softmax - onehot."""
-    from distthink.ops.flce import RowResult
+    from distthink.ops.flce import RowResult, chunk_logits
 
     c = x.shape[0]
-    logits = ws.logits[:c]
-    if bias is not None:
-        torch.addmm(bias, x, weight.t(), out=logits)
-    else:
-        torch.mm(x, weight.t(), out=logits)
+    logits = chunk_logits(x, weight, bias, ws.logits[:c])
     v = logits.shape[1]
     loss = torch.empty(c, dtype=torch.float32, device=x.device)
     predicted = torch.empty(c, dtype=torch.int64, device=x.device) if need_argmax else None
