@@ -387,6 +387,9 @@ def run(cfg: Config) -> int:
                 }
                 (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
                 print(_summary_text(summary), flush=True)
+            # Leave together: a rank that tears down while rank 0 still writes the summary has been seen to
+            # abort at exit ("terminate called without an active exception") after a stage-3 export.
+            dist.barrier()
         return exit_code
     finally:
         dist.teardown(accelerator)
