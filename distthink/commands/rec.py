@@ -98,7 +98,8 @@ def register(subparsers) -> None:
     s.add_argument("--scores", default=None, help="write per-sample scores to this Parquet file")
     s.add_argument("--cf", default=None, help="a `rec train-cf` export: also report its metrics on the same rows")
     s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
-                   "model.safetensors holding the trained projector")
+                   "model.safetensors holding the trained projector (not needed with --export of the stage: the "
+                   "export holds projector.safetensors)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--fusion", action="store_true", help="--export is a stage-3 export (export/ + export/molora): "
                    "report entropy-gated fusion, global-adapter-only and hard-routing-only metrics + gate branches")

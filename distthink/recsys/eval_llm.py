@@ -8,7 +8,8 @@ figures are exact whatever the number of ranks.
 
 Loading. ``export`` is a stage's adapter export (``train.output_dir/export``). With a from-config base
 (the tiny demo model) the export ships the base weights in ``export/base_model``; otherwise the base is
-``model.name_or_path`` of the config.
+``model.name_or_path`` of the config. A ``prompt_mode: ids`` stage's export also holds the projector
+(``projector.safetensors``), picked up automatically (see projector_source).
 """
 
 from __future__ import annotations
@@ -217,10 +218,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
 
     task = ThinkRecTask(cfg)
-    if task.opt.prompt_mode == "ids" and not projector:
-        raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector, which the trainer's export "
-                          "does not hold. Fix: pass --projector CHECKPOINT/model.safetensors (a checkpoint of the "
-                          "stage; ZeRO-3 checkpoints must be consolidated first with DeepSpeed's zero_to_fp32)")
+    source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
@@ -228,9 +226,17 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     model = load_for_eval(cfg, export, tokenizer)
     opt = task.opt
     opt.init_adapter, opt.freeze_lora = None, False  # the export already holds the adapter
+    opt.init_projector = None  # loaded below from the chosen source
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
-    if opt.prompt_mode == "ids":
-        load_projector(wrapper, projector)
+    if source is not None:
+        kind, path = source
+        if kind == "checkpoint":
+            load_projector(wrapper, path)
+        else:
+            from distthink.models.cf import load_cf_export
+            from distthink.recsys.task import load_projector_export
+
+            load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
@@ -246,6 +252,23 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
         out["label"] += [s.meta["label"] for s in part]
         out["score"] += res["scores"].double().tolist()
     return {k: np.asarray(v) for k, v in out.items()}, len(samples)
+
+
+def projector_source(opt, export: str | None, projector: str | None) -> tuple[str, str]:
+    """Where the projector of a prompt_mode=ids stage comes from, in this order: ``--projector`` (a checkpoint's
+    model.safetensors), the ``--export`` folder's projector.safetensors (written by the stage's export), the
+    config's ``init_projector`` when the stage kept it frozen. ("checkpoint" | option name, path)."""
+    from distthink.recsys.task import PROJECTOR_META
+
+    if projector:
+        return "checkpoint", projector
+    if export and (Path(export) / PROJECTOR_META).is_file():
+        return "--export", str(export)
+    if opt.init_projector and not opt.train_projector:
+        return "task.options.init_projector", opt.init_projector
+    raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector. Fix: pass --export "
+                      "train.output_dir/export of the stage (it holds projector.safetensors), or --projector "
+                      "CHECKPOINT/model.safetensors (ZeRO-3 checkpoints consolidated with DeepSpeed's zero_to_fp32)")
 
 
 def load_projector(wrapper, path: str) -> None:
