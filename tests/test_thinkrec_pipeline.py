@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from _train_utils import ROOT, env, free_port, launch, metrics
 
@@ -82,13 +83,47 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
     # adapter is exported again: it must equal stage 1's bit for bit (loaded, and never updated).
     # (CLI overrides of task.options replace the YAML's dict, so every option is repeated here.)
     out2 = tmp_path / "stage2"
-    launch(_common(prepared, out2) + [
+    stage2 = _common(prepared, out2) + [
         "distributed.deepspeed=ds_configs/zero3.json", "task.options.prompt_mode=ids",
         f"task.options.cf_export={cf}", f"task.options.init_adapter={out / 'export'}", "task.options.freeze_lora=true",
-        "task.options.max_train_samples=64", "task.options.max_eval_samples=16"], nproc=2)
+        "task.options.max_train_samples=64", "task.options.max_eval_samples=16"]
+    proc2 = launch(stage2, nproc=2)
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "export/adapter_model.safetensors")), load_file(str(out2 / "export/adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a)
     rows2 = metrics(out2)
     assert len(rows2) == 4 and all(r["grad_norm"] > 0 for r in rows2)  # only the projector learns
+
+    # The export holds the trained projector, gathered from the ZeRO-3 partitions: equal to the last
+    # checkpoint's projector consolidated independently by DeepSpeed's zero_to_fp32 from the optimizer shards.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    ex2 = out2 / "export"
+    exported = load_file(str(ex2 / "projector.safetensors"))
+    from distthink.checkpoint import read_latest
+
+    step_dir = read_latest(out2 / "checkpoints")  # the final step's checkpoint; DeepSpeed's own tag file inside
+    full = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=(step_dir / "latest").read_text().strip())
+    ref = {k[len("projector."):]: v for k, v in full.items() if k.startswith("projector.")}
+    assert sorted(exported) == sorted(ref) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert all(torch.equal(exported[k], ref[k].float()) for k in ref)
+    assert "(gathered from its ZeRO-3 partitions)" in proc2.stdout + proc2.stderr  # the collective path ran
+    from distthink.models.inject import Projector
+
+    torch.manual_seed(0)  # build_wrapper's init: the exported tensors are trained ones, not the init
+    init = Projector(64, 64, mult=10).state_dict()
+    assert not torch.equal(init["net.2.weight"], exported["net.2.weight"])
+    meta = json.loads((ex2 / "projector.json").read_text())
+    assert meta["d_in"] == 64 and meta["k"] == 1 and meta["cf_export"] == str(cf.resolve())
+    # `rec eval --export` of stage 2 alone (projector from the export) == the old `--projector CHECKPOINT` path
+    save_file({f"projector.{k}": v.contiguous() for k, v in ref.items()}, str(tmp_path / "ckpt_proj.safetensors"))
+    ev = ["--config", "configs/thinkrec/smoke.yaml", "--split", str(prepared / "test.parquet"), "--limit", "16",
+          *stage2[2:], "--export", str(ex2)]
+    by_export = _eval(ev + ["--scores", str(tmp_path / "e.parquet")])
+    by_ckpt = _eval(ev + ["--scores", str(tmp_path / "c.parquet"), "--projector", str(tmp_path / "ckpt_proj.safetensors")])
+    assert by_export == by_ckpt
+    e, c = pd.read_parquet(tmp_path / "e.parquet"), pd.read_parquet(tmp_path / "c.parquet")
+    assert len(e) == 16 and e["score"].tolist() == c["score"].tolist()
+

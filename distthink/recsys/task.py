@@ -660,7 +660,8 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
 
     params = list(projector.parameters())
     ctx = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):
+    gathered = any(hasattr(p, "ds_id") for p in params)
+    if gathered:
         import deepspeed
 
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -685,7 +686,8 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
             "cf_fingerprint": fp, "trained": bool(opt.train_projector),
             "init_projector": opt.init_projector}
     (out / PROJECTOR_META).write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("exported the projector %s to %s", shape, out / PROJECTOR_FILE)
+    log.info("exported the projector %s to %s%s", shape, out / PROJECTOR_FILE,
+             " (gathered from its ZeRO-3 partitions)" if gathered else "")
 
 
 def _projector_tensor_shapes(shape: dict) -> dict:
