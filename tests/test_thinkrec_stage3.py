@@ -164,7 +164,8 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
 @pytest.mark.slow
 def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     """Soft (entropy) gate on real CF vectors + `rec group`, one rank, activations recomputed in backward: the
-    gates set by the task's forward must still be there when backward recomputes the forward."""
+    gates set by the task's forward must still be there when backward recomputes the forward. Id prompts with
+    the stage-2 projector loaded by path (frozen)."""
     import subprocess
     import sys
 
@@ -177,13 +178,28 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
         p = subprocess.run([sys.executable, "-m", "distthink", "rec", *cmd], cwd=ROOT, env=env(), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
+    # With id prompts: the stage-2 projector is reloaded by path (task.options.init_projector) and kept frozen.
+    from safetensors.torch import load_file
+
+    from distthink.models.inject import Projector
+    from distthink.recsys.task import ThinkRecOptions, save_projector_export
+
+    torch.manual_seed(5)
+    stage2 = tmp_path / "stage2_export"
+    save_projector_export(Projector(64, 64, mult=10), stage2,
+                          ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(cf)}))
     out = tmp_path / "run"
     launch(["--config", "configs/thinkrec/stage3_smoke.yaml", f"data.train={prep / 'train.parquet'}",
             "data.eval=null", f"train.output_dir={out}", "model.gradient_checkpointing=true",
             f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
             f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft",
-            "task.options.max_train_samples=8", "train.max_steps=2"], nproc=1)
+            "task.options.prompt_mode=ids", f"task.options.init_projector={stage2}",
+            "task.options.train_projector=false", "task.options.max_train_samples=8", "train.max_steps=2"], nproc=1)
     rows = metrics(out)
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     meta = json.loads((out / "export" / "molora" / "molora.json").read_text())
     assert meta["num_experts"] == 2 and meta["gate"]["tau"] == pytest.approx(0.1)
+    # the stage-3 export carries the projector it used: stage 2's, unchanged (frozen)
+    a, b = load_file(str(stage2 / "projector.safetensors")), load_file(str(out / "export" / "projector.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "export" / "projector.json").read_text())["trained"] is False
