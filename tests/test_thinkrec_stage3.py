@@ -203,3 +203,27 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     a, b = load_file(str(stage2 / "projector.safetensors")), load_file(str(out / "export" / "projector.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "export" / "projector.json").read_text())["trained"] is False
+
+    # rec eval --fusion of the id-prompt stage-3 export (projector from the export): the global-only scores equal
+    # the global adapter loaded with plain peft onto the exported base, projector from init_projector (frozen).
+    import shutil
+
+    from distthink.config import load_config
+    from distthink.recsys.eval_llm import evaluate, score_split_fusion
+
+    cfg_args = [f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
+                f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft",
+                "task.options.prompt_mode=ids", f"task.options.init_projector={stage2}",
+                "task.options.train_projector=false"]
+    split = str(prep / "test.parquet")
+    r, n = score_split_fusion(load_config("configs/thinkrec/stage3_smoke.yaml", cfg_args), split,
+                              export=str(out / "export"), limit=6)
+    plain = tmp_path / "global_plain"
+    shutil.copytree(out / "export" / "molora" / "global", plain)
+    (plain / "base_model").symlink_to(out / "export", target_is_directory=True)
+    evaluate(load_config("configs/thinkrec/stage3_smoke.yaml", cfg_args), split, export=str(plain), limit=6,
+             scores_out=str(tmp_path / "plain.parquet"))
+    ref = pd.read_parquet(tmp_path / "plain.parquet").sort_values("sample_index")
+    order = np.argsort(r["idx"])
+    assert n == 6 and r["idx"][order].tolist() == ref["sample_index"].tolist()
+    np.testing.assert_allclose(r["global"][order], ref["score"].to_numpy(), atol=1e-5)

@@ -144,8 +144,8 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
 
     task = ThinkRecTask(cfg)
     opt = task.opt
-    if opt.prompt_mode == "ids":
-        raise ConfigError("rec eval --fusion supports prompt_mode=text stages. Fix: use a text-prompt stage 3")
+    ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
+    source = projector_source(opt, str(ex), None) if opt.prompt_mode == "ids" else None
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
@@ -153,8 +153,10 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     model, gate, mdir = load_stage3_for_eval(export)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
-    opt.init_adapter, opt.freeze_lora = None, False
+    opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
+    if source is not None:
+        _load_projector_from(wrapper, source, opt)
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
     attn = model.config._attn_implementation
@@ -229,14 +231,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     opt.init_projector = None  # loaded below from the chosen source
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
     if source is not None:
-        kind, path = source
-        if kind == "checkpoint":
-            load_projector(wrapper, path)
-        else:
-            from distthink.models.cf import load_cf_export
-            from distthink.recsys.task import load_projector_export
-
-            load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
+        _load_projector_from(wrapper, source, opt)
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
@@ -269,6 +264,18 @@ def projector_source(opt, export: str | None, projector: str | None) -> tuple[st
     raise ConfigError("rec eval of a prompt_mode=ids stage needs the trained projector. Fix: pass --export "
                       "train.output_dir/export of the stage (it holds projector.safetensors), or --projector "
                       "CHECKPOINT/model.safetensors (ZeRO-3 checkpoints consolidated with DeepSpeed's zero_to_fp32)")
+
+
+def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
+    kind, path = source
+    if kind == "checkpoint":
+        load_projector(wrapper, path)
+        return
+    from distthink.models.cf import load_cf_export
+    from distthink.recsys.task import load_projector_export
+
+    # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
+    load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
 
 
 def load_projector(wrapper, path: str) -> None:

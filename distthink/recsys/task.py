@@ -723,7 +723,7 @@ def load_projector_export(projector, folder: str, opt: ThinkRecOptions | None = 
     if cf is not None and meta.get("cf_fingerprint") and meta["cf_fingerprint"] != cf_fingerprint(cf):
         msg = (f"{option}={folder!r} was trained on the CF export {meta.get('cf_export')}, whose vectors differ from "
                f"task.options.cf_export={cf.path}")
-        if opt is not None and not opt.train_projector:
+        if opt is None or not opt.train_projector:  # None: scoring, nothing can adapt it
             raise ConfigError(msg + ". Fix: set task.options.cf_export to the CF export of stage 2, or train the "
                               "projector again (train_projector: true)")
         log.warning("%s: the projector is trained further from there", msg)
