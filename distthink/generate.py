@@ -8,7 +8,9 @@ the decoder always runs from `inputs_embeds` (token embeddings with graph vector
 tokens when the model has a graph encoder), so text-only and graph-conditioned prompts take one path.
 Greedy or sampled decoding (temperature, top_p, top_k) through transformers' `generate`, with a thinking
 budget: once a row has produced `max_think_tokens` tokens without `</think>`, `</think>` is forced next
-(the row's thought then counts as closed by the budget: `think_budget_hit`).
+(the row's thought then counts as closed by the budget: `think_budget_hit`). Under ZeRO-3 with several ranks
+`GenerationOptions(synced_gpus=True)` keeps the ranks' decoder forwards in lockstep (transformers'
+`synced_gpus`); a rank with nothing to generate must still call `generate_ids` (with a dummy prompt).
 
 Records: `{id, reasoning, answer, raw, finish_reason, think_state, well_formed, num_new_tokens,
 think_budget_hit, num_think_tokens}` via `distthink.generate_parse.parse_generation`. `finish_reason` is `stop` (end of turn
@@ -41,6 +43,11 @@ class GenerationOptions:
     max_think_tokens: int | None = None  # thinking budget (tokens before </think>); None = no budget
     batch_size: int = 8
     seed: int = 0
+    # Every rank runs the same number of decoder forwards, finished ranks doing dummy ones, until all ranks are
+    # done (transformers' `synced_gpus`: one all_reduce of a "still running" flag per decode step). Needed when
+    # the weights are partitioned (ZeRO-3): each forward all-gathers them, a collective every rank must join.
+    # None = transformers decides (ZeRO-3 / FSDP with more than one rank).
+    synced_gpus: bool | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -158,6 +165,8 @@ class Generator:
             procs.append(budget)
         kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, pad_token_id=pad,
                       eos_token_id=self.stop_ids, use_cache=True, logits_processor=LogitsProcessorList(procs))
+        if opts.synced_gpus is not None:
+            kwargs["synced_gpus"] = opts.synced_gpus
         if opts.do_sample:
             kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
         else:

@@ -15,7 +15,8 @@ Thinking modes (`task.options.think_mode`):
 - `supervised`: rows carry `reasoning_content`; encode_chat learns reasoning + description (data.policy).
 - `free`: on-policy thoughts. `on_step_start` (trainer hook) samples `<think>…` with the current model for the
   step's samples (budget `max_think_tokens`, regenerated when `regen_every` steps old), closes and counts
-  unfinished thoughts, appends the gold description and learns only it (thought weight 0).
+  unfinished thoughts, appends the gold description and learns only it (thought weight 0). Under ZeRO-3 the
+  generation is collective (synchronised ranks, dummy forwards on ranks that are done or have nothing stale).
 
 Options are validated by `MoleculeOptions`; see docs/molecules.md for the table.
 """
@@ -102,9 +103,6 @@ class MoleculeOptions:
             if cfg.batch.mode != "samples":
                 raise ConfigError("task.options.think_mode=free changes sample lengths at every regeneration, so "
                                   "the token-budget plan would go stale. Fix: batch.mode=samples")
-            if _zero_stage(cfg.distributed.deepspeed) == 3:
-                raise ConfigError("task.options.think_mode=free is not supported under ZeRO-3 yet (generation "
-                                  "would need synchronised ranks). Fix: DDP or ZeRO-2 (distributed.deepspeed)")
         return opts
 
     def trains(self, part: str) -> bool:
@@ -364,7 +362,10 @@ class MoleculeTask(SFTTask):
 
         A sample's thought is regenerated when it was never generated or is `regen_every` steps old; the
         current model samples `<think>…` after the prompt (thinking budget `max_think_tokens`), unclosed thoughts
-        are closed and counted, the gold description is appended, and train_set[i] is replaced in place."""
+        are closed and counted, the gold description is appended, and train_set[i] is replaced in place.
+
+        Under ZeRO-3 with several ranks this is collective: every rank must call it at the same step (the trainer
+        does), whatever its own number of stale samples (0 included) and generation lengths."""
         if self.opts.think_mode != "free":
             return
         from distthink.generate import GenerationOptions
@@ -372,21 +373,33 @@ class MoleculeTask(SFTTask):
 
         stale = [i for i in indices if train_set[i].meta["free_step"] is None
                  or step - train_set[i].meta["free_step"] >= self.opts.regen_every]
-        if not stale:
+        synced = self._synced_generation()
+        if synced:
+            # Collective from here on: under ZeRO-3 every decoder forward all-gathers the partitioned weights,
+            # so either all ranks generate (a rank with nothing stale runs a discarded dummy row) or none does.
+            from distthink import distributed as dist
+
+            if dist.all_reduce_sum([float(len(stale))], next(model.parameters()).device)[0] == 0:
+                return
+        elif not stale:
             return
+        rows = stale or [indices[0] if indices else 0]  # the dummy row: any prompt of this rank's data
         gen = self._free_generator(model)
         end = gen.think_end_id
         opts = GenerationOptions(enable_thinking=True, do_sample=True, temperature=self.opts.temperature,
                                  top_p=self.opts.top_p, top_k=self.opts.top_k,
                                  max_new_tokens=self.opts.max_think_tokens + 1,
-                                 max_think_tokens=self.opts.max_think_tokens)
+                                 max_think_tokens=self.opts.max_think_tokens, synced_gpus=synced)
         was_training = model.training
         model.eval()
         try:
-            out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in stale],
-                                      [train_set[i].meta["graphs"] for i in stale], opts)
+            out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in rows],
+                                           [train_set[i].meta["graphs"] for i in rows], opts)
         finally:
             model.train(was_training)
+        if not stale:
+            log.debug("free mode step %d: nothing stale on this rank, ran a dummy generation in sync", step + 1)
+            return
         closed = close_thoughts(out, close_ids=[end], stop_ids=gen.stop_ids,
                                 max_think_tokens=self.opts.max_think_tokens)
         for i, seq, n, by_us in zip(stale, closed.sequences, closed.think_lengths, closed.closed_by_us):
@@ -399,6 +412,13 @@ class MoleculeTask(SFTTask):
         log.info("free mode step %d: regenerated %d thoughts: %d closed at the budget (%d tokens), %d ended the turn "
                  "inside the thought (closed by us), mean length %.1f tokens", step + 1, len(stale), at_budget,
                  self.opts.max_think_tokens, self.free_stats["ended_unclosed"], self.free_stats["mean_think_len"])
+
+    def _synced_generation(self) -> bool:
+        """True when the ranks must generate in lockstep: ZeRO-3 (partitioned weights) with more than one rank.
+
+        DDP / ZeRO-1/2 ranks hold full weights, so each generates on its own (no per-token all_reduce)."""
+        return (_zero_stage(self.cfg.distributed.deepspeed) == 3 and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
 
     def _free_generator(self, model):
         from distthink.generate import Generator

@@ -1,15 +1,18 @@
 """Molecule captioning task (task.name=molecule): option validation, the exact learned tokens of each
 thinking mode, and real launches of the trainer (tiny Qwen3 + GINE on the demo molecules): no-think and
 dynamic modes learn, and 2 ranks under ZeRO-3 (graph encoder/projector partitioned) follow the same loss
-trajectory as one process."""
+trajectory as one process; free mode generates on-policy thoughts, also under ZeRO-3 with ranks kept in
+lockstep whatever their share of the generation work."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
-from _train_utils import FAST, ROOT, launch, metrics, summary
+from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
 from distthink.config import load_config
 from distthink.errors import ConfigError, DataError
@@ -150,11 +153,11 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"])
 
 
-def test_free_mode_refuses_token_batching_and_zero3(tmp_path):
+def test_free_mode_refuses_token_batching_and_accepts_zero3(tmp_path):
     with pytest.raises(ConfigError, match="batch.mode=samples"):
         _task(tmp_path, ["batch.mode=tokens"], think_mode="free")
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        _task(tmp_path, ["distributed.deepspeed=ds_configs/zero3.json"], think_mode="free")
+    task = _task(tmp_path, ["distributed.deepspeed=ds_configs/zero3.json"], think_mode="free")
+    assert task.opts.think_mode == "free" and not task._synced_generation()  # one process: nothing to sync
 
 
 def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_path):
@@ -200,3 +203,85 @@ def test_free_mode_trains_and_description_loss_decreases(tmp_path):
     assert proc.stderr.count("free mode step") == 8
     losses = _losses(out)
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_free_mode_zero3_two_ranks_trains_and_description_loss_decreases(tmp_path):
+    out = tmp_path / "free_z3"
+    proc = launch(["--config", str(_cfg(tmp_path, "free_z3", think_mode="free", max_think_tokens=8, regen_every=2,
+                                        max_samples=16))] + FAST
+                  + [f"train.output_dir={out}", "batch.samples_per_micro=2", "distributed.timeout_s=120",
+                     "distributed.deepspeed=ds_configs/zero3.json"], nproc=2, timeout=360)
+    assert summary(out)["zero_stage"] == 3 and summary(out)["zero3_partitioned"]
+    assert proc.stderr.count("free mode step") >= 8  # every step regenerated (logged per rank)
+    losses = _losses(out)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
+
+
+# Runs as 2 ranks under ZeRO-3 and calls the task's hook directly with per-rank work chosen to be uneven:
+# rank 0 has a thinking budget of 2 tokens, rank 1 of 12 (decoder forwards 3 vs 13 if each rank went alone),
+# step 1 leaves rank 0 with no stale sample and step 2 leaves rank 1 with none. After each regeneration the
+# ranks train one micro-batch through the engine, so any collective left unmatched hangs (gloo timeout).
+_UNEVEN_WORKER = """
+import json, sys
+import torch
+from distthink import distributed as dist
+from distthink.config import load_config
+from distthink.data.packing import attn_implementation_of, batch_to
+from distthink.models.load import load_model, load_tokenizer
+from distthink.tasks import make_task
+
+cfg = load_config(sys.argv[1], ["distributed.deepspeed=ds_configs/zero3.json", "distributed.timeout_s=60"])
+acc = dist.setup(cfg)
+rank = acc.process_index
+tok = load_tokenizer(cfg)
+task = make_task(cfg)
+task.prepare_tokenizer(tok)
+train = task.load_split("train", tok)
+collate = task.collator(tok)
+model = load_model(cfg, tok, acc.device.type, dist.param_dtype(cfg))
+wrapped = task.wrap_model(model, tok)
+opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+wrapped, opt = acc.prepare(wrapped, opt)
+inner = acc.unwrap_model(wrapped)
+assert task._synced_generation()
+task.opts.max_think_tokens = [2, 12][rank]
+plan = [[[0, 1], [0], [6, 7]], [[2, 3, 4], [5], [5]]][rank]   # regen_every=2
+torch.manual_seed(rank)
+log = []
+for step, idx in enumerate(plan):
+    task.on_step_start(step, inner, train, idx)
+    log.append({i: [train[i].meta["free_step"], train[i].meta["free_think_len"]] for i in idx})
+    batch = batch_to(collate([train[i] for i in idx]), acc.device)
+    loss = task.forward(wrapped, batch, attn_implementation_of(model), torch.float32)["lm"]
+    acc.backward(loss)
+    opt.step()
+    opt.zero_grad()
+dist.barrier()
+with open(sys.argv[2] + f".{rank}.json", "w") as fh:
+    json.dump(log, fh)
+dist.teardown(acc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_free_mode_zero3_uneven_generation_across_ranks_stays_in_sync(tmp_path):
+    script = tmp_path / "uneven_worker.py"
+    script.write_text(_UNEVEN_WORKER)
+    cfg = _cfg(tmp_path, "uneven", think_mode="free", regen_every=2, max_samples=8)
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), str(cfg), str(res)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"res.{r}.json").read_text()) for r in (0, 1))
+    # step 0: both ranks generate, within their own (very different) budgets
+    assert all(s == 0 and 0 <= n <= 2 for s, n in r0[0].values())
+    assert all(s == 0 and 0 <= n <= 12 for s, n in r1[0].values())
+    assert max(n for _, n in r1[0].values()) > 2  # rank 1 really decoded longer than rank 0's budget
+    # step 1: rank 0 has nothing stale (kept its step-0 thought, ran a dummy generation), rank 1 generates
+    assert r0[1] == {"0": r0[0]["0"]} and r1[1]["5"][0] == 1
+    # step 2: rank 0 generates, rank 1 has nothing stale
+    assert all(s == 2 for s, _ in r0[2].values()) and r1[2] == r1[1]
