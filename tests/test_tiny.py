@@ -71,3 +71,17 @@ def test_tiny_qwen3_model_forward():
     ids = torch.tensor([tok("What is 2 + 2?", add_special_tokens=False)["input_ids"]])
     out = model(input_ids=ids, labels=ids)
     assert out.logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("src", ["tiny-qwen3", "tiny-llama"])
+def test_tiny_model_built_for_a_real_tokenizer_uses_its_special_ids(src, qwen3_tokenizer):
+    """A tiny architecture paired with the real Qwen3 tokenizer must stop/pad on Qwen3's ids, not the tiny
+    tokenizer's (generation would otherwise never see its eos)."""
+    from distthink.config import load_config
+    from distthink.models.load import build_model_config
+
+    cfg = load_config(None, [f"model.from_config={src}"])
+    mcfg = build_model_config(cfg, qwen3_tokenizer)
+    assert mcfg.vocab_size == len(qwen3_tokenizer)
+    assert mcfg.eos_token_id == qwen3_tokenizer.convert_tokens_to_ids("<|im_end|>") == qwen3_tokenizer.eos_token_id
+    assert mcfg.pad_token_id == qwen3_tokenizer.pad_token_id != tiny_tokenizer("qwen3").pad_token_id

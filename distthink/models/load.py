@@ -50,14 +50,15 @@ def build_model_config(cfg: Config, tokenizer):
     from transformers import AutoConfig
 
     src = cfg.model.from_config
-    if src == "tiny-qwen3":
-        from distthink.tiny import tiny_qwen3_config
+    if src in ("tiny-qwen3", "tiny-llama"):
+        from distthink.tiny import tiny_llama_config, tiny_qwen3_config
 
-        mcfg = tiny_qwen3_config(vocab_size=len(tokenizer))
-    elif src == "tiny-llama":
-        from distthink.tiny import tiny_llama_config
-
-        mcfg = tiny_llama_config(vocab_size=len(tokenizer))
+        build = tiny_qwen3_config if src == "tiny-qwen3" else tiny_llama_config
+        mcfg = build(vocab_size=len(tokenizer))
+        # The tiny configs carry the tiny tokenizer's special ids; a tiny model paired with a real tokenizer
+        # (e.g. the vendored Qwen3 one) must stop and pad on *that* tokenizer's ids.
+        mcfg.eos_token_id = tokenizer.eos_token_id
+        mcfg.pad_token_id = tokenizer.pad_token_id
     elif src and Path(src).is_dir():
         mcfg = AutoConfig.from_pretrained(src)
     else:
