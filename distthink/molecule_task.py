@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,7 @@ PREFIX_META = "graph_prefix.json"
 class MoleculeOptions:
     """`task.options` of the molecule task (every key optional)."""
 
-    think_mode: str = "off"            # off | dynamic | supervised
+    think_mode: str = "off"            # off | dynamic | supervised | free
     dynamic: str = "argmax"            # argmax | soft (think_mode=dynamic)
     use_graph: bool = True             # False = text-only ablation (same SMILES in the prompt, no graph tokens)
     include_smiles: bool = True
@@ -392,11 +393,13 @@ class MoleculeTask(SFTTask):
                                  max_think_tokens=self.opts.max_think_tokens, synced_gpus=synced)
         was_training = model.training
         model.eval()
+        t0 = time.perf_counter()
         try:
             out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in rows],
                                            [train_set[i].meta["graphs"] for i in rows], opts)
         finally:
             model.train(was_training)
+        gen_s = time.perf_counter() - t0
         if not stale:
             log.debug("free mode step %d: nothing stale on this rank, ran a dummy generation in sync", step + 1)
             return
@@ -408,10 +411,11 @@ class MoleculeTask(SFTTask):
         at_budget = int(budget.hit.sum()) if budget is not None and budget.hit is not None else 0
         self.free_stats = {"regenerated": len(stale), "closed_at_budget": at_budget,
                            "ended_unclosed": int(sum(closed.closed_by_us)),
-                           "mean_think_len": sum(closed.think_lengths) / len(stale)}
+                           "mean_think_len": sum(closed.think_lengths) / len(stale), "gen_s": gen_s}
         log.info("free mode step %d: regenerated %d thoughts: %d closed at the budget (%d tokens), %d ended the turn "
-                 "inside the thought (closed by us), mean length %.1f tokens", step + 1, len(stale), at_budget,
-                 self.opts.max_think_tokens, self.free_stats["ended_unclosed"], self.free_stats["mean_think_len"])
+                 "inside the thought (closed by us), mean length %.1f tokens, %.2f s%s", step + 1, len(stale),
+                 at_budget, self.opts.max_think_tokens, self.free_stats["ended_unclosed"],
+                 self.free_stats["mean_think_len"], gen_s, " (ranks in sync)" if synced else "")
 
     def _synced_generation(self) -> bool:
         """True when the ranks must generate in lockstep: ZeRO-3 (partitioned weights) with more than one rank.

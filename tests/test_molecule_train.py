@@ -214,7 +214,7 @@ def test_free_mode_zero3_two_ranks_trains_and_description_loss_decreases(tmp_pat
                   + [f"train.output_dir={out}", "batch.samples_per_micro=2", "distributed.timeout_s=120",
                      "distributed.deepspeed=ds_configs/zero3.json"], nproc=2, timeout=360)
     assert summary(out)["zero_stage"] == 3 and summary(out)["zero3_partitioned"]
-    assert proc.stderr.count("free mode step") >= 8  # every step regenerated (logged per rank)
+    assert proc.stderr.count("(ranks in sync)") >= 8  # regenerations ran with synchronised ranks
     losses = _losses(out)
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
 
@@ -222,7 +222,7 @@ def test_free_mode_zero3_two_ranks_trains_and_description_loss_decreases(tmp_pat
 # Runs as 2 ranks under ZeRO-3 and calls the task's hook directly with per-rank work chosen to be uneven:
 # rank 0 has a thinking budget of 2 tokens, rank 1 of 12 (decoder forwards 3 vs 13 if each rank went alone),
 # step 1 leaves rank 0 with no stale sample and step 2 leaves rank 1 with none. After each regeneration the
-# ranks train one micro-batch through the engine, so any collective left unmatched hangs (gloo timeout).
+# ranks train one micro-batch through the engine, so any collective left unmatched hangs (gloo timeout, 90 s).
 _UNEVEN_WORKER = """
 import json, sys
 import torch
@@ -232,7 +232,7 @@ from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.models.load import load_model, load_tokenizer
 from distthink.tasks import make_task
 
-cfg = load_config(sys.argv[1], ["distributed.deepspeed=ds_configs/zero3.json", "distributed.timeout_s=60"])
+cfg = load_config(sys.argv[1], ["distributed.deepspeed=ds_configs/zero3.json", "distributed.timeout_s=90"])
 acc = dist.setup(cfg)
 rank = acc.process_index
 tok = load_tokenizer(cfg)
@@ -258,15 +258,15 @@ for step, idx in enumerate(plan):
     acc.backward(loss)
     opt.step()
     opt.zero_grad()
-dist.barrier()
 with open(sys.argv[2] + f".{rank}.json", "w") as fh:
     json.dump(log, fh)
+dist.barrier()  # leave together: a rank tearing down while its peer is still in a collective aborts it
 dist.teardown(acc)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_free_mode_zero3_uneven_generation_across_ranks_stays_in_sync(tmp_path):
     script = tmp_path / "uneven_worker.py"
     script.write_text(_UNEVEN_WORKER)
@@ -274,8 +274,9 @@ def test_free_mode_zero3_uneven_generation_across_ranks_stays_in_sync(tmp_path):
     res = tmp_path / "res"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), str(cfg), str(res)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    # Without the sync the ranks' collectives no longer match: gloo times out (90 s) and the workers fail.
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=330)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     r0, r1 = (json.loads((tmp_path / f"res.{r}.json").read_text()) for r in (0, 1))
     # step 0: both ranks generate, within their own (very different) budgets
     assert all(s == 0 and 0 <= n <= 2 for s, n in r0[0].values())
