@@ -235,3 +235,34 @@ def test_eval_loads_the_trained_projector_from_a_checkpoint_file(tmp_path, tok):
     save_file({"model.x": torch.zeros(1)}, str(tmp_path / "none.safetensors"))
     with pytest.raises(ConfigError, match="Fix"):
         load_projector(fresh, str(tmp_path / "none.safetensors"))
+
+
+@pytest.mark.parametrize("rec_score", ["yes", "yes_minus_no"])
+def test_eval_score_path_equals_the_training_forward_and_the_full_logits(tok, prepared, rec_score):
+    """ThinkRecModel.score (eval: answer rows x 2 verdict rows, no vocabulary logits) against the training forward
+    and against an independent read of the HF model's full logits at the answer rows."""
+    from distthink.data.packing import model_inputs
+    from distthink.recsys.task import SCORE_KEYS, SIDE_KEYS
+
+    model = _model(tok)
+    samples = _id_batch(tok, prepared)
+    yes, no = verdict_ids(tok, ThinkRecOptions())
+    ph = {t: tok.convert_tokens_to_ids(t) for t in prompts.ID_TOKENS}
+    g = torch.Generator().manual_seed(1)
+    users, items = torch.randn(100, 8, generator=g), torch.randn(100, 8, generator=g)
+    torch.manual_seed(0)
+    wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, impl="fused", rec_score=rec_score,
+                            projector=Projector(8, 64, mult=2), user_table=users, item_table=items, ph_ids=ph).eval()
+    batch = ThinkRecCollator(0)(samples)
+    kw = model_inputs(batch, "eager", with_input_ids=False)
+    with torch.no_grad():
+        fast = wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **kw)
+        train = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **kw, return_scores=True)["scores"]
+        emb = wrapper.embed(batch["input_ids"], batch["segment_ids"], batch["user_ids"], batch["target_ids"],
+                            batch["hist_ids"], batch["hist_counts"])
+        logits = model(inputs_embeds=emb, **kw).logits.reshape(-1, model.config.vocab_size)[batch["rec_rows"]]
+    ref = logits[:, yes] - logits[:, no] if rec_score == "yes_minus_no" else logits[:, yes]
+    assert fast.shape == (len(samples),)
+    torch.testing.assert_close(fast, train, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    assert fast.std() > 0  # distinct prompts, distinct scores: the comparison is not between constants

@@ -140,7 +140,7 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     from distthink.data.packing import model_inputs
     from distthink.models.load import load_tokenizer
     from distthink.models.molora import molora_gates
-    from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
+    from distthink.recsys.task import SCORE_KEYS, ThinkRecTask, build_samples, build_wrapper
 
     task = ThinkRecTask(cfg)
     opt = task.opt
@@ -169,9 +169,9 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
             g.update(gates_fn(batch["user_ids"]))
         for mode in FUSION_MODES:
             with molora_gates(model, g[mode].to(batch["input_ids"].device), segment_ids=batch["segment_ids"]):
-                res = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **model_inputs(batch, attn, with_input_ids=False),
-                              return_scores=True)
-            out[mode] += res["scores"].double().tolist()
+                scores = wrapper.score(**{k: batch[k] for k in SCORE_KEYS},
+                                       **model_inputs(batch, attn, with_input_ids=False))
+            out[mode] += scores.double().tolist()
         out["branch"] += g["branch"].tolist()
         out["idx"] += [s.meta["index"] for s in part]
         out["user"] += [s.meta["user_id"] for s in part]
@@ -217,7 +217,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     from distthink import train_data
     from distthink.data.packing import model_inputs
     from distthink.models.load import load_tokenizer
-    from distthink.recsys.task import SIDE_KEYS, ThinkRecTask, build_samples, build_wrapper
+    from distthink.recsys.task import SCORE_KEYS, ThinkRecTask, build_samples, build_wrapper
 
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
@@ -239,13 +239,12 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     for i in range(0, len(mine), batch_size):
         part = [samples[j] for j in mine[i:i + batch_size]]
         batch = collate(part)
-        res = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **model_inputs(batch, attn, with_input_ids=False),
-                      return_scores=True)
+        scores = wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
         out["idx"] += [s.meta["index"] for s in part]
         out["user"] += [s.meta["user_id"] for s in part]
         out["item"] += [s.meta["item_id"] for s in part]
         out["label"] += [s.meta["label"] for s in part]
-        out["score"] += res["scores"].double().tolist()
+        out["score"] += scores.double().tolist()
     return {k: np.asarray(v) for k, v in out.items()}, len(samples)
 
 

@@ -385,15 +385,40 @@ class ThinkRecModel(torch.nn.Module):
                                                    chunk_size=self.chunk_size, return_stats=True,
                                                    stats_token_ids=ids, stats_rows=rec_rows)
             sel = stats.selected_logits
-        scores = sel[:, 0] - sel[:, 1] if self.rec_score == "yes_minus_no" else sel[:, 0]
+        scores = self._score_from(sel)
         out = {"lm": lm, "rec": rec_bce_sum(scores, rec_labels, rec_coef)}
         if return_scores:
             out["scores"] = scores.detach()
         return out
 
+    def _score_from(self, sel: torch.Tensor) -> torch.Tensor:
+        """(S, 2) Yes/No logits -> (S,) score per `rec_score`."""
+        return sel[:, 0] - sel[:, 1] if self.rec_score == "yes_minus_no" else sel[:, 0]
+
+    @torch.no_grad()
+    def score(self, rec_rows, input_ids, segment_ids, user_ids, target_ids, hist_ids, hist_counts,
+              **model_kwargs) -> torch.Tensor:
+        """Evaluation: the (S,) recommendation scores only. The decoder runs once and only the answer rows meet
+        the two verdict rows of the LM head ((S, H) x (H, 2)): no vocabulary-wide logits, no LM loss (at a
+        150k vocabulary the logits of a batch would be the whole cost). Equal to forward(...)["scores"]."""
+        base = self._base[0]
+        if self.projector is not None:
+            model_kwargs["inputs_embeds"] = self.embed(input_ids, segment_ids, user_ids, target_ids, hist_ids,
+                                                       hist_counts)
+        else:
+            model_kwargs["input_ids"] = input_ids
+        hidden = base.model(**model_kwargs).last_hidden_state
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rec_rows)
+        head = base.lm_head
+        sel = F.linear(rows, head.weight[[self.yes_id, self.no_id]].to(rows.dtype),
+                       None if head.bias is None else head.bias[[self.yes_id, self.no_id]].to(rows.dtype))
+        return self._score_from(sel.float())
+
 
 SIDE_KEYS = ("targets", "target_weights", "lm_mult", "rec_rows", "rec_labels", "rec_coef", "input_ids",
              "segment_ids", "user_ids", "target_ids", "hist_ids", "hist_counts")
+#: the batch keys ThinkRecModel.score reads (besides the decoder's own inputs)
+SCORE_KEYS = ("rec_rows", "input_ids", "segment_ids", "user_ids", "target_ids", "hist_ids", "hist_counts")
 
 
 class ThinkRecTask:
