@@ -169,3 +169,21 @@ def test_generic_date_strings_and_loose_json_hint(tmp_path):
     (tmp_path / "loose.json").write_text("{'reviewerID': 'A', 'asin': 'B', 'overall': 5.0}\n")
     with pytest.raises(DataError, match="loose JSON"):
         load_interactions(tmp_path / "loose.json", "amazon")
+
+
+def test_synthetic_user_leniency_shows_in_each_users_labels():
+    """user_bias draws a per-user rating leniency: users' positive rates follow it; the default world has none
+    (and draws nothing for it, so default worlds are unchanged)."""
+    from scipy.stats import spearmanr
+
+    plain = generate(200, 150, seed=0, n_personas=0)
+    assert (plain.truth["leniency"] == 0).all()
+    d = generate(200, 150, seed=0, n_personas=0, user_bias=0.8)
+    assert d.truth["leniency"].std() == pytest.approx(0.8, rel=0.2)
+    r = d.interactions.ratings.assign(pos=lambda x: x["rating"] >= 4)
+    rate = r.groupby("user_id")["pos"].mean()
+    users = rate.index.str[1:].astype(int)
+    assert spearmanr(rate.to_numpy(), d.truth["leniency"][users]).statistic > 0.6
+    # the same draws otherwise: only the ratings move
+    pd.testing.assert_frame_equal(d.interactions.items, plain.interactions.items)
+    assert (d.interactions.ratings["item_id"] == plain.interactions.ratings["item_id"]).all()

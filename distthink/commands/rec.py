@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     s.add_argument("--max-per-user", type=int, default=60)
     s.add_argument("--personas", type=int, default=4, help="planted user taste groups (0: every user independent)")
     s.add_argument("--latent-scale", type=float, default=1.0, help="strength of the hidden CF-only term")
+    s.add_argument("--user-bias", type=float, default=0.0,
+                   help="std of a per-user rating leniency (0: none); it shows in the labels of a user's history")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=("csv", "parquet"), default="csv")
     s.set_defaults(func=_synth)
@@ -124,7 +126,8 @@ def _synth(args) -> int:
     from distthink.recsys.synthetic import generate
 
     d = generate(args.users, args.items, min_per_user=args.min_per_user, max_per_user=args.max_per_user,
-                 n_personas=args.personas, latent_scale=args.latent_scale, seed=args.seed)
+                 n_personas=args.personas, latent_scale=args.latent_scale, user_bias=args.user_bias,
+                 seed=args.seed)
     paths = d.write(args.out, args.format)
     print(json.dumps({"rows": len(d.interactions.ratings), **{k: str(v) for k, v in paths.items()}}))
     return 0

@@ -17,7 +17,9 @@ Generative story (all draws from one `numpy.random.Generator(seed)`):
                       persona, so there are planted user groups (truth["persona"])
     genres(i)       = 1 or 2 genres; quality[i] ~ N(0, 0.3)
     latent          = U[u] . V[i], a unit-variance low-rank term scaled to std 0.8 * latent_scale
-    true_score[u,i] = mean_{g in genres(i)} affinity[u, g] + latent + quality[i]
+    leniency[u]     ~ N(0, user_bias) (default user_bias=0: none): how generously a user rates, the
+                      per-user baseline of real rating data; it shows in the labels of a user's history
+    true_score[u,i] = mean_{g in genres(i)} affinity[u, g] + latent + quality[i] + leniency[u]
     rating          = clip(round(3.2 + 1.2 * (true_score + N(0, noise))), 1, 5)
 
 Which items a user rates: Gumbel-top-n over logits 0.5*log(popularity) + 0.7*genre affinity (users
@@ -98,7 +100,7 @@ class SyntheticData:
 
 def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, max_per_user: int = 60,
              dim: int = 8, latent_scale: float = 1.0, noise: float = 0.4, n_personas: int = 4,
-             seed: int = 0) -> SyntheticData:
+             user_bias: float = 0.0, seed: int = 0) -> SyntheticData:
     """Draw a synthetic world. Deterministic for a given (sizes, seed). See the module docstring."""
     if not 1 <= min_per_user <= max_per_user <= n_items:
         raise ConfigError(f"synthetic sizes: need 1 <= min_per_user ({min_per_user}) <= max_per_user "
@@ -151,6 +153,8 @@ def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, 
 
     true_score = match[user_idx, item_idx] + np.einsum("nd,nd->n", user_latent[user_idx],
                                                         item_latent[item_idx]) + quality[item_idx]
+    leniency = rng.normal(0.0, user_bias, n_users) if user_bias > 0 else np.zeros(n_users)
+    true_score = true_score + leniency[user_idx]
     rating = np.clip(np.rint(3.2 + 1.2 * (true_score + rng.normal(0.0, noise, len(user_idx)))), 1, 5)
 
     start = _T0 + (rng.random(n_users) * 0.6 * _SPAN).astype(np.int64)
@@ -164,12 +168,12 @@ def generate(n_users: int = 300, n_items: int = 200, *, min_per_user: int = 20, 
     })
     items = pd.DataFrame({"item_id": np.array([f"i{i:05d}" for i in range(n_items)], dtype=object),
                           "title": titles, "description": descriptions, "genres": genre_str})
-    truth = {"affinity": affinity, "user_latent": user_latent, "item_latent": item_latent,
+    truth = {"affinity": affinity, "leniency": leniency, "user_latent": user_latent, "item_latent": item_latent,
              "item_genres": item_genres, "quality": quality, "true_score": true_score, "persona": persona,
              "genres": np.array(GENRES),
              "config": {"n_users": n_users, "n_items": n_items, "min_per_user": min_per_user,
                         "max_per_user": max_per_user, "dim": dim, "latent_scale": latent_scale,
-                        "noise": noise, "n_personas": n_personas, "seed": seed}}
+                        "noise": noise, "n_personas": n_personas, "user_bias": user_bias, "seed": seed}}
     return SyntheticData(Interactions(ratings, items, source=f"synthetic:seed={seed}"), truth)
 
 
