@@ -81,12 +81,10 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
 
     # Stage 2: ids + projector, stage 1's adapter loaded by path and frozen (2 ranks, ZeRO-3). The frozen
     # adapter is exported again: it must equal stage 1's bit for bit (loaded, and never updated).
-    # (CLI overrides of task.options replace the YAML's dict, so every option is repeated here.)
     out2 = tmp_path / "stage2"
     stage2 = _common(prepared, out2) + [
         "distributed.deepspeed=ds_configs/zero3.json", "task.options.prompt_mode=ids",
-        f"task.options.cf_export={cf}", f"task.options.init_adapter={out / 'export'}", "task.options.freeze_lora=true",
-        "task.options.max_train_samples=64", "task.options.max_eval_samples=16"]
+        f"task.options.cf_export={cf}", f"task.options.init_adapter={out / 'export'}", "task.options.freeze_lora=true"]
     proc2 = launch(stage2, nproc=2)
     from safetensors.torch import load_file
 
