@@ -77,7 +77,7 @@ def _logits_and_scores(wrapper, batch):
 @pytest.fixture(scope="module")
 def stage2_export(world):
     """A 'trained' stage-2 projector (moved away from its seed-0 init) written by save_projector_export."""
-    from distthink.recsys.task import save_projector_export
+    from distthink.recsys.projector_export import save_projector_export
 
     base = _base(world["tok"])
     opt, trained = _wrapper(world, base)

@@ -182,7 +182,8 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     from safetensors.torch import load_file
 
     from distthink.models.inject import Projector
-    from distthink.recsys.task import ThinkRecOptions, save_projector_export
+    from distthink.recsys.projector_export import save_projector_export
+    from distthink.recsys.task import ThinkRecOptions
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"

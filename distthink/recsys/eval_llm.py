@@ -252,7 +252,7 @@ def projector_source(opt, export: str | None, projector: str | None) -> tuple[st
     """Where the projector of a prompt_mode=ids stage comes from, in this order: ``--projector`` (a checkpoint's
     model.safetensors), the ``--export`` folder's projector.safetensors (written by the stage's export), the
     config's ``init_projector`` when the stage kept it frozen. ("checkpoint" | option name, path)."""
-    from distthink.recsys.task import PROJECTOR_META
+    from distthink.recsys.projector_export import PROJECTOR_META
 
     if projector:
         return "checkpoint", projector
@@ -271,7 +271,7 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
         load_projector(wrapper, path)
         return
     from distthink.models.cf import load_cf_export
-    from distthink.recsys.task import load_projector_export
+    from distthink.recsys.projector_export import load_projector_export
 
     # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
     load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
