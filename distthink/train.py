@@ -128,6 +128,25 @@ def _fault_nan(step: int) -> bool:
     return bool(spec) and step in {int(x) for x in spec.split(",")}
 
 
+def _fault_inf_grad(step: int) -> bool:
+    """Test hook: DISTTHINK_FAULT_INF_GRAD_STEPS=3 keeps the loss of those steps finite but makes every gradient
+    non-finite (the case DeepSpeed sees only inside its own step)."""
+    spec = os.environ.get("DISTTHINK_FAULT_INF_GRAD_STEPS", "")
+    return bool(spec) and step in {int(x) for x in spec.split(",")}
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward, infinite backward (fault injection only)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
 # ----------------------------------------------------------------------------------------------------
 # The recipe.
 # ----------------------------------------------------------------------------------------------------
@@ -286,6 +305,8 @@ def run(cfg: Config) -> int:
                     if not all(bool(torch.isfinite(sums[k].detach())) for k in keys):
                         local_bad = 1.0
                     loss_sum = sum(sums[k] * s for k, s in zip(keys, scales))
+                    if _fault_inf_grad(step + 1):
+                        loss_sum = _InfGradient.apply(loss_sum)
                     if use_ds and accelerator.sync_gradients:
                         # DeepSpeed steps inside the boundary backward, so the NaN/Inf guard must decide
                         # before it: with a non-finite loss on any rank, back-propagate (DeepSpeed's
@@ -320,7 +341,7 @@ def run(cfg: Config) -> int:
                 log.warning("step %d: non-finite loss=%s grad_norm=%s: step skipped (%d in a row, limit %d)%s",
                             step + 1, loss, grad_norm, nan_streak, cfg.train.nan_max_consecutive,
                             "" if not use_ds or ds_skipped else
-                            " [finite loss but non-finite grad norm: DeepSpeed has already applied the step]")
+                            " [finite loss, non-finite gradients: DeepSpeed's optimizer skipped it as an overflow]")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             micro_index += ga

@@ -54,3 +54,34 @@ def test_loss_and_grad_norm_invariant_to_ranks_micro_and_ga_with_a_skipped_step(
     # and the run learns
     assert ref[-1]["loss"] < ref[0]["loss"]
     assert ref[NAN_STEP]["lr"] == ref[NAN_STEP - 1]["lr"]  # the step after the skipped one reuses its rate
+
+
+def test_finite_loss_with_non_finite_gradients_is_skipped_under_deepspeed_too(tmp_path):
+    """A step whose loss is finite but whose gradients are not (fault hook: identity forward, inf backward) is
+    only visible inside DeepSpeed's own optimizer step. DeepSpeed (ZeRO-2 and ZeRO-3, fp32) must skip it as an
+    overflow: the trajectory after it equals the plain-torch run, which skips it in the trainer. Had the engine
+    applied the infinite gradients, every later loss would be NaN."""
+    inf_step = 3
+
+    def run(name, nproc, extra=()):
+        out = tmp_path / name
+        launch(COMMON + [f"train.output_dir={out}", "batch.samples_per_micro=2", "batch.gradient_accumulation=1",
+                         *extra], nproc=nproc, DISTTHINK_FAULT_INF_GRAD_STEPS=inf_step)
+        rows = metrics(out)
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+        return rows
+
+    ref = run("ddp", 2)
+    bad = ref[inf_step - 1]
+    assert math.isfinite(bad["loss"]) and not math.isfinite(bad["grad_norm"])
+    assert ref[inf_step]["lr"] == bad["lr"]  # skipped: the next step reuses its rate
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in ref[inf_step:])
+    for cfg in ("zero2", "zero3"):
+        other = run(cfg, 2, [f"distributed.deepspeed=ds_configs/{cfg}.json"])
+        for a, b in zip(ref, other):
+            assert a["lr"] == b["lr"], (cfg, a, b)
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (cfg, a["step"], a["loss"], b["loss"])
+            if a["step"] == inf_step:
+                assert not math.isfinite(b["grad_norm"]), (cfg, b)
+            else:
+                assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (cfg, a["step"], a["grad_norm"], b["grad_norm"])
