@@ -357,14 +357,19 @@ class ThinkRecModel(torch.nn.Module):
         return inject_placeholders(input_ids, embeds, slots, segment_ids=segment_ids,
                                    num_samples=int(user_ids.numel()), inplace=inplace)
 
-    def forward(self, targets, target_weights, lm_mult, rec_rows, rec_labels, rec_coef, input_ids, segment_ids,
-                user_ids, target_ids, hist_ids, hist_counts, return_scores: bool = False, **model_kwargs):
-        base = self._base[0]
+    def _add_decoder_input(self, model_kwargs: dict, input_ids, segment_ids, user_ids, target_ids, hist_ids,
+                           hist_counts) -> None:
+        """The decoder reads `inputs_embeds` with the projected CF vectors injected (id prompts), else `input_ids`."""
         if self.projector is not None:
             model_kwargs["inputs_embeds"] = self.embed(input_ids, segment_ids, user_ids, target_ids, hist_ids,
                                                        hist_counts)
         else:
             model_kwargs["input_ids"] = input_ids
+
+    def forward(self, targets, target_weights, lm_mult, rec_rows, rec_labels, rec_coef, input_ids, segment_ids,
+                user_ids, target_ids, hist_ids, hist_counts, return_scores: bool = False, **model_kwargs):
+        base = self._base[0]
+        self._add_decoder_input(model_kwargs, input_ids, segment_ids, user_ids, target_ids, hist_ids, hist_counts)
         flat_t = targets.reshape(-1)
         flat_w = (target_weights * lm_mult).reshape(-1)
         ids = [self.yes_id, self.no_id]
@@ -404,11 +409,7 @@ class ThinkRecModel(torch.nn.Module):
         the two verdict rows of the LM head ((S, H) x (H, 2)): no vocabulary-wide logits, no LM loss (at a
         150k vocabulary the logits of a batch would be the whole cost). Equal to forward(...)["scores"]."""
         base = self._base[0]
-        if self.projector is not None:
-            model_kwargs["inputs_embeds"] = self.embed(input_ids, segment_ids, user_ids, target_ids, hist_ids,
-                                                       hist_counts)
-        else:
-            model_kwargs["input_ids"] = input_ids
+        self._add_decoder_input(model_kwargs, input_ids, segment_ids, user_ids, target_ids, hist_ids, hist_counts)
         hidden = base.model(**model_kwargs).last_hidden_state
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rec_rows)
         head = base.lm_head
