@@ -153,20 +153,27 @@ def _id_batch(tok, prepared, n=3):
     return chosen
 
 
-def test_changing_one_users_cf_vector_changes_only_that_prompt(tok, prepared):
-    from distthink.data.packing import model_inputs
-    from distthink.recsys.task import SIDE_KEYS
-
+def _id_wrapper(tok, prepared, *, cf_seed: int, **kw):
+    """A ThinkRecModel over the tiny model with a random projector and random CF tables (id prompts), in eval mode,
+    and a collated batch of distinct users' samples. Returns (model, wrapper, samples, batch)."""
     model = _model(tok)
     samples = _id_batch(tok, prepared)
     yes, no = verdict_ids(tok, ThinkRecOptions())
     ph = {t: tok.convert_tokens_to_ids(t) for t in prompts.ID_TOKENS}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(cf_seed)
     users, items = torch.randn(100, 8, generator=g), torch.randn(100, 8, generator=g)
     torch.manual_seed(0)
-    wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, impl="hf", projector=Projector(8, 64, mult=2),
-                            user_table=users, item_table=items, ph_ids=ph).eval()
-    batch = ThinkRecCollator(0)(samples)
+    wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, projector=Projector(8, 64, mult=2), user_table=users,
+                            item_table=items, ph_ids=ph, **kw).eval()
+    return model, wrapper, samples, ThinkRecCollator(0)(samples)
+
+
+def test_changing_one_users_cf_vector_changes_only_that_prompt(tok, prepared):
+    from distthink.data.packing import model_inputs
+    from distthink.recsys.task import SIDE_KEYS
+
+    model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=0, impl="hf")
+    ph = wrapper.ph_ids
     kw = model_inputs(batch, "eager", with_input_ids=False)
     side = {k: batch[k] for k in SIDE_KEYS}
 
@@ -244,16 +251,8 @@ def test_eval_score_path_equals_the_training_forward_and_the_full_logits(tok, pr
     from distthink.data.packing import model_inputs
     from distthink.recsys.task import SCORE_KEYS, SIDE_KEYS
 
-    model = _model(tok)
-    samples = _id_batch(tok, prepared)
-    yes, no = verdict_ids(tok, ThinkRecOptions())
-    ph = {t: tok.convert_tokens_to_ids(t) for t in prompts.ID_TOKENS}
-    g = torch.Generator().manual_seed(1)
-    users, items = torch.randn(100, 8, generator=g), torch.randn(100, 8, generator=g)
-    torch.manual_seed(0)
-    wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, impl="fused", rec_score=rec_score,
-                            projector=Projector(8, 64, mult=2), user_table=users, item_table=items, ph_ids=ph).eval()
-    batch = ThinkRecCollator(0)(samples)
+    model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=1, impl="fused", rec_score=rec_score)
+    yes, no = wrapper.yes_id, wrapper.no_id
     kw = model_inputs(batch, "eager", with_input_ids=False)
     with torch.no_grad():
         fast = wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **kw)
