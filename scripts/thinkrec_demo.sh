@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # ThinkRec end to end on CPU, on the synthetic world:
 #   rec synth -> rec prepare -> rec train-cf (MF) -> stage 1 (2 ranks, ZeRO-3) -> rec eval (stage 1 and MF).
-# The last line is a JSON object with both test AUCs. About 20 minutes on 2 CPU cores.
+# The last line is a JSON object with both test AUCs. About 3-4 minutes on 2 quiet CPU cores.
 #
 # Usage: scripts/thinkrec_demo.sh [OUT_DIR]      (default: runs/thinkrec_demo; run from the repository root)
-# Environment: STEPS (stage-1 optimizer steps, default 300: about 2 epochs on 2 ranks), SEED (world, 0).
+# Environment: STEPS (stage-1 optimizer steps, default 150: about one epoch on 2 ranks), SEED (world, 0).
 set -euo pipefail
 
 OUT=${1:-runs/thinkrec_demo}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-150}
 SEED=${SEED:-0}
 CONFIG=configs/thinkrec/demo.yaml
 DATA=(data.train="$OUT/prep/train.parquet" data.eval="$OUT/prep/valid.parquet")
