@@ -4,7 +4,7 @@
 # The last line is a JSON object with both test AUCs. About 3-4 minutes on 2 quiet CPU cores.
 #
 # Usage: scripts/thinkrec_demo.sh [OUT_DIR]      (default: runs/thinkrec_demo; run from the repository root)
-# Environment: STEPS (stage-1 optimizer steps, default 150: about one epoch on 2 ranks), SEED (world, 0).
+# Environment: STEPS (stage-1 optimizer steps, default 150: about half an epoch on 2 ranks), SEED (world, 0).
 set -euo pipefail
 
 OUT=${1:-runs/thinkrec_demo}
