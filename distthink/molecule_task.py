@@ -114,20 +114,6 @@ class MoleculeOptions:
                 "dropout": self.dropout, "proj_mult": self.proj_mult, "graph_tokens": self.graph_tokens}
 
 
-def _zero_stage(ds) -> int:
-    """ZeRO stage of a distributed.deepspeed setting (a JSON path or a dict); 0 without DeepSpeed."""
-    if not ds:
-        return 0
-    if isinstance(ds, dict):
-        conf = ds
-    else:
-        try:
-            conf = json.loads(Path(ds).read_text())
-        except (OSError, json.JSONDecodeError):
-            return 0  # the trainer reports an unreadable DeepSpeed config itself
-    return int((conf.get("zero_optimization") or {}).get("stage", 0) or 0)
-
-
 def build_prefix(graph_cfg: dict, llm_hidden: int):
     """GraphEncoder + projector from a graph config dict (MoleculeOptions.graph_config / graph_prefix.json)."""
     from distthink.models.graph import GraphEncoder, GraphPrefix
@@ -374,7 +360,7 @@ class MoleculeTask(SFTTask):
 
         stale = [i for i in indices if train_set[i].meta["free_step"] is None
                  or step - train_set[i].meta["free_step"] >= self.opts.regen_every]
-        synced = self._synced_generation()
+        synced = self._synced_generation(model)
         if synced:
             # Collective from here on: under ZeRO-3 every decoder forward all-gathers the partitioned weights,
             # so either all ranks generate (a rank with nothing stale runs a discarded dummy row) or none does.
@@ -417,12 +403,15 @@ class MoleculeTask(SFTTask):
                  at_budget, self.opts.max_think_tokens, self.free_stats["ended_unclosed"],
                  self.free_stats["mean_think_len"], gen_s, " (ranks in sync)" if synced else "")
 
-    def _synced_generation(self) -> bool:
-        """True when the ranks must generate in lockstep: ZeRO-3 (partitioned weights) with more than one rank.
+    @staticmethod
+    def _synced_generation(model) -> bool:
+        """True when the ranks must generate in lockstep: `model`'s weights are ZeRO-3 partitioned and there is
+        more than one rank. DDP / ZeRO-1/2 ranks hold full weights, so each generates on its own (no per-token
+        all_reduce)."""
+        from distthink.models.load import is_partitioned
 
-        DDP / ZeRO-1/2 ranks hold full weights, so each generates on its own (no per-token all_reduce)."""
-        return (_zero_stage(self.cfg.distributed.deepspeed) == 3 and torch.distributed.is_available()
-                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+        return (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1 and is_partitioned(model))
 
     def _free_generator(self, model):
         from distthink.generate import Generator

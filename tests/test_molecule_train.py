@@ -157,7 +157,8 @@ def test_free_mode_refuses_token_batching_and_accepts_zero3(tmp_path):
     with pytest.raises(ConfigError, match="batch.mode=samples"):
         _task(tmp_path, ["batch.mode=tokens"], think_mode="free")
     task = _task(tmp_path, ["distributed.deepspeed=ds_configs/zero3.json"], think_mode="free")
-    assert task.opts.think_mode == "free" and not task._synced_generation()  # one process: nothing to sync
+    # one process, weights not partitioned: nothing to sync
+    assert task.opts.think_mode == "free" and not task._synced_generation(torch.nn.Linear(2, 2))
 
 
 def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_path):
@@ -246,7 +247,7 @@ wrapped = task.wrap_model(model, tok)
 opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
 wrapped, opt = acc.prepare(wrapped, opt)
 inner = acc.unwrap_model(wrapped)
-assert task._synced_generation()
+assert task._synced_generation(inner)
 task.opts.max_think_tokens = [2, 12][rank]
 plan = [[[0, 1], [0], [6, 7]], [[2, 3, 4], [5], [5]]][rank]   # regen_every=2
 torch.manual_seed(rank)
