@@ -122,17 +122,21 @@ def _fault_injection(step: int, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _fault_at(env_var: str, step: int) -> bool:
+    """True when `step` is listed in the comma-separated test hook `env_var`."""
+    spec = os.environ.get(env_var, "")
+    return bool(spec) and step in {int(x) for x in spec.split(",")}
+
+
 def _fault_nan(step: int) -> bool:
     """Test hook: DISTTHINK_FAULT_NAN_STEPS=2,3 makes the loss of those steps NaN (NaN/Inf guard test)."""
-    spec = os.environ.get("DISTTHINK_FAULT_NAN_STEPS", "")
-    return bool(spec) and step in {int(x) for x in spec.split(",")}
+    return _fault_at("DISTTHINK_FAULT_NAN_STEPS", step)
 
 
 def _fault_inf_grad(step: int) -> bool:
     """Test hook: DISTTHINK_FAULT_INF_GRAD_STEPS=3 keeps the loss of those steps finite but makes every gradient
     non-finite (the case DeepSpeed sees only inside its own step)."""
-    spec = os.environ.get("DISTTHINK_FAULT_INF_GRAD_STEPS", "")
-    return bool(spec) and step in {int(x) for x in spec.split(",")}
+    return _fault_at("DISTTHINK_FAULT_INF_GRAD_STEPS", step)
 
 
 class _InfGradient(torch.autograd.Function):
