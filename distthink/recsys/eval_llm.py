@@ -136,47 +136,28 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
                        rank: int = 0, world: int = 1, gates_fn=None):
     """Stage-3 export: scores of this rank's share under each gate mode (FUSION_MODES) and the entropy gate's
     branch per sample. gates_fn(user_ids) -> {mode: (S, K+1)} replaces the modes it names (tests)."""
-    from distthink import train_data
-    from distthink.data.packing import model_inputs
-    from distthink.models.load import load_tokenizer
     from distthink.models.molora import molora_gates
-    from distthink.recsys.task import SCORE_KEYS, ThinkRecTask, build_samples, build_wrapper
+    from distthink.recsys.task import ThinkRecTask
 
     task = ThinkRecTask(cfg)
     opt = task.opt
     ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
     source = projector_source(opt, str(ex), None) if opt.prompt_mode == "ids" else None
-    tokenizer = load_tokenizer(cfg)
-    task.prepare_tokenizer(tokenizer)
-    samples = build_samples(tokenizer, split_path, opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
-                            split="test", reason_ratio=0.0, limit=limit)
+    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
     model, gate, mdir = load_stage3_for_eval(export)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
-    opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
-    wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
-    if source is not None:
-        _load_projector_from(wrapper, source, opt)
-    collate = task.collator(tokenizer)
-    mine = list(range(rank, len(samples), world))
-    attn = model.config._attn_implementation
+    wrapper = _eval_wrapper(model, tokenizer, opt, source)
     out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
-    for i in range(0, len(mine), batch_size):
-        part = [samples[j] for j in mine[i:i + batch_size]]
-        batch = collate(part)
+    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
         g = gates(batch["user_ids"])
         if gates_fn is not None:
             g.update(gates_fn(batch["user_ids"]))
         for mode in FUSION_MODES:
             with molora_gates(model, g[mode].to(batch["input_ids"].device), segment_ids=batch["segment_ids"]):
-                scores = wrapper.score(**{k: batch[k] for k in SCORE_KEYS},
-                                       **model_inputs(batch, attn, with_input_ids=False))
-            out[mode] += scores.double().tolist()
+                out[mode] += _batch_scores(wrapper, model, batch).double().tolist()
         out["branch"] += g["branch"].tolist()
-        out["idx"] += [s.meta["index"] for s in part]
-        out["user"] += [s.meta["user_id"] for s in part]
-        out["item"] += [s.meta["item_id"] for s in part]
-        out["label"] += [s.meta["label"] for s in part]
+        _add_sample_columns(out, part)
     return {k: np.asarray(v) for k, v in out.items()}, len(samples)
 
 
@@ -214,38 +195,69 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
                 batch_size: int = 8, rank: int = 0, world: int = 1, projector: str | None = None):
     """Scores of this rank's share of the split. Returns (sample_index, users, items, labels, scores) arrays
     of this rank and the split size."""
-    from distthink import train_data
-    from distthink.data.packing import model_inputs
-    from distthink.models.load import load_tokenizer
-    from distthink.recsys.task import SCORE_KEYS, ThinkRecTask, build_samples, build_wrapper
+    from distthink.recsys.task import ThinkRecTask
 
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
+    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    model = load_for_eval(cfg, export, tokenizer)
+    wrapper = _eval_wrapper(model, tokenizer, task.opt, source)
+    out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
+    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
+        out["score"] += _batch_scores(wrapper, model, batch).double().tolist()
+        _add_sample_columns(out, part)
+    return {k: np.asarray(v) for k, v in out.items()}, len(samples)
+
+
+# Shared by score_split and score_split_fusion.
+
+def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
+    """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
+    from distthink import train_data
+    from distthink.models.load import load_tokenizer
+    from distthink.recsys.task import build_samples
+
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
                             split="test", reason_ratio=0.0, limit=limit)
-    model = load_for_eval(cfg, export, tokenizer)
-    opt = task.opt
-    opt.init_adapter, opt.freeze_lora = None, False  # the export already holds the adapter
-    opt.init_projector = None  # loaded below from the chosen source
+    return tokenizer, samples
+
+
+def _eval_wrapper(model, tokenizer, opt, source):
+    """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
+    is loaded from `source` (projector_source), never from the training-time options."""
+    from distthink.recsys.task import build_wrapper
+
+    opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
     if source is not None:
         _load_projector_from(wrapper, source, opt)
+    return wrapper
+
+
+def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: int):
+    """(samples, collated batch) of this rank's strided share of the split."""
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
-    attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
-    out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
     for i in range(0, len(mine), batch_size):
         part = [samples[j] for j in mine[i:i + batch_size]]
-        batch = collate(part)
-        scores = wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
-        out["idx"] += [s.meta["index"] for s in part]
-        out["user"] += [s.meta["user_id"] for s in part]
-        out["item"] += [s.meta["item_id"] for s in part]
-        out["label"] += [s.meta["label"] for s in part]
-        out["score"] += scores.double().tolist()
-    return {k: np.asarray(v) for k, v in out.items()}, len(samples)
+        yield part, collate(part)
+
+
+def _batch_scores(wrapper, model, batch) -> torch.Tensor:
+    from distthink.data.packing import model_inputs
+    from distthink.recsys.task import SCORE_KEYS
+
+    attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
+    return wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
+
+
+def _add_sample_columns(out: dict, part) -> None:
+    out["idx"] += [s.meta["index"] for s in part]
+    out["user"] += [s.meta["user_id"] for s in part]
+    out["item"] += [s.meta["item_id"] for s in part]
+    out["label"] += [s.meta["label"] for s in part]
 
 
 def projector_source(opt, export: str | None, projector: str | None) -> tuple[str, str]:
