@@ -12,6 +12,15 @@ nothing else (no softmax, no indexing), for several chunk heights and operand la
     rows      x @ W.T -> (c, V);  g @ W -> (c, H);  grad_W += g.T @ x     (the op's layout)
     rows_T    W @ x.T -> (V, c);  g_T.T @ W;        grad_W += g_T @ x      (vocab-major buffer)
 
+`--schedules` also times, at the smallest chunk, whole chunk loops (GEMMs + softmax, no CE bookkeeping)
+in the schedules one might try instead, in seconds per step:
+
+    plain          logits -> softmax -> grad_hidden -> grad_weight, chunk by chunk (what the op does)
+    tile_fused     per vocabulary tile: logits, then an online-softmax grad_hidden while the W tile is hot
+    tile_deferred  tile_fused, plus each chunk's grad_weight done in the next chunk's tile loop
+    mkl_packed     only the logits, through MKL's pre-packed weight (torch.ops.mkl._mkl_linear), and
+                   the cost of packing W (needed every step, since W changes)
+
 `floor_ratio` = (sum of the chunked GEMMs) / (the three full-height GEMMs). If the floor at the chunk
 height the memory target allows is above a time target, no schedule built from these torch GEMMs can meet
 that target on this machine; the fused op's own time is this floor plus its softmax and bookkeeping.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 
@@ -89,6 +99,92 @@ def measure_shape(n: int, h: int, v: int, chunks: list[int], repeats: int) -> di
     return out
 
 
+def _plain(weight, hidden, grad_w, c):
+    import torch
+
+    buf = torch.empty(c, weight.shape[0])
+    for a in range(0, hidden.shape[0], c):
+        x = hidden[a:a + c]
+        b = buf[:x.shape[0]]
+        torch.matmul(x, weight.t(), out=b)
+        torch.softmax(b, 1, out=b)
+        gh = torch.mm(b, weight)
+        torch.addmm(grad_w, b.t(), x, out=grad_w)
+    return gh                                  # the last chunk's softmax @ W (for the equivalence test)
+
+
+def _tiled(weight, hidden, grad_w, c, tile, defer_grad_weight):
+    """Chunk loop whose vocabulary is walked in tiles. grad_hidden uses an online softmax (running max and
+    sum, rescaled per tile), so it needs no second pass. With defer_grad_weight, the previous chunk's
+    probabilities, still in the buffer, feed grad_weight[tile] just before the tile is overwritten."""
+    import torch
+
+    v, h = weight.shape
+    buf, tmp = torch.empty(c, v), torch.empty(c, tile)
+    starts = list(range(0, hidden.shape[0], c))
+    prev = None
+    for a in starts + ([None] if defer_grad_weight else []):
+        x = hidden[a:a + c] if a is not None else None
+        if x is not None:
+            run_max, run_sum = torch.full((c,), -math.inf), torch.zeros(c)
+            gh = torch.zeros(c, h)
+        for v0 in range(0, v, tile):
+            v1 = min(v0 + tile, v)
+            part = buf[:, v0:v1]
+            if prev is not None:
+                grad_w[v0:v1].addmm_(part.t(), prev)
+            if x is None:
+                continue
+            torch.matmul(x, weight[v0:v1].t(), out=part)
+            new_max = torch.maximum(run_max, part.amax(1))
+            rescale = torch.exp(run_max - new_max)
+            e = tmp[:, :v1 - v0]
+            torch.sub(part, new_max[:, None], out=e).exp_()
+            run_sum.mul_(rescale).add_(e.sum(1))
+            gh.mul_(rescale[:, None]).addmm_(e, weight[v0:v1])
+            run_max = new_max
+        if x is None:
+            break
+        lse = run_max + torch.log(run_sum)
+        gh.div_(run_sum[:, None])
+        buf.sub_(lse[:, None]).exp_()
+        if defer_grad_weight:
+            prev = x
+        else:
+            torch.addmm(grad_w, buf.t(), x, out=grad_w)
+    return gh
+
+
+def measure_schedules(n: int, h: int, v: int, c: int, repeats: int, tiles=(1024, 4096, 16384)) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    weight = torch.empty(v, h).normal_(0, 0.02)
+    hidden = torch.randn(n, h)
+    grad_w = torch.empty(v, h)
+    if n % c:
+        raise SystemExit(f"--schedules needs N divisible by the chunk ({n} % {c} != 0); pass --chunks")
+    out = {"chunk": c, "plain_s": round(_best_time(lambda: _plain(weight, hidden, grad_w, c), repeats), 6)}
+    for tile in tiles:
+        for name, defer in (("tile_fused", False), ("tile_deferred", True)):
+            t = _best_time(lambda: _tiled(weight, hidden, grad_w, c, tile, defer), repeats)
+            out[f"{name}_{tile}_s"] = round(t, 6)
+    x = hidden[:c]
+    buf = torch.empty(c, v)
+    k = n / c
+    out["logits_plain_s"] = round(_best_time(lambda: torch.matmul(x, weight.t(), out=buf), repeats) * k, 6)
+    mkl = getattr(torch.ops, "mkl", None)
+    if mkl is not None and hasattr(mkl, "_mkl_linear") and torch.backends.mkl.is_available():
+        t0 = time.perf_counter()
+        packed = mkl._mkl_reorder_linear_weight(weight, c)
+        out["mkl_pack_s"] = round(time.perf_counter() - t0, 6)
+        out["mkl_packed_mib"] = round(packed.numel() * packed.element_size() / 2**20, 1)
+        out["logits_mkl_packed_s"] = round(
+            _best_time(lambda: mkl._mkl_linear(x, packed, weight, None, c), repeats) * k, 6)
+    print(json.dumps({"N": n, "H": h, "schedules": out}), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N=512, H=1024 only")
@@ -96,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", default=None,
                    help="comma-separated chunk heights (default: the op's automatic chunk, then 2x and 4x it)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--schedules", action="store_true",
+                   help="also time alternative chunk-loop schedules at the smallest chunk (see above)")
     args = p.parse_args(argv)
 
     import torch
@@ -113,6 +211,8 @@ def main(argv=None) -> int:
             auto = auto_chunk_size(n, V_QWEN3, torch.float32)
             chunks = sorted({auto, min(n, 2 * auto), min(n, 4 * auto)})
         results.append(measure_shape(n, h, V_QWEN3, chunks, args.repeats))
+        if args.schedules:
+            results[-1]["schedules"] = measure_schedules(n, h, V_QWEN3, min(chunks), args.repeats)
 
     head = results[0]
     auto_row = head["chunks"][0]
