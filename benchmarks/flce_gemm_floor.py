@@ -49,13 +49,18 @@ def _best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure_shape(n: int, h: int, v: int, chunks: list[int], repeats: int) -> dict:
+def make_inputs(n: int, h: int, v: int):
+    """(weight (V, H), hidden (N, H), grad_weight buffer (V, H)), fp32, seeded; shared by both measurements."""
     import torch
 
     torch.manual_seed(0)
-    weight = torch.empty(v, h).normal_(0, 0.02)
-    hidden = torch.randn(n, h)
-    grad_w = torch.empty(v, h)
+    return torch.empty(v, h).normal_(0, 0.02), torch.randn(n, h), torch.empty(v, h)
+
+
+def measure_shape(weight, hidden, grad_w, chunks: list[int], repeats: int) -> dict:
+    import torch
+
+    (v, h), n = weight.shape, hidden.shape[0]
     out = {"N": n, "H": h, "V": v}
 
     logits = torch.empty(n, v)
@@ -155,15 +160,11 @@ def _tiled(weight, hidden, grad_w, c, tile, defer_grad_weight):
     return gh
 
 
-def measure_schedules(n: int, h: int, v: int, c: int, repeats: int, tiles=(1024, 4096, 16384)) -> dict:
+def measure_schedules(weight, hidden, grad_w, c: int, repeats: int, tiles=(1024, 4096, 16384)) -> dict:
+    """The whole-loop schedules at chunk height c (N must be a multiple of c: the tiled loops take whole chunks)."""
     import torch
 
-    torch.manual_seed(0)
-    weight = torch.empty(v, h).normal_(0, 0.02)
-    hidden = torch.randn(n, h)
-    grad_w = torch.empty(v, h)
-    if n % c:
-        raise SystemExit(f"--schedules needs N divisible by the chunk ({n} % {c} != 0); pass --chunks")
+    (v, h), n = weight.shape, hidden.shape[0]
     out = {"chunk": c, "plain_s": round(_best_time(lambda: _plain(weight, hidden, grad_w, c), repeats), 6)}
     for tile in tiles:
         for name, defer in (("tile_fused", False), ("tile_deferred", True)):
@@ -172,6 +173,8 @@ def measure_schedules(n: int, h: int, v: int, c: int, repeats: int, tiles=(1024,
     x = hidden[:c]
     buf = torch.empty(c, v)
     k = n / c
+    # measured again (measure_shape has it too) so that it runs back to back with the packed variant below:
+    # this machine's speed drifts over a run by more than the difference being measured
     out["logits_plain_s"] = round(_best_time(lambda: torch.matmul(x, weight.t(), out=buf), repeats) * k, 6)
     mkl = getattr(torch.ops, "mkl", None)
     if mkl is not None and hasattr(mkl, "_mkl_linear") and torch.backends.mkl.is_available():
@@ -203,16 +206,24 @@ def main(argv=None) -> int:
     shapes = [(512, 1024)] if args.quick else [(512, 1024), (1024, 4096)]
     if args.shape:
         shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shape]
-    results = []
+    plan = []
     for n, h in shapes:
         if args.chunks:
             chunks = [int(c) for c in args.chunks.split(",")]
         else:
             auto = auto_chunk_size(n, V_QWEN3, torch.float32)
             chunks = sorted({auto, min(n, 2 * auto), min(n, 4 * auto)})
-        results.append(measure_shape(n, h, V_QWEN3, chunks, args.repeats))
+        if args.schedules and n % min(chunks):
+            p.error(f"--schedules needs N divisible by the smallest chunk (N={n}, chunk {min(chunks)}). "
+                    "Fix: pass --chunks whose smallest value divides N")
+        plan.append((n, h, chunks))
+    results = []
+    for n, h, chunks in plan:
+        inputs = make_inputs(n, h, V_QWEN3)
+        results.append(measure_shape(*inputs, chunks, args.repeats))
         if args.schedules:
-            results[-1]["schedules"] = measure_schedules(n, h, V_QWEN3, min(chunks), args.repeats)
+            results[-1]["schedules"] = measure_schedules(*inputs, min(chunks), args.repeats)
+        del inputs
 
     head = results[0]
     auto_row = head["chunks"][0]
