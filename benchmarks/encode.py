@@ -107,7 +107,7 @@ def make_dataset(n: int, seed: int = 0, max_words: int = 2600) -> list[list[dict
 
 def load_tokenizer(name: str):
     if name == "tiny":
-        from distthink.tiny import tiny_tokenizer
+        from distthink.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer("qwen3"), "tiny-qwen3"
     from transformers import AutoTokenizer

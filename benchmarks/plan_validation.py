@@ -4,7 +4,7 @@
 
 Each case launches the real recipe (`distthink.train.run`, 1 or 2 gloo ranks, plain / DeepSpeed ZeRO-2 /
 ZeRO-3, LoRA / full, fp32 on CPU) with a live-tensor-bytes tracker installed in every rank, then compares
-each rank's measured peak with `distthink.plan.estimate(...)` for the same shape. The last line is JSON.
+each rank's measured peak with `distthink.launch.plan.estimate(...)` for the same shape. The last line is JSON.
 
 What is measured, and why it is the quantity the estimate models
 -----------------------------------------------------------------
@@ -139,8 +139,8 @@ def child_main(result_path: str, overrides: list[str]) -> int:
     """Run the real recipe in this process with the tracker on; write this rank's figures as JSON."""
     import torch
 
-    import distthink.checkpoint as ckpt
-    import distthink.train_data as train_data
+    from distthink.engine import checkpoint as ckpt
+    from distthink.engine import batching as train_data
     from distthink.config import load_config
     from distthink.train import run
 
@@ -273,7 +273,7 @@ def measure(name: str, workdir: str, timeout: float = 600) -> dict:
 def compare(measured: dict) -> dict:
     """The planner's estimate for the same config and the observed micro-batch size, vs the peak."""
     from distthink.config import load_config
-    from distthink.plan import (GPUS, candidate_of_config, estimate, memory_terms, model_shape_from_config,
+    from distthink.launch.plan import (GPUS, candidate_of_config, estimate, memory_terms, model_shape_from_config,
                                 run_shape_from_config)
 
     cfg = load_config(None, measured["overrides"])

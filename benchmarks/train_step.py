@@ -14,8 +14,8 @@ Variants (tiny default model, full fine-tuning, 1 and 2 ranks): packed vs padded
 
 MFU (`--mfu`, needs a CUDA GPU): a Qwen3-1.7B-shaped model built from config (random init, bf16,
 flash-attn when installed), the vendored Qwen3 tokenizer and synthetic ~4k-token samples, one GPU.
-MFU = tokens/s x model FLOPs per token (distthink.plan.model_flops_per_token, no recomputation counted)
-/ the GPU's dense bf16 peak (distthink.plan.GPUS). On a machine without CUDA the MFU fields are null.
+MFU = tokens/s x model FLOPs per token (distthink.launch.plan.model_flops_per_token, no recomputation counted)
+/ the GPU's dense bf16 peak (distthink.launch.plan.GPUS). On a machine without CUDA the MFU fields are null.
 The last stdout line is JSON.
 """
 
@@ -162,7 +162,7 @@ def mfu_of(fig: dict, overrides: list[str], seq: int) -> dict:
     import torch
 
     from distthink.config import load_config
-    from distthink.plan import GPUS, model_flops_per_token, model_shape_from_config, run_shape_from_config
+    from distthink.launch.plan import GPUS, model_flops_per_token, model_shape_from_config, run_shape_from_config
 
     cfg = load_config(None, overrides)
     shape = model_shape_from_config(cfg)

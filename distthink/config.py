@@ -144,7 +144,7 @@ class LoggingConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = _f("sft", "The recipe variant (distthink/tasks.py): `sft` = reasoning-aware chat SFT.")
+    name: str = _f("sft", "The recipe variant (distthink/engine/task.py): `sft` = reasoning-aware chat SFT.")
     options: dict = _f({}, "Task-specific settings, validated by the task at start-up (see its docs).")
 
 

@@ -8,7 +8,7 @@ With no --config it runs the embedded default (tiny Qwen3 from config, offline t
 sample data with reasoning, CPU) and ends with a summary.
 
 What differs between reasoning SFT, ThinkRec and molecule captioning (data, side inputs, extra modules,
-objectives) is a *task* (distthink/tasks.py); this loop is shared.
+objectives) is a *task* (distthink/engine/task.py); this loop is shared.
 
 One optimizer step:
   1. take this rank's GA micro-batches of the step (deterministic plan indexed by (epoch, position));
@@ -16,7 +16,7 @@ One optimizer step:
      the preemption flag, so that every rank stops at the same step boundary;
   3. for each micro-batch: sums_k = sum w*loss (inside the engine forward), backward(sum_k sums_k * world*GA/W_k);
      accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
-     L = global sum / W (see distthink/objectives.py);
+     L = global sum / W (see distthink/engine/lm_loss.py);
   4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
 
 Exit codes: 0 done; 2 user error (config/data/checkpoint, message says the fix); 3 stopped by the
@@ -156,13 +156,13 @@ class _InfGradient(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 def run(cfg: Config) -> int:
-    from distthink import checkpoint as ckpt
-    from distthink import distributed as dist
-    from distthink import train_data
+    from distthink.engine import checkpoint as ckpt
+    from distthink.engine import distributed as dist
+    from distthink.engine import batching as train_data
     from distthink.data.packing import attn_implementation_of, batch_to
     from distthink.models.load import is_partitioned, load_model, load_tokenizer
-    from distthink.objectives import micro_batch_scale
-    from distthink.tasks import make_task
+    from distthink.engine.lm_loss import micro_batch_scale
+    from distthink.engine.task import make_task
 
     t_start = time.time()
     out_dir = Path(cfg.train.output_dir)
@@ -181,7 +181,7 @@ def run(cfg: Config) -> int:
 
         # 2. Data: the task encodes both splits; plan micro-batches per rank.
         tokenizer = load_tokenizer(cfg)
-        task = make_task(cfg)  # what this recipe variant reads, trains and sums (distthink/tasks.py)
+        task = make_task(cfg)  # what this recipe variant reads, trains and sums (distthink/engine/task.py)
         keys = task.loss_keys
         task.prepare_tokenizer(tokenizer)
         train_set = task.load_split("train", tokenizer)
@@ -295,7 +295,7 @@ def run(cfg: Config) -> int:
                 last_ckpt = save()
                 exit_code = REQUEUE_EXIT_CODE
                 break
-            # Each objective k is normalised by its own global total (distthink/tasks.py).
+            # Each objective k is normalised by its own global total (distthink/engine/task.py).
             scales = [micro_batch_scale(n, world, ga) for n in norms]
             local_sums, local_bad, ds_skipped = [0.0] * len(keys), 0.0, False
             for m in micro:

@@ -1,4 +1,4 @@
-"""Per-sentence and per-fact accuracy of generated demo-set captions (distthink.data.molecule_demo).
+"""Per-sentence and per-fact accuracy of generated demo-set captions (distthink.tasks.molecule.demo).
 
 BLEU/ROUGE/METEOR (``distthink eval captions``) say how close a caption is in words; they cannot say *which*
 facts a model gets right. The demo captions are four sentences, each a deterministic function of the graph
@@ -96,7 +96,7 @@ def parse_facts(caption: str) -> dict:
 
 def _group_name(item: str) -> str:
     """'2 benzene rings' -> 'fr_benzene' (the RDKit fragment behind the phrase; unknown phrases as they are)."""
-    from distthink.data.molecule_demo import FUNCTIONAL_GROUPS
+    from distthink.tasks.molecule.demo import FUNCTIONAL_GROUPS
 
     names = {}
     for fn, singular, plural in FUNCTIONAL_GROUPS:

@@ -7,8 +7,8 @@ the same whatever the packing layout, so the loss must not depend on ranks x mic
 
 import torch
 
-from distthink.objectives import weighted_ce_sum
-from distthink.tasks import SFTTask
+from distthink.engine.lm_loss import weighted_ce_sum
+from distthink.tasks.sft import SFTTask
 
 
 class ParityWrapper(torch.nn.Module):

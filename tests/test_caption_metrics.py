@@ -4,7 +4,7 @@ import math
 import pytest
 
 from distthink.errors import DataError
-from distthink.evals.captions import (corpus_bleu4, evaluate_captions, main, meteor_available, meteor_nosyn,
+from distthink.inference.metrics import (corpus_bleu4, evaluate_captions, main, meteor_available, meteor_nosyn,
                                       rouge_l, sentence_bleu4, tokenize)
 
 REF = tokenize("the cat sat on the mat")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distthink.data.molecule_demo import caption_from_facts, load_demo
+from distthink.tasks.molecule.demo import caption_from_facts, load_demo
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "caption_sentence_metrics.py"
 _spec = importlib.util.spec_from_file_location("caption_sentence_metrics", SCRIPT)

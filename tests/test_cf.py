@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from distthink.errors import CheckpointError, ConfigError
-from distthink.models.cf import (CFConfig, LightGCN, export_cf, last_train_history, load_cf_export, load_split,
+from distthink.tasks.thinkrec.cf import (CFConfig, LightGCN, export_cf, last_train_history, load_cf_export, load_split,
                                  normalized_adjacency, predict, train_cf)
-from distthink.recsys.metrics import auc
-from distthink.recsys.prepare import prepare
-from distthink.recsys.synthetic import generate
+from distthink.tasks.thinkrec.metrics import auc
+from distthink.tasks.thinkrec.prepare import prepare
+from distthink.tasks.thinkrec.synthetic_world import generate
 
 
 @pytest.fixture(scope="module")

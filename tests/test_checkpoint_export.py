@@ -3,7 +3,7 @@ refuses exports with empty tensors (what ZeRO-3 writes when shards are saved wit
 
 import torch
 
-from distthink.checkpoint import check_export, merge_lora_state_dict
+from distthink.engine.checkpoint import check_export, merge_lora_state_dict
 
 
 def test_merged_lora_export_equals_the_adapter_model(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from distthink.data.chat import ChatPolicy
 from distthink.data.dataset import build_sft_dataset
 from distthink.errors import DataError
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 datasets = pytest.importorskip("datasets")
 

@@ -13,7 +13,7 @@ import pytest
 from distthink.data.chat import ChatPolicy, encode_chat
 from distthink.data.dataset import build_sft_dataset
 from distthink.errors import DataError
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 FAMILIES = ["qwen3", "llama3", "deepseek_r1", "plain", "instruction", "real_qwen3"]
 HEADER = {"qwen3": "<|im_start|>assistant\n", "real_qwen3": "<|im_start|>assistant\n",

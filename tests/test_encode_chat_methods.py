@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from distthink.data.chat import encode_chat
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 OPEN, CLOSE = "@@SENT_OPEN@@", "@@SENT_CLOSE@@"
 

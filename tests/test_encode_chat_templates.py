@@ -11,7 +11,7 @@ import pytest
 from distthink.data.chat import encode_chat
 from distthink.data.dataset import build_sft_dataset
 from distthink.errors import DataError
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content + '\n\n' }}"
            "{% elif m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"

@@ -1,4 +1,4 @@
-"""distthink.generate: batched left-padded generation equals one-by-one generation, the inputs_embeds path
+"""distthink.inference.generate: batched left-padded generation equals one-by-one generation, the inputs_embeds path
 equals HF's input_ids path, graphs really condition the output, the thinking budget forces </think>,
 seeded sampling is reproducible; `distthink generate` + `distthink eval captions` end to end on an export."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from distthink.cli import main as cli_main
-from distthink.data.molecule_demo import caption_messages, load_demo
-from distthink.data.molecules import smiles_to_graph
-from distthink.generate import GenerationOptions, Generator, load_generator
-from distthink.molecule_task import GRAPH_TOKEN, build_prefix, save_prefix
+from distthink.tasks.molecule.demo import caption_messages, load_demo
+from distthink.tasks.molecule.graphs import smiles_to_graph
+from distthink.inference.generate import GenerationOptions, Generator, load_generator
+from distthink.tasks.molecule.task import GRAPH_TOKEN, build_prefix, save_prefix
 from distthink.models.inject import add_placeholder_tokens
-from distthink.tiny import tiny_qwen3_config, tiny_tokenizer
+from distthink.models.tiny import tiny_qwen3_config, tiny_tokenizer
 
 GRAPH = {"conv": "gine", "hidden": 16, "num_layers": 2, "pool": "mean", "dropout": 0.0, "proj_mult": 2,
          "graph_tokens": 2}
@@ -64,9 +64,9 @@ def test_inputs_embeds_path_equals_input_ids_generation(gen):
 def test_graph_vectors_condition_the_generation(gen):
     msgs, graphs = _prompts(1)
     opts = GenerationOptions(max_new_tokens=1)
-    from distthink.molecule_task import molecule_inputs_embeds
+    from distthink.tasks.molecule.task import molecule_inputs_embeds
     ids = torch.tensor([gen.tokenizer.encode(gen.render(msgs[0], False), add_special_tokens=False)])
-    from distthink.models.graph import collate_sample_graphs
+    from distthink.tasks.molecule.encoder import collate_sample_graphs
     b1, c1 = collate_sample_graphs([[smiles_to_graph("CCO")]])
     b2, c2 = collate_sample_graphs([[smiles_to_graph("c1ccccc1C(=O)O")]])
     e1 = molecule_inputs_embeds(gen.model, gen.prefix, ids, gen.graph_token_id, b1, c1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distthink.errors import DistthinkError
-from distthink.generate_parse import close_thought_text, close_thoughts, parse_generation
+from distthink.inference.parse import close_thought_text, close_thoughts, parse_generation
 
 
 def test_no_think_block():

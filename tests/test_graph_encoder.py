@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from distthink.data.molecules import smiles_to_graph
+from distthink.tasks.molecule.graphs import smiles_to_graph
 from distthink.errors import ConfigError
-from distthink.models.graph import GraphEncoder, GraphPrefix, collate_graphs, collate_sample_graphs
+from distthink.tasks.molecule.encoder import GraphEncoder, GraphPrefix, collate_graphs, collate_sample_graphs
 from distthink.models.inject import inject_placeholders
 
 MOLS = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "[Na+]", "C[N+](C)(C)C"]

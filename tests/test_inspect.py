@@ -12,7 +12,7 @@ import pytest
 from distthink.cli import main
 from distthink.commands.inspect import dataset_stats, render_sample, token_runs
 from distthink.data.types import EncodedSample
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 MARK = re.compile(r"\[\[(?:w=[0-9.e+-]+\|)?|\]\]")
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from distthink.errors import DistthinkError
-from distthink.recsys.metrics import (auc, compute_metrics, dedup_and_check, distributed_metrics,
+from distthink.tasks.thinkrec.metrics import (auc, compute_metrics, dedup_and_check, distributed_metrics,
                                       per_user_auc, ranking_metrics, uauc)
 
 
@@ -166,7 +166,7 @@ def test_two_rank_gather_equals_one_rank(tmp_path):
 def test_write_scores_roundtrip(tmp_path):
     import pandas as pd
 
-    from distthink.recsys.metrics import write_scores
+    from distthink.tasks.thinkrec.metrics import write_scores
 
     write_scores(tmp_path / "s.parquet", [0, 1], [3, 4], [7, 8], [1, 0], [0.25, -1.5], {"group": [0, 2]})
     df = pd.read_parquet(tmp_path / "s.parquet")

@@ -16,8 +16,8 @@ from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
 from distthink.config import load_config
 from distthink.errors import ConfigError, DataError
-from distthink.molecule_task import GRAPH_TOKEN, MoleculeOptions, MoleculeTask, load_prefix
-from distthink.tiny import tiny_tokenizer
+from distthink.tasks.molecule.task import GRAPH_TOKEN, MoleculeOptions, MoleculeTask, load_prefix
+from distthink.models.tiny import tiny_tokenizer
 
 BASE = {"model": {"from_config": "tiny-qwen3", "tokenizer": "tiny"}, "lora": {"enabled": False},
         "data": {"train": "bundled", "eval": None, "max_length": 512},
@@ -65,7 +65,7 @@ def test_no_think_learns_description_plus_end_of_turn_only(tmp_path):
     tok = tiny_tokenizer("qwen3")
     task.prepare_tokenizer(tok)
     samples = task.load_split("train", tok)
-    from distthink.data.molecule_demo import load_demo
+    from distthink.tasks.molecule.demo import load_demo
 
     recs = load_demo("train")[:32]
     assert len(samples) == 32
@@ -164,8 +164,8 @@ def test_free_mode_refuses_token_batching_and_accepts_zero3(tmp_path):
 def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distthink.data.molecule_demo import load_demo
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.tasks.molecule.demo import load_demo
+    from distthink.models.tiny import tiny_qwen3_config
 
     tok = tiny_tokenizer("qwen3")
     task = _task(tmp_path, think_mode="free", max_think_tokens=5, regen_every=2, max_samples=4)
@@ -227,11 +227,11 @@ def test_free_mode_zero3_two_ranks_trains_and_description_loss_decreases(tmp_pat
 _UNEVEN_WORKER = """
 import faulthandler, json, sys
 import torch
-from distthink import distributed as dist
+from distthink.engine import distributed as dist
 from distthink.config import load_config
 from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.models.load import load_model, load_tokenizer
-from distthink.tasks import make_task
+from distthink.engine.task import make_task
 
 faulthandler.enable()  # a rank that aborts says where
 cfg = load_config(sys.argv[1], ["distributed.deepspeed=ds_configs/zero3.json", "distributed.timeout_s=90"])

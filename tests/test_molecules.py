@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distthink.data.molecules import (ATOM_DIMS, BOND_DIMS, BOND_TYPES, ELEMENTS, FORMAL_CHARGES, HYBRIDISATIONS,
+from distthink.tasks.molecule.graphs import (ATOM_DIMS, BOND_DIMS, BOND_TYPES, ELEMENTS, FORMAL_CHARGES, HYBRIDISATIONS,
                                       GraphCache, one_hot_atoms, one_hot_bonds, smiles_to_graph, smiles_to_graphs)
 from distthink.errors import DataError
 
@@ -108,12 +108,12 @@ def test_one_hot_roundtrip():
     assert torch.equal(oh[:, : ATOM_DIMS[0]].argmax(1), g.x[:, 0])
 
 
-# ---- demo captioning set (distthink/data/molecule_demo.py + shipped JSONL) ----
+# ---- demo captioning set (distthink/tasks/molecule/demo.py + shipped JSONL) ----
 
 def test_aspirin_caption_from_rdkit_facts():
     from rdkit import Chem
 
-    from distthink.data.molecule_demo import caption_from_facts, molecule_facts
+    from distthink.tasks.molecule.demo import caption_from_facts, molecule_facts
 
     f = molecule_facts(Chem.MolFromSmiles("CC(=O)Oc1ccccc1C(=O)O"))
     # aspirin: C9H8O4, MW 180.16, one benzene ring, a carboxylic acid and an (aryl) ester
@@ -132,16 +132,16 @@ def test_aspirin_caption_from_rdkit_facts():
 def _same_rdkit_as_shipped():
     import rdkit
 
-    from distthink.data.molecule_demo import demo_meta
+    from distthink.tasks.molecule.demo import demo_meta
 
     built = demo_meta().get("rdkit_version")
     if built != rdkit.__version__:
         pytest.skip(f"shipped demo set was built with RDKit {built}, this is {rdkit.__version__}: canonical SMILES "
-                    "and fragment SMARTS may differ; regenerate with `python -m distthink.data.molecule_demo`")
+                    "and fragment SMARTS may differ; regenerate with `python -m distthink.tasks.molecule.demo`")
 
 
 def test_shipped_demo_set_splits():
-    from distthink.data.molecule_demo import demo_meta, load_demo
+    from distthink.tasks.molecule.demo import demo_meta, load_demo
 
     train, test = load_demo("train"), load_demo("test")
     assert 200 <= len(train) + len(test) <= 400 and 0.1 <= len(test) / (len(train) + len(test)) <= 0.3
@@ -152,7 +152,7 @@ def test_shipped_demo_set_splits():
 def test_shipped_demo_set_is_consistent():
     from rdkit import Chem
 
-    from distthink.data.molecule_demo import caption_from_facts, load_demo, molecule_facts, split_of
+    from distthink.tasks.molecule.demo import caption_from_facts, load_demo, molecule_facts, split_of
 
     _same_rdkit_as_shipped()
     train, test = load_demo("train"), load_demo("test")
@@ -170,7 +170,7 @@ def test_shipped_demo_set_is_consistent():
 
 
 def test_shipped_demo_files_equal_a_fresh_build():
-    from distthink.data.molecule_demo import SPLIT_FILES, build_demo_records, load_demo
+    from distthink.tasks.molecule.demo import SPLIT_FILES, build_demo_records, load_demo
 
     _same_rdkit_as_shipped()
     records = build_demo_records()
@@ -179,7 +179,7 @@ def test_shipped_demo_files_equal_a_fresh_build():
 
 
 def test_caption_messages_graph_and_text_only():
-    from distthink.data.molecule_demo import caption_messages
+    from distthink.tasks.molecule.demo import caption_messages
 
     m = caption_messages("CCO", "desc", k=2)
     assert m[0]["content"].endswith("/no_think") and m[-1] == {"role": "assistant", "content": "desc"}
@@ -191,7 +191,7 @@ def test_caption_messages_graph_and_text_only():
 
 
 def test_load_molecule_jsonl_raise_and_skip(tmp_path):
-    from distthink.data.molecules import load_molecule_jsonl
+    from distthink.tasks.molecule.graphs import load_molecule_jsonl
 
     p = tmp_path / "mols.jsonl"
     p.write_text('{"smiles": "CCO", "description": "ethanol"}\n\n{"smiles": "C1CC"}\n{"name": "x"}\nnot json\n'

@@ -273,7 +273,7 @@ def test_hard_and_global_gates():
 def _tiny_model(seed=0):
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(seed)
     cfg = tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1)

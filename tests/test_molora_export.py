@@ -23,7 +23,7 @@ IDS = torch.tensor([[5, 17, 3, 99, 42, 8, 61, 23], [7, 7, 120, 1, 2, 90, 33, 4]]
 def _base(seed=0):
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(seed)
     cfg = tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1)

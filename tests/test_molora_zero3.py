@@ -26,7 +26,7 @@ def _model():
     from transformers import AutoModelForCausalLM
 
     from distthink.models.molora import apply_molora, molora_layers
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(0)
     cfg = tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1)
@@ -106,7 +106,7 @@ def test_two_rank_zero3_hard_routing_changes_only_used_experts(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1),

@@ -147,7 +147,7 @@ def test_real_encoded_samples_through_sampler_loader_and_model():
     from distthink.commands.inspect import BUNDLED_DATA
     from distthink.data.chat import ChatPolicy
     from distthink.data.dataset import build_sft_dataset
-    from distthink.tiny import tiny_qwen3_config, tiny_tokenizer
+    from distthink.models.tiny import tiny_qwen3_config, tiny_tokenizer
 
     tok = tiny_tokenizer("qwen3")
     records = [json.loads(line) for line in BUNDLED_DATA.read_text(encoding="utf-8").splitlines()[:12]]

@@ -76,7 +76,7 @@ def test_gpu_mem_overrides_the_gpu_table(capsys, llama_dir):
 
 
 def test_dataset_tokens_are_estimated_from_the_configs_data(capsys):
-    from distthink import train_data
+    from distthink.engine import batching as train_data
     from distthink.config import load_config
     from distthink.data.dataset import build_sft_dataset
     from distthink.models.load import load_tokenizer

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from distthink.errors import ConfigError
-from distthink.plan import GPUS, GiB, ModelShape, RunShape, estimate, plan_all, recommend
+from distthink.launch.plan import GPUS, GiB, ModelShape, RunShape, estimate, plan_all, recommend
 
 CONFIGS = {
     "qwen3": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -87,7 +87,7 @@ LLAMA8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidd
 
 
 def test_master_weights_follow_what_deepspeed_allocates():
-    from distthink.plan import memory_terms
+    from distthink.launch.plan import memory_terms
 
     shape = ModelShape.from_hf_config(LLAMA8B)
     p = shape.num_params
@@ -102,7 +102,7 @@ def test_master_weights_follow_what_deepspeed_allocates():
 
 
 def test_peak_is_two_phases_not_a_sum_and_gpu_terms_only_on_gpu():
-    from distthink.plan import BACKWARD, PERSISTENT, STEP, peak_allocated
+    from distthink.launch.plan import BACKWARD, PERSISTENT, STEP, peak_allocated
 
     shape = ModelShape.from_hf_config(CONFIGS["llama"])
     for device in ("cpu", "cuda"):
@@ -141,7 +141,7 @@ def test_fused_loss_holds_the_lm_head_gradient_only_when_it_trains():
 
 def test_molora_multiplies_adapter_states_and_branch_outputs():
     from distthink.models.molora import MoLoRALinear  # noqa: F401  (the layer this models exists)
-    from distthink.plan import memory_terms
+    from distthink.launch.plan import memory_terms
 
     shape = ModelShape.from_hf_config(LLAMA8B)
     lora = RunShape(tokens_per_micro_batch=4096, seq_len=4096, lora_rank=8, gradient_checkpointing=False)

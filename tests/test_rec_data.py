@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from distthink.errors import DataError
-from distthink.recsys.data import load_interactions
-from distthink.recsys.synthetic import GENRES, generate, template_reason
+from distthink.tasks.thinkrec.interactions import load_interactions
+from distthink.tasks.thinkrec.synthetic_world import GENRES, generate, template_reason
 
 
 def _ml(tmp_path, ratings, movies):

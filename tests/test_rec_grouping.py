@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from distthink.errors import ConfigError
-from distthink.recsys.grouping import GroupConfig, assign, fit_groups, load_groups, to_gate_space
+from distthink.tasks.thinkrec.grouping import GroupConfig, assign, fit_groups, load_groups, to_gate_space
 
 
 def _blobs(seed=0, n=60):

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from distthink.errors import DataError
-from distthink.recsys.data import Interactions
-from distthink.recsys.prepare import find_split, history_index, prepare, read_split
-from distthink.recsys.synthetic import generate
+from distthink.tasks.thinkrec.interactions import Interactions
+from distthink.tasks.thinkrec.prepare import find_split, history_index, prepare, read_split
+from distthink.tasks.thinkrec.synthetic_world import generate
 
 
 def _tiny():
@@ -98,7 +98,7 @@ def test_prepare_synthetic_no_leakage_end_to_end(tmp_path):
 
 
 def test_prepare_synthetic_one_call(tmp_path):
-    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     meta = prepare_synthetic(tmp_path, n_users=40, n_items=30, min_per_user=5, max_per_user=15, seed=2)
     df = read_split(find_split(tmp_path, "train"))

@@ -9,7 +9,7 @@ import pytest
 from distthink.data.chat import ChatPolicy
 from distthink.data.dataset import audit_labels, build_sft_dataset
 from distthink.errors import DataError, LabelAuditError
-from distthink.tiny import tiny_tokenizer
+from distthink.models.tiny import tiny_tokenizer
 
 GOOD = {"messages": [{"role": "user", "content": "What is 2 + 2?"},
                      {"role": "assistant", "content": "4", "reasoning_content": "2 + 2 = 4."}]}
@@ -130,7 +130,7 @@ def test_label_audit_refuses_full_sequence_loss(tok):
 
 def test_bundled_sample_data_encodes_cleanly_for_every_family():
     from distthink.data.sample_data import EVAL_PATH, TRAIN_PATH
-    from distthink.tiny import FAMILIES
+    from distthink.models.tiny import FAMILIES
 
     for fam in FAMILIES:
         t = tiny_tokenizer(fam)

@@ -244,7 +244,7 @@ def test_thinkrec_stage3_template_one_node_two_processes(slurm_cluster, workdir)
     import pandas as pd
     from test_thinkrec_stage3 import _write_adapter, _write_groups  # the stage-3 tests' input builders
 
-    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     inputs = workdir / "stage3-inputs"
     prep = inputs / "prep"

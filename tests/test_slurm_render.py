@@ -12,8 +12,8 @@ import pytest
 
 from distthink import cli
 from distthink.errors import ConfigError
-from distthink.slurm import (LAUNCHER_BEGIN, SLURM_DIR, TEMPLATES, RenderOptions, launcher_path, node_script,
-                             render)
+from distthink.launch.slurm import LAUNCHER_BEGIN, TEMPLATES, RenderOptions, launcher_path, node_script, render
+from distthink.resources import SLURM_TEMPLATES
 
 
 def sbatch_options(script: str) -> dict[str, str]:
@@ -30,12 +30,12 @@ def sbatch_options(script: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_templates_are_valid_requeueable_sbatch_scripts(template):
-    text = (SLURM_DIR / f"{template}.sbatch").read_text()
+    text = (SLURM_TEMPLATES / f"{template}.sbatch").read_text()
     opts = sbatch_options(text)
     assert opts["nodes"] == "1" and opts["ntasks-per-node"] == "1"
     assert "requeue" in opts and opts["signal"].startswith("B:USR1@")
     assert opts["open-mode"] == "append"  # the requeued run appends to the same job log
-    assert subprocess.run(["bash", "-n", str(SLURM_DIR / f"{template}.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(SLURM_TEMPLATES / f"{template}.sbatch")]).returncode == 0
     # the documented settings are at the top of the file
     for name in ("DISTTHINK_CONFIG", "DISTTHINK_OUTPUT_DIR", "DISTTHINK_ACCELERATE_CONFIG", "--gpus-per-node",
                  "--nodes"):

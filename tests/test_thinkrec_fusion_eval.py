@@ -35,8 +35,8 @@ def stage3(tmp_path_factory):
     from distthink.models.load import build_model_config, load_tokenizer
     from distthink.models.molora import apply_molora, molora_layers
     from distthink.models.molora_export import export_molora
-    from distthink.recsys.synthetic import prepare_synthetic
-    from distthink.recsys.task import ThinkRecTask
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
+    from distthink.tasks.thinkrec.task import ThinkRecTask
 
     root = tmp_path_factory.mktemp("fusion")
     prep, cf, groups = root / "prep", root / "cf", root / "groups"
@@ -67,7 +67,7 @@ def stage3(tmp_path_factory):
 def test_rec_eval_fusion_three_modes_and_branch_counts(stage3, tmp_path):
     from distthink.config import load_config
     from distthink.models.molora import hard_gate
-    from distthink.recsys.eval_llm import evaluate, score_split_fusion
+    from distthink.tasks.thinkrec.evaluate import evaluate, score_split_fusion
 
     root, prep, cf, groups, export, overrides, cfg = stage3
     split = str(prep / "test.parquet")

@@ -15,7 +15,7 @@ from _train_utils import ROOT, env, free_port, launch, metrics
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     out = tmp_path_factory.mktemp("prep")
     prepare_synthetic(out, reasons="template", n_users=40, n_items=60, min_per_user=10, max_per_user=30)
@@ -100,7 +100,7 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
 
     ex2 = out2 / "export"
     exported = load_file(str(ex2 / "projector.safetensors"))
-    from distthink.checkpoint import read_latest
+    from distthink.engine.checkpoint import read_latest
 
     step_dir = read_latest(out2 / "checkpoints")  # the final step's checkpoint; DeepSpeed's own tag file inside
     full = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=(step_dir / "latest").read_text().strip())

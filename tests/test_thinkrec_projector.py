@@ -20,12 +20,12 @@ DIM = 8
 def world(tmp_path_factory):
     """Prepared synthetic data, two CF exports of the same shape (different vectors), a tokenizer and a batch."""
     from distthink.data.chat import ChatPolicy
-    from distthink.models.cf import MF, CFConfig, CFResult, export_cf
+    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.models.inject import add_placeholder_tokens
-    from distthink.recsys import prompts
-    from distthink.recsys.synthetic import prepare_synthetic
-    from distthink.recsys.task import ThinkRecCollator, ThinkRecOptions, build_samples
-    from distthink.tiny import tiny_tokenizer
+    from distthink.tasks.thinkrec import prompts
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
+    from distthink.tasks.thinkrec.task import ThinkRecCollator, ThinkRecOptions, build_samples
+    from distthink.models.tiny import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("proj")
     prep = root / "prep"
@@ -47,14 +47,14 @@ def world(tmp_path_factory):
 def _base(tok):
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=len(tok)), attn_implementation="eager").eval()
 
 
 def _wrapper(world, base, **options):
-    from distthink.recsys.task import ThinkRecOptions, build_wrapper
+    from distthink.tasks.thinkrec.task import ThinkRecOptions, build_wrapper
 
     opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0]), "projector_mult": 2,
                                      **options})
@@ -63,7 +63,7 @@ def _wrapper(world, base, **options):
 
 def _logits_and_scores(wrapper, batch):
     from distthink.data.packing import model_inputs
-    from distthink.recsys.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.task import SIDE_KEYS
 
     kw = model_inputs(batch, "eager", with_input_ids=False)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def _logits_and_scores(wrapper, batch):
 @pytest.fixture(scope="module")
 def stage2_export(world):
     """A 'trained' stage-2 projector (moved away from its seed-0 init) written by save_projector_export."""
-    from distthink.recsys.projector_export import save_projector_export
+    from distthink.tasks.thinkrec.projector_export import save_projector_export
 
     base = _base(world["tok"])
     opt, trained = _wrapper(world, base)
@@ -138,8 +138,8 @@ def test_mismatches_and_a_frozen_random_projector_are_config_errors(world, stage
 
 
 def test_eval_picks_the_projector_from_the_export(world, stage2_export):
-    from distthink.recsys.eval_llm import projector_source
-    from distthink.recsys.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.evaluate import projector_source
+    from distthink.tasks.thinkrec.task import ThinkRecOptions
 
     out, _, _ = stage2_export
     opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0])})

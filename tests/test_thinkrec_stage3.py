@@ -52,7 +52,7 @@ def _write_groups(out, train_users, k=3, missing=()):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     root = tmp_path_factory.mktemp("stage3")
     prep = root / "prep"
@@ -75,7 +75,7 @@ def _opts(root, **extra):
 
 def test_options_validated_with_key_and_fix(world):
     from distthink.errors import ConfigError
-    from distthink.recsys.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.task import ThinkRecOptions
 
     root = world[0]
     good = {"groups_dir": str(root / "groups"), "init_adapter": str(root / "stage1")}
@@ -90,7 +90,7 @@ def test_options_validated_with_key_and_fix(world):
 
 def test_hard_gates_follow_the_group_table(world):
     from distthink.models.molora import apply_molora  # noqa: F401  (import check)
-    from distthink.recsys.task import MoLoRAStage, ThinkRecTask
+    from distthink.tasks.thinkrec.task import MoLoRAStage, ThinkRecTask
 
     root, _, _, users, missing = world
     task = ThinkRecTask.__new__(ThinkRecTask)
@@ -99,7 +99,7 @@ def test_hard_gates_follow_the_group_table(world):
     model = torch.nn.Sequential()
     model.q_proj = torch.nn.Linear(64, 64)
     model.v_proj = torch.nn.Linear(64, 32)
-    from distthink.recsys.grouping import load_groups
+    from distthink.tasks.thinkrec.grouping import load_groups
 
     table = load_groups(root / "groups")["table"]
     task.num_experts = 3
@@ -182,8 +182,8 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     from safetensors.torch import load_file
 
     from distthink.models.inject import Projector
-    from distthink.recsys.projector_export import save_projector_export
-    from distthink.recsys.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.projector_export import save_projector_export
+    from distthink.tasks.thinkrec.task import ThinkRecOptions
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"
@@ -210,7 +210,7 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     import shutil
 
     from distthink.config import load_config
-    from distthink.recsys.eval_llm import evaluate, score_split_fusion
+    from distthink.tasks.thinkrec.evaluate import evaluate, score_split_fusion
 
     cfg_args = [f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
                 f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft",

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from distthink.recsys.synthesize import TeacherConfig, apply_reasons, synthesize
+from distthink.tasks.thinkrec.teacher import TeacherConfig, apply_reasons, synthesize
 
 
 class _Teacher(BaseHTTPRequestHandler):

@@ -13,15 +13,15 @@ import torch
 from distthink.data.chat import ChatPolicy
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import Projector, add_placeholder_tokens
-from distthink.recsys import prompts
-from distthink.recsys.task import ThinkRecCollator, ThinkRecModel, ThinkRecOptions, build_samples, verdict_ids
+from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.task import ThinkRecCollator, ThinkRecModel, ThinkRecOptions, build_samples, verdict_ids
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from distthink.recsys.synthetic import prepare_synthetic
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     out = tmp_path_factory.mktemp("prep")
     prepare_synthetic(out, reasons="template", n_users=40, n_items=60, min_per_user=10, max_per_user=30)
@@ -30,7 +30,7 @@ def prepared(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    from distthink.tiny import tiny_tokenizer
+    from distthink.models.tiny import tiny_tokenizer
 
     t = tiny_tokenizer("qwen3")
     add_placeholder_tokens(t, list(prompts.ID_TOKENS))
@@ -40,7 +40,7 @@ def tok():
 def _model(tok):
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=len(tok)), attn_implementation="eager").eval()
@@ -128,7 +128,7 @@ def test_mixed_batch_loss_equals_the_per_sample_sum_by_hand(tok, prepared, impl,
     yes, no = verdict_ids(tok, ThinkRecOptions())
     wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, rec_score=score, impl=impl, chunk_size=64)
     batch = ThinkRecCollator(0)(batch_s)
-    from distthink.recsys.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.task import SIDE_KEYS
 
     with torch.no_grad():
         out = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **model_inputs(batch, "eager", with_input_ids=False))
@@ -170,7 +170,7 @@ def _id_wrapper(tok, prepared, *, cf_seed: int, **kw):
 
 def test_changing_one_users_cf_vector_changes_only_that_prompt(tok, prepared):
     from distthink.data.packing import model_inputs
-    from distthink.recsys.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.task import SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=0, impl="hf")
     ph = wrapper.ph_ids
@@ -215,7 +215,7 @@ def test_k_tokens_per_id_are_rendered(tok, prepared):
 
 
 def test_bce_definition():
-    from distthink.recsys.task import rec_bce_sum
+    from distthink.tasks.thinkrec.task import rec_bce_sum
 
     z, y, c = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9])
     want = 0.1 * math.log(1 + math.exp(-2.0)) + 0.9 * math.log(1 + math.exp(1.0))
@@ -225,7 +225,7 @@ def test_bce_definition():
 def test_eval_loads_the_trained_projector_from_a_checkpoint_file(tmp_path, tok):
     from safetensors.torch import save_file
 
-    from distthink.recsys.eval_llm import load_projector
+    from distthink.tasks.thinkrec.evaluate import load_projector
 
     yes, no = verdict_ids(tok, ThinkRecOptions())
     torch.manual_seed(1)
@@ -249,7 +249,7 @@ def test_eval_score_path_equals_the_training_forward_and_the_full_logits(tok, pr
     """ThinkRecModel.score (eval: answer rows x 2 verdict rows, no vocabulary logits) against the training forward
     and against an independent read of the HF model's full logits at the answer rows."""
     from distthink.data.packing import model_inputs
-    from distthink.recsys.task import SCORE_KEYS, SIDE_KEYS
+    from distthink.tasks.thinkrec.task import SCORE_KEYS, SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=1, impl="fused", rec_score=rec_score)
     yes, no = wrapper.yes_id, wrapper.no_id

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distthink.tiny import BPE_PATH, FAMILIES, build_tiny_bpe, tiny_qwen3_config, tiny_tokenizer
+from distthink.models.tiny import BPE_PATH, FAMILIES, build_tiny_bpe, tiny_qwen3_config, tiny_tokenizer
 
 SPECIALS = {
     "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],

@@ -38,7 +38,7 @@ def test_zero3_offload_full_finetune_accelerate_launch(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     model = AutoModelForCausalLM.from_pretrained(str(out / "export"))
     ref_shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(tiny_qwen3_config()).state_dict().items()}

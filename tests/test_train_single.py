@@ -12,13 +12,13 @@ import torch
 
 from _train_utils import FAST, ROOT, command, env, launch, metrics, summary
 
-from distthink.objectives import (LMLossModel, micro_batch_scale, naive_weighted_ce_sum, weighted_ce_sum)
+from distthink.engine.lm_loss import (LMLossModel, micro_batch_scale, naive_weighted_ce_sum, weighted_ce_sum)
 
 
 def _tiny_model(seed=0):
     from transformers import AutoModelForCausalLM
 
-    from distthink.tiny import tiny_qwen3_config
+    from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_qwen3_config(), attn_implementation="sdpa")

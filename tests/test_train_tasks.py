@@ -8,7 +8,7 @@ from _train_utils import FAST, ROOT, launch, metrics
 
 from distthink.config import load_config
 from distthink.errors import ConfigError
-from distthink.tasks import make_task
+from distthink.engine.task import make_task
 
 TASK = "task.name=_parity_task:ParityTask"
 COMMON = FAST + [TASK, "train.max_steps=4", "batch.mode=samples", "lora.enabled=false", "train.lr=1e-2",

@@ -18,8 +18,8 @@ def register(subparsers) -> None:
 
 
 def _captions(args) -> int:
-    from distthink.data.molecule_demo import ASSET_DIR, SPLIT_FILES
-    from distthink.evals.captions import main
+    from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES
+    from distthink.inference.metrics import main
 
     refs = str(ASSET_DIR / SPLIT_FILES["test"]) if args.references == "demo" else args.references
     argv = ["--generations", args.generations, "--references", refs, "--ref-field", args.ref_field]

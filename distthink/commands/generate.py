@@ -39,7 +39,7 @@ def load_rows(spec: str) -> tuple[list[dict], str]:
     from pathlib import Path
 
     from distthink.data.jsonl import iter_jsonl
-    from distthink.data.molecule_demo import load_demo
+    from distthink.tasks.molecule.demo import load_demo
     from distthink.errors import DataError
 
     if spec == "demo":
@@ -59,8 +59,8 @@ def load_rows(spec: str) -> tuple[list[dict], str]:
 
 def build_prompts(rows: list[dict], meta: dict, thinking: bool):
     """(messages, graphs) per row: molecule rows through caption_messages with the run's prompt settings."""
-    from distthink.data.molecule_demo import caption_messages
-    from distthink.data.molecules import smiles_to_graph
+    from distthink.tasks.molecule.demo import caption_messages
+    from distthink.tasks.molecule.graphs import smiles_to_graph
 
     use_graph = bool(meta.get("use_graph", False))
     msgs, graphs = [], []
@@ -78,7 +78,7 @@ def build_prompts(rows: list[dict], meta: dict, thinking: bool):
 def _run(args) -> int:
     import sys
 
-    from distthink.generate import GenerationOptions, load_generator, write_jsonl
+    from distthink.inference.generate import GenerationOptions, load_generator, write_jsonl
 
     rows, _ = load_rows(args.input)
     if args.limit:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from distthink.errors import ConfigError
+from distthink.resources import ASSETS
 
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "assets" / "sample_sft.jsonl"
+BUNDLED_DATA = ASSETS / "sample_sft.jsonl"
 
 # Span kinds of a rendered sample.
 CONTEXT, LEARNED, WEIGHTED = "context", "learned", "weighted"
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_tokenizer(name: str):
     """'tiny' / 'tiny:FAMILY' -> offline test tokenizer; otherwise AutoTokenizer (local dir or hub)."""
     if name == "tiny" or name.startswith("tiny:"):
-        from distthink.tiny import tiny_tokenizer
+        from distthink.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer(name.split(":", 1)[1] if ":" in name else "qwen3")
     from transformers import AutoTokenizer

@@ -2,7 +2,7 @@
 
 Reads the same config as `distthink train` (YAML + dotted overrides) but builds no model: only the model
 config (AutoConfig of model.name_or_path, or the from_config model) is read. Prints, per GPU and for each
-candidate setting, the memory terms and the time terms of distthink.plan, then recommends the cheapest
+candidate setting, the memory terms and the time terms of distthink.launch.plan, then recommends the cheapest
 setting that fits (the fastest; among equally fast ones the least communication), or says that nothing
 fits and what to change. docs/scaling.md explains every term.
 """
@@ -35,7 +35,7 @@ against measured peaks (benchmarks/plan_validation.py); the GPU-specific terms a
 
 
 def register(subparsers) -> None:
-    from distthink.plan import CANDIDATES, GPUS
+    from distthink.launch.plan import CANDIDATES, GPUS
 
     p = subparsers.add_parser(
         "plan", help="estimate per-GPU memory, the ZeRO setting that fits, tokens/s and ETA (no weights loaded)",
@@ -86,7 +86,7 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
     chat policy, scale the mean length by the record count. Returns {} when it cannot be estimated."""
     from itertools import islice
 
-    from distthink import train_data
+    from distthink.engine import batching as train_data
     from distthink.data.dataset import build_sft_dataset, iter_records
     from distthink.models.load import load_tokenizer
 
@@ -116,7 +116,7 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
 
 def build_plan(args) -> dict[str, Any]:
     from distthink.config import load_config
-    from distthink.plan import (CANDIDATES, DESCRIPTIONS, GPUS, estimate, model_shape_from_config, recommend,
+    from distthink.launch.plan import (CANDIDATES, DESCRIPTIONS, GPUS, estimate, model_shape_from_config, recommend,
                                 run_shape_from_config)
 
     cfg = load_config(args.config, args.overrides)

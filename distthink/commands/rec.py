@@ -123,7 +123,7 @@ def register(subparsers) -> None:
 
 
 def _synth(args) -> int:
-    from distthink.recsys.synthetic import generate
+    from distthink.tasks.thinkrec.synthetic_world import generate
 
     d = generate(args.users, args.items, min_per_user=args.min_per_user, max_per_user=args.max_per_user,
                  n_personas=args.personas, latent_scale=args.latent_scale, user_bias=args.user_bias,
@@ -134,11 +134,11 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
-    from distthink.recsys.data import load_interactions
-    from distthink.recsys.prepare import prepare
+    from distthink.tasks.thinkrec.interactions import load_interactions
+    from distthink.tasks.thinkrec.prepare import prepare
 
     if args.input == "synthetic":
-        from distthink.recsys.synthetic import generate
+        from distthink.tasks.thinkrec.synthetic_world import generate
 
         data = generate(seed=args.seed).interactions
     else:
@@ -154,9 +154,9 @@ def _prepare(args) -> int:
 def _train_cf(args) -> int:
     import pandas as pd
 
-    from distthink.models.cf import CFConfig, export_cf, load_split, predict, train_cf
-    from distthink.recsys.metrics import auc, uauc
-    from distthink.recsys.prepare import find_split
+    from distthink.tasks.thinkrec.cf import CFConfig, export_cf, load_split, predict, train_cf
+    from distthink.tasks.thinkrec.metrics import auc, uauc
+    from distthink.tasks.thinkrec.prepare import find_split
 
     data = Path(args.data)
     meta_path = data / "prepare_meta.json"
@@ -183,7 +183,7 @@ def _train_cf(args) -> int:
 
 
 def _group(args) -> int:
-    from distthink.recsys.grouping import GroupConfig, group_users
+    from distthink.tasks.thinkrec.grouping import GroupConfig, group_users
 
     n_groups = args.n_groups if args.n_groups == "auto" else _int_or_error(args.n_groups)
     cfg = GroupConfig(n_groups=n_groups, k_min=args.k_min, k_max=args.k_max, method=args.method,
@@ -214,8 +214,8 @@ def _eval(args) -> int:
     import torch.distributed as dist
 
     from distthink.config import load_config
-    from distthink.recsys.eval_llm import evaluate
-    from distthink.recsys.metrics import compute_metrics, format_metrics
+    from distthink.tasks.thinkrec.evaluate import evaluate
+    from distthink.tasks.thinkrec.metrics import compute_metrics, format_metrics
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -223,7 +223,7 @@ def _eval(args) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.fusion:
             from distthink.errors import ConfigError
-            from distthink.recsys.eval_llm import evaluate_fusion
+            from distthink.tasks.thinkrec.evaluate import evaluate_fusion
 
             if not args.export:
                 raise ConfigError("rec eval --fusion needs --export (train.output_dir/export of a stage-3 run)")
@@ -236,8 +236,8 @@ def _eval(args) -> int:
                          batch_size=args.batch_size, projector=args.projector)
             out = {"llm": m}
         if args.cf:
-            from distthink.models.cf import load_cf_export
-            from distthink.recsys.prepare import read_split
+            from distthink.tasks.thinkrec.cf import load_cf_export
+            from distthink.tasks.thinkrec.prepare import read_split
 
             cf = load_cf_export(args.cf)
             df = read_split(args.split)
@@ -263,8 +263,8 @@ def _synthesize(args) -> int:
     """`rec synthesize`: API key from $OPENAI_API_KEY (never a flag, so it stays out of shell history)."""
     import os
 
-    from distthink.recsys.prepare import read_split
-    from distthink.recsys.synthesize import TeacherConfig, apply_reasons, select_rows, synthesize
+    from distthink.tasks.thinkrec.prepare import read_split
+    from distthink.tasks.thinkrec.teacher import TeacherConfig, apply_reasons, select_rows, synthesize
 
     cfg = TeacherConfig(base_url=args.base_url or os.environ.get("OPENAI_BASE_URL", ""),
                         model=args.model or os.environ.get("DISTTHINK_TEACHER_MODEL", ""),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from distthink.slurm import TEMPLATES
+    from distthink.launch.slurm import TEMPLATES
 
     p = subparsers.add_parser("slurm", help="SLURM templates: render the sbatch script that will run",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def _render(args) -> int:
-    from distthink.slurm import RenderOptions, render
+    from distthink.launch.slurm import RenderOptions, render
 
     opts = RenderOptions(
         template=args.template, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

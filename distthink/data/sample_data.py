@@ -16,7 +16,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from distthink.resources import ASSETS
+
 TRAIN_PATH = ASSETS / "sample_sft.jsonl"
 EVAL_PATH = ASSETS / "sample_sft_eval.jsonl"
 FORMS_PATH = ASSETS / "sample_forms.jsonl"

@@ -24,7 +24,7 @@ def load_tokenizer(cfg: Config):
     """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer)."""
     name = cfg.model.tokenizer or cfg.model.name_or_path or "tiny"
     if name == "tiny":
-        from distthink.tiny import tiny_tokenizer
+        from distthink.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer("qwen3")
     from transformers import AutoTokenizer
@@ -51,7 +51,7 @@ def build_model_config(cfg: Config, tokenizer):
 
     src = cfg.model.from_config
     if src in ("tiny-qwen3", "tiny-llama"):
-        from distthink.tiny import tiny_llama_config, tiny_qwen3_config
+        from distthink.models.tiny import tiny_llama_config, tiny_qwen3_config
 
         build = tiny_qwen3_config if src == "tiny-qwen3" else tiny_llama_config
         mcfg = build(vocab_size=len(tokenizer))

@@ -27,7 +27,7 @@ without gates raises instead of silently using some default.
 
 **Gate rule** (`entropy_gate`, defaults from the ThinkRec paper): w = softmax(cos(e_u, c_k) / tau) over the
 K group centroids c_k, with e_u the user's CF vector mapped to the groups' standardised space
-(`distthink.recsys.grouping.to_gate_space`); if max w > 0.5 + expert_margin / N the top expert alone
+(`distthink.tasks.thinkrec.grouping.to_gate_space`); if max w > 0.5 + expert_margin / N the top expert alone
 (one-hot); else if H(w) >= entropy_frac * ln N the global adapter alone; else the experts fused with w
 (global weight 0). N = K. Applied per sample, vectorised. `hard_gate` one-hot routes by group id (stage-3
 training).
@@ -176,13 +176,13 @@ class EntropyGate:
     @classmethod
     def from_groups(cls, groups_dir: str | Path, cfg: GateConfig | None = None) -> "EntropyGate":
         """From the folder written by `distthink rec group` (groups.safetensors)."""
-        from distthink.recsys.grouping import load_groups
+        from distthink.tasks.thinkrec.grouping import load_groups
 
         g = load_groups(groups_dir)
         return cls(g["centroids"], g["scaler_mean"], g["scaler_scale"], cfg)
 
     def to_gate_space(self, raw_user_vectors: torch.Tensor) -> torch.Tensor:
-        from distthink.recsys.grouping import to_gate_space
+        from distthink.tasks.thinkrec.grouping import to_gate_space
 
         x = torch.as_tensor(raw_user_vectors, dtype=torch.float32)
         return to_gate_space(x, self.scaler_mean.to(x.device), self.scaler_scale.to(x.device))

@@ -130,7 +130,7 @@ def export_molora(model: nn.Module, out_dir: str | Path, gate: EntropyGate | Non
             "group_to_adapter": {str(g): names[g] for g in range(k)}, "global_adapter": names[k],
             "gate": None, "user_groups": user_groups, "base_model_name_or_path": base_model_name_or_path}
     if gate is not None:
-        from distthink.recsys.grouping import SPACE
+        from distthink.tasks.thinkrec.grouping import SPACE
 
         meta["gate"] = {**gate.to_json(), "space": SPACE}
     tmp = out / "molora.json.tmp"

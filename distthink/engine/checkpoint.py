@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from distthink.distributed import barrier
+from distthink.engine.distributed import barrier
 from distthink.errors import CheckpointError
 from distthink.logging_utils import get_logger
 

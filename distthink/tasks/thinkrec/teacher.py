@@ -29,7 +29,7 @@ import pandas as pd
 
 from distthink.errors import ConfigError, DistthinkError
 from distthink.logging_utils import get_logger
-from distthink.recsys import prompts
+from distthink.tasks.thinkrec import prompts
 
 log = get_logger(__name__)
 

@@ -229,7 +229,7 @@ class RunShape:
     dtype_bytes: int = 2  # bf16 on GPU; 4 = fp32 (CPU runs)
     attention: str = "flash"  # "flash" (varlen, GPU) or "sdpa" (explicit block-diagonal mask)
     device: str = "cuda"  # "cpu": no CUDA context, no allocator fragmentation
-    reduce_bucket_elems: float = 5e7  # what distthink.distributed fills for reduce_bucket_size "auto"
+    reduce_bucket_elems: float = 5e7  # what distthink.engine.distributed fills for reduce_bucket_size "auto"
     prefetch_bucket_elems: float = 5e7  # stage3_prefetch_bucket_size
     zero2_overlap_comm: bool = True  # ds_configs/zero2.json: two reduce buckets
 
@@ -286,7 +286,7 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     b = run.dtype_bytes
     mixed = b != 4
     p = model.num_params
-    # distthink.distributed.uses_autocast: 16-bit full fine-tuning without DeepSpeed keeps fp32 weights
+    # distthink.engine.distributed.uses_autocast: 16-bit full fine-tuning without DeepSpeed keeps fp32 weights
     # (they are the optimizer's master copy) and runs the forward under torch.autocast.
     autocast = candidate == "ddp" and run.full and mixed
     wb = 4 if autocast else b  # bytes of a stored parameter, gradient and AdamW state element

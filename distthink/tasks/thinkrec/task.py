@@ -2,7 +2,7 @@
 
 Data. ``data.train`` / ``data.eval`` name splits written by ``distthink rec prepare`` (Parquet/JSONL with
 ``user_id, item_id, label, history_*, target_title, reason?``). Each row becomes one sample, rendered with a
-template (distthink/recsys/prompts.py) through the model's chat template by ``encode_chat``:
+template (distthink/tasks/thinkrec/prompts.py) through the model's chat template by ``encode_chat``:
 
 - a *reasoning* sample answers with the row's ``reason`` ("Yes. because ..." / "No. because ...");
 - a *label-only* sample answers "Yes" or "No".
@@ -13,7 +13,7 @@ split]).random(n)``. Every rank computes the same draw (same seed), so the split
 and launches (distributed-correct, deterministic per seed); the usual samplers then shuffle per epoch. The
 draw is *not* redone per epoch (the trainer encodes a split once).
 
-Objectives (keys ``lm`` and ``rec``, each normalised by its own global total, distthink/tasks.py). With
+Objectives (keys ``lm`` and ``rec``, each normalised by its own global total, distthink/engine/task.py). With
 per-sample mixing weights (reasoning: a_s=alpha, b_s=beta; label-only: a_s=theta, b_s=gamma):
 
     L_lm  = sum_s b_s * sum_{t in s} w_t * CE_t   /  sum over all samples of the step of sum_t w_t
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from distthink.config import Config
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
-from distthink.recsys import prompts
+from distthink.tasks.thinkrec import prompts
 
 log = get_logger(__name__)
 
@@ -130,7 +130,7 @@ class ThinkRecOptions:
                 raise ConfigError(f"task.options.init_projector={self.init_projector!r} is set but prompt_mode="
                                   f"{self.prompt_mode!r} uses no projector. Fix: set prompt_mode: ids, or remove "
                                   "init_projector")
-            from distthink.recsys.projector_export import check_projector_export
+            from distthink.tasks.thinkrec.projector_export import check_projector_export
 
             check_projector_export(self.init_projector)
         elif self.prompt_mode == "ids" and not self.train_projector:
@@ -249,7 +249,7 @@ def _encode_row(tokenizer, row: dict, opt: ThinkRecOptions, policy, reasoning: b
 def build_samples(tokenizer, path: str | Path, opt: ThinkRecOptions, policy, *, seed: int, split: str,
                   reason_ratio: float | None = None, limit: int | None = None) -> list:
     """Encode a prepared split into EncodedSamples with ThinkRec meta (see the module docstring)."""
-    from distthink.recsys.prepare import read_split
+    from distthink.tasks.thinkrec.prepare import read_split
 
     df = read_split(path)
     if limit is not None:
@@ -376,7 +376,7 @@ class ThinkRecModel(torch.nn.Module):
         if self.impl == "hf":
             logits = self.model(**model_kwargs).logits
             flat = logits.reshape(-1, logits.shape[-1])
-            from distthink.objectives import weighted_ce_sum
+            from distthink.engine.lm_loss import weighted_ce_sum
 
             lm = weighted_ce_sum(flat, flat_t, flat_w)
             sel = flat.index_select(0, rec_rows)[:, ids].float()
@@ -441,7 +441,7 @@ class ThinkRecTask:
         self.ph_ids = add_placeholder_tokens(tokenizer, list(prompts.ID_TOKENS))
 
     def load_split(self, split: str, tokenizer) -> list:
-        from distthink import train_data
+        from distthink.engine import batching as train_data
 
         spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
         if not spec or spec == "bundled" or not Path(spec).is_file():
@@ -462,7 +462,7 @@ class ThinkRecTask:
     def _apply_molora(self, model):
         """Stage 3: swap the targeted linears for MoLoRA layers, every adapter starting from stage 1's."""
         from distthink.models.molora import EntropyGate, apply_molora
-        from distthink.recsys.grouping import load_groups
+        from distthink.tasks.thinkrec.grouping import load_groups
 
         m = self.opt.molora
         if hasattr(model, "peft_config"):
@@ -504,7 +504,7 @@ class ThinkRecTask:
 
             table = None
             if self.gate is not None:
-                from distthink.models.cf import load_cf_export
+                from distthink.tasks.thinkrec.cf import load_cf_export
 
                 if getattr(self, "_cf_user", None) is None:
                     self._cf_user = load_cf_export(self.opt.cf_export).user
@@ -520,7 +520,7 @@ class ThinkRecTask:
         export_dir/molora (distthink.models.molora_export)."""
         inner = accelerator.unwrap_model(wrapped)
         if getattr(inner, "projector", None) is not None:
-            from distthink.recsys.projector_export import save_projector_export
+            from distthink.tasks.thinkrec.projector_export import save_projector_export
 
             save_projector_export(inner.projector, export_dir, self.opt,
                                   is_main=accelerator.is_main_process)
@@ -584,7 +584,7 @@ def build_wrapper(model, tokenizer, opt: ThinkRecOptions, *, impl: str = "fused"
                 p.requires_grad_(False)
     projector = user = item = None
     if opt.prompt_mode == "ids":
-        from distthink.models.cf import load_cf_export
+        from distthink.tasks.thinkrec.cf import load_cf_export
 
         cf = load_cf_export(opt.cf_export)
         user, item = cf.user, cf.item
@@ -592,7 +592,7 @@ def build_wrapper(model, tokenizer, opt: ThinkRecOptions, *, impl: str = "fused"
         torch.manual_seed(0)  # the same projector init on every rank
         projector = Projector(cf.meta["dim"], hidden, mult=opt.projector_mult, k=opt.proj_token_num)
         if opt.init_projector:
-            from distthink.recsys.projector_export import load_projector_export
+            from distthink.tasks.thinkrec.projector_export import load_projector_export
 
             load_projector_export(projector, opt.init_projector, opt, cf=cf)
         projector.requires_grad_(bool(opt.train_projector))

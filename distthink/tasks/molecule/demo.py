@@ -12,7 +12,7 @@ Honest by construction:
 - the held-out test split is chosen by a hash of the canonical SMILES (stable across machines and RDKit
   versions that keep the same canonical form), never by position.
 
-Regenerate the shipped files with ``python -m distthink.data.molecule_demo`` (``--check`` verifies that the
+Regenerate the shipped files with ``python -m distthink.tasks.molecule.demo`` (``--check`` verifies that the
 shipped files equal a fresh build).
 """
 
@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from distthink.errors import DataError
+from distthink.resources import ASSETS
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "molecules"
+ASSET_DIR = ASSETS / "molecules"
 SPLIT_FILES = {"train": "demo_train.jsonl", "test": "demo_test.jsonl"}
 META_FILE = "demo_meta.json"
 DEFAULT_N = 320
@@ -222,7 +223,7 @@ def load_demo(split: str = "train", asset_dir: Path = ASSET_DIR) -> list[dict]:
     path = asset_dir / SPLIT_FILES[split]
     if not path.exists():
         raise DataError("demo molecule file is missing", source=str(path),
-                        fix="run `python -m distthink.data.molecule_demo` to regenerate it")
+                        fix="run `python -m distthink.tasks.molecule.demo` to regenerate it")
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from distthink.errors import ConfigError
-from distthink.recsys.data import Interactions
+from distthink.tasks.thinkrec.interactions import Interactions
 
 GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "sci-fi": ("Galaxy", "Robot", "Orbit", "Starship", "Android", "Nebula", "Quantum", "Cosmos"),
@@ -242,7 +242,7 @@ def prepare_synthetic(out_dir: str | Path, *, history_len: int = 10, reasons: st
 
     Returns prepare's meta dict; the folder is ready for `distthink rec train-cf --data out_dir`.
     """
-    from distthink.recsys.prepare import prepare
+    from distthink.tasks.thinkrec.prepare import prepare
 
     data = generate(**generate_kwargs)
     return prepare(data.interactions, out_dir, history_len=history_len, reasons=reasons, fmt=fmt)

@@ -164,7 +164,7 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
     """Cluster the users of a CF export and write the outputs listed in the module docstring."""
     from safetensors.numpy import save_file
 
-    from distthink.models.cf import load_cf_export
+    from distthink.tasks.thinkrec.cf import load_cf_export
 
     exp = load_cf_export(cf_dir)
     out = Path(out_dir)
@@ -202,7 +202,7 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
 
 def write_group_splits(prepared_dir: str | Path, table: pd.DataFrame, out: Path, k: int) -> dict:
     """Split every prepared split by the user's group: splits/group_<g>/<split>.parquet. Returns row counts."""
-    from distthink.recsys.prepare import SPLITS, find_split, read_split
+    from distthink.tasks.thinkrec.prepare import SPLITS, find_split, read_split
 
     g_of = table.set_index("user_id")["group"]
     counts = {}

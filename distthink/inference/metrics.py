@@ -19,7 +19,7 @@ Definitions (all scores in [0, 1]):
   it is reported as ``meteor_nosyn`` so nobody mistakes it for full METEOR. If nltk is not installed it is
   omitted (and ``summary["meteor_nosyn"]`` is None).
 - **Thinking**: ``well_formed_think`` = fraction of outputs whose think block is well formed (see
-  :mod:`distthink.generate_parse`); ``avg_think_len`` = mean reasoning length over outputs that have a think
+  :mod:`distthink.inference.parse`); ``avg_think_len`` = mean reasoning length over outputs that have a think
   block, in tokenizer tokens when a tokenizer is given, else in whitespace words (``think_len_unit`` says which).
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from distthink.errors import DataError
-from distthink.generate_parse import parse_generation
+from distthink.inference.parse import parse_generation
 
 if TYPE_CHECKING:
     import pandas
@@ -158,7 +158,7 @@ def evaluate_captions(generations: Sequence[dict | str], references: Sequence[st
     """Score generated captions against references.
 
     ``generations``: raw strings, or records. A record with an ``answer`` key is used as parsed (fields of
-    :class:`~distthink.generate_parse.ParsedGeneration`); otherwise its ``raw`` (or ``text``) is parsed.
+    :class:`~distthink.inference.parse.ParsedGeneration`); otherwise its ``raw`` (or ``text``) is parsed.
     ``tokenizer``: optional HF tokenizer, used only to measure thinking length in tokens.
     Writes the per-sample table to ``out_parquet`` when given.
     """
@@ -240,7 +240,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distthink.evals.captions --generations G.jsonl --references R.jsonl [--out X.parquet]``.
+    """``python -m distthink.inference.metrics --generations G.jsonl --references R.jsonl [--out X.parquet]``.
 
     Generations and references are matched by ``id`` when both files have one, else by line order.
     References use the ``description`` field (the demo set's), or ``--ref-field``.

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 from distthink.errors import ConfigError
+from distthink.resources import ASSETS, CHAT_TEMPLATES
 
-_PKG = Path(__file__).resolve().parent
-TEMPLATES = _PKG / "templates"
-BPE_PATH = _PKG / "assets" / "tiny_bpe.json"
+TEMPLATES = CHAT_TEMPLATES
+BPE_PATH = ASSETS / "tiny_bpe.json"
 BASE_VOCAB_SIZE = 1024
 
 # family -> (special tokens, non-special added tokens, role of each special, template file)

@@ -3,7 +3,7 @@
 The score of a sample is what the training objective reads: the raw logit of the first token of
 ``yes_text`` (or the Yes-No margin with ``rec_score: yes_minus_no``) at the row that predicts the answer's
 first token of a label-only prompt. Samples are split across ranks (rank r takes r, r+W, ...), gathered,
-de-duplicated and counted against the split size (distthink.recsys.metrics.distributed_metrics), so the
+de-duplicated and counted against the split size (distthink.tasks.thinkrec.metrics.distributed_metrics), so the
 figures are exact whatever the number of ranks.
 
 Loading. ``export`` is a stage's adapter export (``train.output_dir/export``). With a from-config base
@@ -83,7 +83,7 @@ class FusionGates:
         if table_path is None or not table_path.is_file():
             raise ConfigError(f"{molora_dir}: no user_groups.parquet in the export and no "
                               "task.options.molora.groups_dir. Fix: pass the stage's config")
-        from distthink.models.cf import load_cf_export
+        from distthink.tasks.thinkrec.cf import load_cf_export
 
         self.gate, self.k = gate, num_experts
         self.cf_user = load_cf_export(cf_export).user.detach().float().cpu()
@@ -137,7 +137,7 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     """Stage-3 export: scores of this rank's share under each gate mode (FUSION_MODES) and the entropy gate's
     branch per sample. gates_fn(user_ids) -> {mode: (S, K+1)} replaces the modes it names (tests)."""
     from distthink.models.molora import molora_gates
-    from distthink.recsys.task import ThinkRecTask
+    from distthink.tasks.thinkrec.task import ThinkRecTask
 
     task = ThinkRecTask(cfg)
     opt = task.opt
@@ -168,7 +168,7 @@ def evaluate_fusion(cfg: Config, split_path: str, *, export: str, limit: int | N
     import torch.distributed as dist
 
     from distthink.models.molora import BRANCH_NAMES
-    from distthink.recsys.metrics import compute_metrics, gather_predictions, write_scores
+    from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -195,7 +195,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
                 batch_size: int = 8, rank: int = 0, world: int = 1, projector: str | None = None):
     """Scores of this rank's share of the split. Returns (sample_index, users, items, labels, scores) arrays
     of this rank and the split size."""
-    from distthink.recsys.task import ThinkRecTask
+    from distthink.tasks.thinkrec.task import ThinkRecTask
 
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
@@ -213,9 +213,9 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
 
 def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
-    from distthink import train_data
+    from distthink.engine import batching as train_data
     from distthink.models.load import load_tokenizer
-    from distthink.recsys.task import build_samples
+    from distthink.tasks.thinkrec.task import build_samples
 
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
@@ -227,7 +227,7 @@ def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
 def _eval_wrapper(model, tokenizer, opt, source):
     """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
     is loaded from `source` (projector_source), never from the training-time options."""
-    from distthink.recsys.task import build_wrapper
+    from distthink.tasks.thinkrec.task import build_wrapper
 
     opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
@@ -247,7 +247,7 @@ def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: i
 
 def _batch_scores(wrapper, model, batch) -> torch.Tensor:
     from distthink.data.packing import model_inputs
-    from distthink.recsys.task import SCORE_KEYS
+    from distthink.tasks.thinkrec.task import SCORE_KEYS
 
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
     return wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
@@ -264,7 +264,7 @@ def projector_source(opt, export: str | None, projector: str | None) -> tuple[st
     """Where the projector of a prompt_mode=ids stage comes from, in this order: ``--projector`` (a checkpoint's
     model.safetensors), the ``--export`` folder's projector.safetensors (written by the stage's export), the
     config's ``init_projector`` when the stage kept it frozen. ("checkpoint" | option name, path)."""
-    from distthink.recsys.projector_export import PROJECTOR_META
+    from distthink.tasks.thinkrec.projector_export import PROJECTOR_META
 
     if projector:
         return "checkpoint", projector
@@ -282,8 +282,8 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
     if kind == "checkpoint":
         load_projector(wrapper, path)
         return
-    from distthink.models.cf import load_cf_export
-    from distthink.recsys.projector_export import load_projector_export
+    from distthink.tasks.thinkrec.cf import load_cf_export
+    from distthink.tasks.thinkrec.projector_export import load_projector_export
 
     # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
     load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
@@ -310,7 +310,7 @@ def evaluate(cfg: Config, split_path: str, *, export: str | None = None, limit: 
     """Collective when a process group is initialised. Metrics dict (same on every rank); rank 0 writes Parquet."""
     import torch.distributed as dist
 
-    from distthink.recsys.metrics import gather_predictions, compute_metrics, write_scores
+    from distthink.tasks.thinkrec.metrics import gather_predictions, compute_metrics, write_scores
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0

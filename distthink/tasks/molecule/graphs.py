@@ -1,7 +1,7 @@
 """SMILES -> torch_geometric graphs with RDKit.
 
 Features are small categorical integers (one column per feature), the form that an embedding-per-column
-encoder (see distthink/models/graph.py) or :func:`one_hot_atoms` / :func:`one_hot_bonds` consume.
+encoder (see distthink/tasks/molecule/encoder.py) or :func:`one_hot_atoms` / :func:`one_hot_bonds` consume.
 Every vocabulary ends with an "other" bucket, so an unusual atom never crashes the featuriser.
 
 Atom columns of ``data.x`` (N, 6) long, in this order (:data:`ATOM_FEATURES`):

@@ -9,7 +9,7 @@ Two traps this module exists for:
 
 DeepSpeed: `distributed.deepspeed` names a JSON file. Its "auto" values are filled here from the run
 config (micro-batch = 1 packed row, gradient accumulation, clipping, bf16) so that the engine's own
-gradient-accumulation scaling matches what distthink.objectives expects. The plugin is created before
+gradient-accumulation scaling matches what distthink.engine.lm_loss expects. The plugin is created before
 the model is built, so ZeRO-3 really partitions parameters at construction (`zero.Init`).
 """
 

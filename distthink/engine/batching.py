@@ -20,10 +20,10 @@ import numpy as np
 from distthink.config import Config
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.resources import ASSETS
 
 log = get_logger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = {"train": ASSETS / "sample_sft.jsonl", "eval": ASSETS / "sample_sft_eval.jsonl"}
 
 

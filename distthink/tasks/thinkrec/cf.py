@@ -93,7 +93,7 @@ def _right_align(lists: pd.Series, k: int, pad: int) -> tuple[np.ndarray, np.nda
 
 def load_split(path: str | Path, n_items: int, history_len: int = 10) -> CFSplit:
     """Read a prepared split file into a `CFSplit` (ids must be below the prepared n_users/n_items)."""
-    from distthink.recsys.prepare import read_split
+    from distthink.tasks.thinkrec.prepare import read_split
 
     df = read_split(path)
     for col in ("user_id", "item_id", "label", "history_item_ids", "history_labels"):
@@ -339,7 +339,7 @@ def last_train_history(train: CFSplit, n_users: int, history_len: int) -> CFSpli
 
 def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CFConfig) -> CFResult:
     """Pointwise BCE training with early stopping on valid AUC. Keeps the best epoch's weights."""
-    from distthink.recsys.metrics import auc
+    from distthink.tasks.thinkrec.metrics import auc
 
     cfg.validate()
     if len(train) == 0 or len(valid) == 0:

@@ -35,7 +35,7 @@ import torch
 from distthink.config import Config
 from distthink.errors import ConfigError, DataError, DistthinkError
 from distthink.logging_utils import get_logger
-from distthink.tasks import SFTTask
+from distthink.tasks.sft import SFTTask
 
 log = get_logger(__name__)
 
@@ -116,7 +116,7 @@ class MoleculeOptions:
 
 def build_prefix(graph_cfg: dict, llm_hidden: int):
     """GraphEncoder + projector from a graph config dict (MoleculeOptions.graph_config / graph_prefix.json)."""
-    from distthink.models.graph import GraphEncoder, GraphPrefix
+    from distthink.tasks.molecule.encoder import GraphEncoder, GraphPrefix
 
     enc = GraphEncoder(hidden=graph_cfg["hidden"], num_layers=graph_cfg["num_layers"], conv=graph_cfg["conv"],
                        pool=graph_cfg["pool"], dropout=graph_cfg["dropout"])
@@ -169,7 +169,7 @@ class MoleculeModel(torch.nn.Module):
 
     def forward(self, input_ids, targets, target_weights, segment_ids, graph_batch, graphs_per_sample,
                 **model_kwargs) -> torch.Tensor:
-        from distthink.objectives import weighted_ce_sum
+        from distthink.engine.lm_loss import weighted_ce_sum
 
         base = self._base[0]
         if not getattr(self, "_logged", False) and self.prefix is not None:
@@ -201,7 +201,7 @@ class MoleculeModel(torch.nn.Module):
 
 def read_records(spec: str, split: str, on_error: str) -> tuple[list[dict], str]:
     """Rows of a split: `bundled`/`demo` = the shipped demo set (eval -> its test split), else a JSONL file."""
-    from distthink.data.molecule_demo import load_demo
+    from distthink.tasks.molecule.demo import load_demo
 
     if spec in ("bundled", "demo"):
         return load_demo("train" if split == "train" else "test"), f"demo:{split}"
@@ -256,7 +256,7 @@ class MoleculeTask(SFTTask):
         return self.opts.think_mode != "off"
 
     def messages(self, rec: dict) -> list[dict]:
-        from distthink.data.molecule_demo import caption_messages
+        from distthink.tasks.molecule.demo import caption_messages
 
         msgs = caption_messages(rec["smiles"], rec["description"], use_graph=self.opts.use_graph,
                                 k=self.opts.graph_tokens, include_smiles=self.opts.include_smiles,
@@ -266,9 +266,9 @@ class MoleculeTask(SFTTask):
         return msgs
 
     def load_split(self, split: str, tokenizer) -> list:
-        from distthink import train_data
+        from distthink.engine import batching as train_data
         from distthink.data.chat import encode_chat
-        from distthink.data.molecules import smiles_to_graph
+        from distthink.tasks.molecule.graphs import smiles_to_graph
 
         spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
         records, source = read_records(spec, split, self.opts.on_error)
@@ -355,8 +355,8 @@ class MoleculeTask(SFTTask):
         does), whatever its own number of stale samples (0 included) and generation lengths."""
         if self.opts.think_mode != "free":
             return
-        from distthink.generate import GenerationOptions
-        from distthink.generate_parse import close_thoughts
+        from distthink.inference.generate import GenerationOptions
+        from distthink.inference.parse import close_thoughts
 
         stale = [i for i in indices if train_set[i].meta["free_step"] is None
                  or step - train_set[i].meta["free_step"] >= self.opts.regen_every]
@@ -364,7 +364,7 @@ class MoleculeTask(SFTTask):
         if synced:
             # Collective from here on: under ZeRO-3 every decoder forward all-gathers the partitioned weights,
             # so either all ranks generate (a rank with nothing stale runs a discarded dummy row) or none does.
-            from distthink import distributed as dist
+            from distthink.engine import distributed as dist
 
             if dist.all_reduce_sum([float(len(stale))], next(model.parameters()).device)[0] == 0:
                 return
@@ -414,7 +414,7 @@ class MoleculeTask(SFTTask):
                 and torch.distributed.get_world_size() > 1 and is_partitioned(model))
 
     def _free_generator(self, model):
-        from distthink.generate import Generator
+        from distthink.inference.generate import Generator
 
         if not hasattr(self, "_gen_tokenizer"):
             raise DistthinkError("free mode: the tokenizer is unknown (collator() was not called)")
@@ -425,7 +425,7 @@ class MoleculeTask(SFTTask):
         base = super().collator(tokenizer)
 
         def collate(samples: list) -> dict:
-            from distthink.models.graph import collate_sample_graphs
+            from distthink.tasks.molecule.encoder import collate_sample_graphs
 
             batch = base(samples)
             batch["graph_batch"], batch["graphs_per_sample"] = collate_sample_graphs(

@@ -1,6 +1,8 @@
-"""Fill in the SLURM templates of `slurm/` (what `distthink slurm render` prints).
+"""Fill in the SLURM templates (what `distthink slurm render` prints).
 
-The templates (`slurm/sft.sbatch`, `stage1..3.sbatch`) are ordinary sbatch scripts: `#SBATCH` lines,
+The templates ship as package data in distthink/launch/templates/ (the repository's `slurm/` holds the same files,
+checked equal by tests/launch/test_slurm_render.py, for `sbatch slurm/sft.sbatch` from a checkout). They
+(`sft.sbatch`, `stage1..3.sbatch`) are ordinary sbatch scripts: `#SBATCH` lines,
 `export DISTTHINK_*=...` defaults, then a launcher block that execs the shared `slurm/launch.sh`.
 `render()` sets the chosen `#SBATCH` options and settings, and inlines `launch.sh` in place of the
 launcher block, so the output is one self-contained script: what you read is exactly what runs, and
@@ -19,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distthink.errors import ConfigError
+from distthink.resources import SLURM_TEMPLATES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SLURM_DIR = REPO_ROOT / "slurm"
 TEMPLATES = ("sft", "stage1", "stage2", "stage3")
 LAUNCHER_BEGIN = "# >>> launcher"
 LAUNCHER_END = "# <<< launcher"
@@ -51,21 +52,20 @@ class RenderOptions:
 def template_path(template: str) -> Path:
     """A template name (sft, stage1, ...) or a path to an .sbatch file."""
     if template in TEMPLATES:
-        path = SLURM_DIR / f"{template}.sbatch"
+        path = SLURM_TEMPLATES / f"{template}.sbatch"
     else:
         path = Path(template)
         if not path.suffix and not path.exists():
             raise ConfigError(f"unknown SLURM template '{template}'. Fix: use one of {', '.join(TEMPLATES)} "
                               "or a path to an .sbatch file")
     if not path.is_file():
-        raise ConfigError(f"SLURM template {path} not found: the templates live in the slurm/ folder of the "
-                          "distthink checkout. Fix: run from an editable install of the repository, or pass "
+        raise ConfigError(f"SLURM template {path} not found. Fix: use one of {', '.join(TEMPLATES)} or pass "
                           "--template path/to/file.sbatch")
     return path
 
 
 def launcher_path() -> Path:
-    return SLURM_DIR / "launch.sh"
+    return SLURM_TEMPLATES / "launch.sh"
 
 
 def node_script(script: str) -> str:
@@ -143,8 +143,9 @@ def render(opts: RenderOptions) -> str:
             lines = _set_env(lines, name, value)
     # The rendered script runs from SLURM's spool dir; relative paths (the default accelerate config)
     # are looked up in the submit dir, then in this checkout (overridable: render here, run elsewhere).
-    lines = _set_env(lines, "DISTTHINK_ROOT", str(REPO_ROOT))
-    lines = [f'export DISTTHINK_ROOT="${{DISTTHINK_ROOT:-{REPO_ROOT}}}"' if line.startswith("export DISTTHINK_ROOT=")
+    render_dir = Path(__file__).resolve().parents[2]
+    lines = _set_env(lines, "DISTTHINK_ROOT", str(render_dir))
+    lines = [f'export DISTTHINK_ROOT="${{DISTTHINK_ROOT:-{render_dir}}}"' if line.startswith("export DISTTHINK_ROOT=")
              else line for line in lines]
     return _inline_launcher("\n".join(lines) + "\n")
 

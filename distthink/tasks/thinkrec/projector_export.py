@@ -16,7 +16,7 @@ from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 
 if TYPE_CHECKING:
-    from distthink.recsys.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.task import ThinkRecOptions
 
 log = get_logger(__name__)
 
@@ -100,7 +100,7 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     save_file(sd, str(out / PROJECTOR_FILE), metadata={"format": PROJECTOR_FORMAT})
     cf_path, fp = opt.cf_export, None
     if cf_path:
-        from distthink.models.cf import load_cf_export
+        from distthink.tasks.thinkrec.cf import load_cf_export
 
         fp = cf_fingerprint(load_cf_export(cf_path))
     meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": str(Path(cf_path).resolve()) if cf_path else None,

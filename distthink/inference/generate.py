@@ -13,7 +13,7 @@ budget: once a row has produced `max_think_tokens` tokens without `</think>`, `<
 `synced_gpus`); a rank with nothing to generate must still call `generate_ids` (with a dummy prompt).
 
 Records: `{id, reasoning, answer, raw, finish_reason, think_state, well_formed, num_new_tokens,
-think_budget_hit, num_think_tokens}` via `distthink.generate_parse.parse_generation`. `finish_reason` is `stop` (end of turn
+think_budget_hit, num_think_tokens}` via `distthink.inference.parse.parse_generation`. `finish_reason` is `stop` (end of turn
 generated) or `length` (max_new_tokens reached).
 """
 
@@ -112,7 +112,7 @@ class Generator:
                        opts: GenerationOptions) -> list[dict]:
         """One batch: messages (chats; a trailing assistant turn is dropped), graphs[i] = the Data graphs of
         prompt i's `<|graph|>` groups (or None for text-only). Returns one record per prompt."""
-        from distthink.generate_parse import parse_generation
+        from distthink.inference.parse import parse_generation
 
         tok = self.tokenizer
         prompts = [self.render(m, opts.enable_thinking) for m in messages]
@@ -142,7 +142,7 @@ class Generator:
         Returns (generated ids per row, right-padded with pad, as lists; the ThinkBudget or None)."""
         from transformers import LogitsProcessorList
 
-        from distthink.molecule_task import molecule_inputs_embeds
+        from distthink.tasks.molecule.task import molecule_inputs_embeds
 
         tok = self.tokenizer
         L = max(len(x) for x in ids)
@@ -151,7 +151,7 @@ class Generator:
         mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids], device=self.device)
         graph_batch, counts = None, None
         if graphs is not None and any(graphs):
-            from distthink.models.graph import collate_sample_graphs
+            from distthink.tasks.molecule.encoder import collate_sample_graphs
 
             if self.prefix is None:
                 raise ConfigError("graphs were given but the model has no graph encoder. Fix: generate from the "
@@ -208,7 +208,7 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
         return _from_checkpoint(p, device, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distthink.molecule_task import GRAPH_TOKEN, load_prefix
+    from distthink.tasks.molecule.task import GRAPH_TOKEN, load_prefix
 
     tokenizer = AutoTokenizer.from_pretrained(str(p))
     if (p / "adapter_config.json").exists():
@@ -240,7 +240,7 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
 
     from distthink.config import load_config
     from distthink.models.load import base_causal_lm, load_model, load_tokenizer
-    from distthink.tasks import make_task
+    from distthink.engine.task import make_task
 
     if not (p / "model.safetensors").exists():
         raise CheckpointError(f"{p} has no model.safetensors (a ZeRO-3 checkpoint keeps sharded weights). Fix: "

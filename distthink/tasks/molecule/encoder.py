@@ -1,6 +1,6 @@
 """Graph encoder for molecules (GIN / GINE from torch_geometric) and its bridge into the LLM.
 
-Input: a PyG ``Batch`` of graphs from :mod:`distthink.data.molecules` (categorical ``x`` (N, 6) and
+Input: a PyG ``Batch`` of graphs from :mod:`distthink.tasks.molecule.graphs` (categorical ``x`` (N, 6) and
 ``edge_attr`` (E, 3), ``batch`` (N,) graph index). Each categorical column has its own embedding table and the
 columns are summed (the OGB "AtomEncoder" idea), which is the same as a linear layer on the one-hot features
 but without materialising them.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 from torch import nn
 
-from distthink.data.molecules import ATOM_DIMS, BOND_DIMS
+from distthink.tasks.molecule.graphs import ATOM_DIMS, BOND_DIMS
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import PlaceholderSlot, Projector
 
@@ -48,7 +48,7 @@ class _CategoricalEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != len(self.dims):
             raise DistthinkError(f"expected categorical features (M, {len(self.dims)}), got {tuple(x.shape)}. "
-                                 "Fix: build graphs with distthink.data.molecules.smiles_to_graph.")
+                                 "Fix: build graphs with distthink.tasks.molecule.graphs.smiles_to_graph.")
         out = self.tables[0](x[:, 0])
         for i in range(1, len(self.tables)):
             out = out + self.tables[i](x[:, i])

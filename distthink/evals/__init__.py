@@ -1,1 +1,0 @@
-"""Offline evaluation metrics (captioning). Recommendation metrics live in distthink.recsys.metrics."""
