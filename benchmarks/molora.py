@@ -122,7 +122,8 @@ def main() -> None:
 
     from distthink.data.packing import collate_packed, model_inputs
     from distthink.data.types import EncodedSample
-    from distthink.models.molora import BRANCH_FUSE, apply_molora, branch_counts, entropy_gate, set_gates
+    from distthink.models.molora import apply_molora, set_gates
+    from distthink.tasks.thinkrec.gate import BRANCH_FUSE, branch_counts, entropy_gate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":

@@ -11,9 +11,13 @@ combination raises ConfigError naming the key and the fix, before any model is b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import importlib.util
+import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 
 from distthink.errors import ConfigError
+from distthink.optional import has_flash_attn
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -367,8 +373,6 @@ def validate(cfg: Config) -> None:
     if cfg.distributed.backend == "nccl" and cfg.train.device == "cpu":
         raise ConfigError("distributed.backend=nccl needs GPUs but train.device=cpu. Fix: use gloo or auto")
     if cfg.logging.wandb:
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logging.wandb=true but wandb is not installed. Fix: pip install wandb (and "
                               "`wandb login`), or set logging.wandb=false")
@@ -376,6 +380,156 @@ def validate(cfg: Config) -> None:
     if res not in ("auto", "never") and not Path(res).exists():
         raise ConfigError(f"checkpoint.resume='{res}' does not exist. Fix: use auto, never, or an existing "
                           "checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving "auto": the one place where a run's device, dtypes, attention and DeepSpeed settings are decided.
+# The trainer, the model loader, `rec eval` and `distthink plan` all ask here; none re-derives a rule.
+# ----------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere or newer
+# What "auto" becomes for DeepSpeed's bucket sizes. accelerate derives them from the hidden size; fixed
+# values are fine for any model, and `distthink plan` models exactly these.
+ZERO_AUTO_BUCKETS = {"reduce_bucket_size": 5e7, "stage3_prefetch_bucket_size": 5e7,
+                     "stage3_param_persistence_threshold": 1e4}
+
+
+def resolve_device(cfg: Config) -> str:
+    """train.device: `auto` = cuda when a GPU is visible, else cpu."""
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible. Fix: use train.device=cpu or auto")
+    return cfg.train.device
+
+
+def resolve_dtype(cfg: Config, device: str | None = None) -> torch.dtype:
+    """The compute dtype: model.dtype, `auto` = bfloat16 on GPU, float32 on CPU."""
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if (device or resolve_device(cfg)) == "cuda" else torch.float32
+    return DTYPES[cfg.model.dtype]
+
+
+def uses_autocast(cfg: Config) -> bool:
+    """Full fine-tuning in 16-bit without DeepSpeed: keep fp32 weights (the optimizer's master copy) and
+    run the forward under autocast. Pure bf16 AdamW would round small updates away. DeepSpeed keeps
+    its own fp32 master weights (so the model is loaded in 16-bit), and LoRA trains fp32 adapters on a
+    frozen 16-bit base (peft upcasts adapter weights), so neither needs it."""
+    return resolve_dtype(cfg) != torch.float32 and not cfg.distributed.deepspeed and not cfg.lora.enabled
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the model's parameters are loaded in (see uses_autocast)."""
+    return torch.float32 if uses_autocast(cfg) else resolve_dtype(cfg)
+
+
+def flash_attention_blocker(device: str, compute_dtype: torch.dtype, *, installed: bool | None = None,
+                            capability: tuple[int, int] | None = None) -> str | None:
+    """Why flash-attn 2 cannot run a model whose attention computes in `compute_dtype` on `device`, or None.
+
+    flash-attn runs on CUDA only, in fp16/bf16 only (an fp32 model, or one outside autocast, is refused by its
+    kernels), on sm >= 8.0. `installed` / `capability` default to this machine (tests pass them)."""
+    if device != "cuda":
+        return f"it runs on CUDA only (device={device})"
+    if compute_dtype not in (torch.float16, torch.bfloat16):
+        return f"it runs in float16/bfloat16 only (the model computes in {str(compute_dtype).replace('torch.', '')})"
+    if installed is None:
+        installed = has_flash_attn()
+    if not installed:
+        return "flash-attn is not installed (pip install 'distthink[gpu]')"
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    if tuple(capability) < FLASH_MIN_CAPABILITY:
+        return f"it needs an Ampere or newer GPU (sm >= 8.0; this one is sm {capability[0]}.{capability[1]})"
+    return None
+
+
+def resolve_attention(requested: str, device: str, compute_dtype: torch.dtype, *, installed: bool | None = None,
+                      capability: tuple[int, int] | None = None) -> str:
+    """model.attn_implementation: `auto` = flash_attention_2 where it can run (flash_attention_blocker), else sdpa.
+    An explicit flash_attention_2 that cannot run is a ConfigError before any model is built."""
+    blocker = flash_attention_blocker(device, compute_dtype, installed=installed, capability=capability)
+    if requested == "flash_attention_2" and blocker:
+        raise ConfigError(f"model.attn_implementation=flash_attention_2 cannot run here: {blocker}. "
+                          "Fix: use model.attn_implementation=auto (or sdpa)")
+    if requested != "auto":
+        return requested
+    return "sdpa" if blocker else "flash_attention_2"
+
+
+def world_size_of_launch() -> int:
+    """Processes of this launch (torchrun/accelerate set WORLD_SIZE; a plain `python` run is 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def read_deepspeed_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"distributed.deepspeed='{path}' cannot be read as JSON: {err}. Fix: point it at a "
+                          "valid JSON file such as ds_configs/zero3.json") from None
+
+
+def zero_stage_of(cfg: Config) -> int:
+    """The ZeRO stage the run's DeepSpeed JSON asks for (0 without DeepSpeed)."""
+    if not cfg.distributed.deepspeed:
+        return 0
+    return int(read_deepspeed_json(cfg.distributed.deepspeed).get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The run's DeepSpeed JSON with every "auto" filled and every batch field checked against the run.
+
+    One packed row per micro-batch (the token budget, not the row count, sizes a micro-batch), so
+    train_micro_batch_size_per_gpu = 1, gradient_accumulation_steps = batch.gradient_accumulation and
+    train_batch_size = world_size x GA. A number that disagrees, or a ZeRO stage that cannot do the offload the
+    JSON asks for, is a ConfigError with the fix, raised before any process group or model exists."""
+    path = cfg.distributed.deepspeed
+    ds = copy.deepcopy(read_deepspeed_json(path))
+    ga = cfg.batch.gradient_accumulation
+    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ga,
+            "train_batch_size": world_size * ga, "gradient_clipping": cfg.train.max_grad_norm}
+    meaning = {"train_micro_batch_size_per_gpu": "one packed row per micro-batch (batch.max_tokens sizes it)",
+               "gradient_accumulation_steps": f"batch.gradient_accumulation={ga}",
+               "train_batch_size": f"{world_size} rank(s) x 1 row x {ga} micro-batches (GA)",
+               "gradient_clipping": f"train.max_grad_norm={cfg.train.max_grad_norm}"}
+    for key, value in fill.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif key != "gradient_clipping" and given != value:
+            raise ConfigError(f"{path}: {key}={given} does not fit this run, which needs {value}: {meaning[key]}. "
+                              f"Fix: set \"{key}\": \"auto\" in the JSON (distthink fills it)")
+    dtype = resolve_dtype(cfg)
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+    zero = ds.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage}. Fix: use 0, 1, 2 or 3")
+    offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if offload_param and stage != 3:
+        raise ConfigError(f"{path}: offload_param needs ZeRO stage 3 (the JSON has stage {stage}): only stage 3 "
+                          "partitions the parameters it would offload. Fix: set zero_optimization.stage to 3, or "
+                          "remove offload_param")
+    if offload_opt and stage < 1:
+        raise ConfigError(f"{path}: offload_optimizer needs ZeRO stage 1-3 (the JSON has stage {stage}). Fix: set "
+                          "zero_optimization.stage to 2 or 3, or remove offload_optimizer")
+    for key, value in ZERO_AUTO_BUCKETS.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    # We build our own torch optimizer/scheduler (also with CPU offload): DeepSpeed must not insist on
+    # its C++ CPU-Adam, which needs a compiler at run time.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    for key in ("optimizer", "scheduler"):
+        if ds.get(key) == "auto":
+            ds.pop(key)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,8 +561,6 @@ def markdown_reference() -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     if "--markdown" in sys.argv:
         print(markdown_reference())
     else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import torch
+
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -19,8 +21,6 @@ def _installed(module: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -28,18 +28,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import resource
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from distthink.config import Config, load_config
+from distthink.config import Config, load_config, param_dtype, resolve_dtype
+from distthink.data.packing import attn_implementation_of, batch_to
+from distthink.engine import batching as train_data
+from distthink.engine import checkpoint as ckpt
+from distthink.engine import distributed as dist
+from distthink.engine.lm_loss import micro_batch_scale
+from distthink.engine.task import make_task
 from distthink.errors import DistthinkError
 from distthink.logging_utils import get_logger
+from distthink.models.load import load_model, load_tokenizer
+from distthink.zero3 import is_partitioned
 
 log = get_logger("distthink.train")
 
@@ -91,7 +102,7 @@ def tracker_config(cfg: Config) -> dict:
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: choose the headless backend before pyplot loads, without changing the caller's
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,14 +167,6 @@ class _InfGradient(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 def run(cfg: Config) -> int:
-    from distthink.engine import checkpoint as ckpt
-    from distthink.engine import distributed as dist
-    from distthink.engine import batching as train_data
-    from distthink.data.packing import attn_implementation_of, batch_to
-    from distthink.models.load import is_partitioned, load_model, load_tokenizer
-    from distthink.engine.lm_loss import micro_batch_scale
-    from distthink.engine.task import make_task
-
     t_start = time.time()
     out_dir = Path(cfg.train.output_dir)
     preempt = PreemptionFlag()
@@ -172,7 +175,7 @@ def run(cfg: Config) -> int:
     trackers = (["tensorboard"] if cfg.logging.tensorboard else []) + (["wandb"] if cfg.logging.wandb else [])
     accelerator = dist.setup(cfg, log_with=trackers, project_dir=str(out_dir))
     try:
-        device, dtype = accelerator.device, dist.param_dtype(cfg)
+        device, dtype = accelerator.device, param_dtype(cfg)
         world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.batch.gradient_accumulation
         is_main = accelerator.is_main_process
         use_ds = bool(cfg.distributed.deepspeed)
@@ -195,7 +198,7 @@ def run(cfg: Config) -> int:
         total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
         # 3. Model (partitioned at construction under ZeRO-3), loss wrapper, optimizer, schedule.
-        model = load_model(cfg, tokenizer, device.type, dtype)
+        model = load_model(cfg, tokenizer, device.type, dtype, compute_dtype=resolve_dtype(cfg, device.type))
         partitioned = is_partitioned(model)
         if use_ds and dist.zero_stage(accelerator) == 3:
             log.info("ZeRO-3: parameters partitioned at construction: %s", partitioned)
@@ -261,7 +264,6 @@ def run(cfg: Config) -> int:
             return sum(_ratio(s, n) for s, n in zip(reduced[:len(keys)], reduced[len(keys):]))
 
         # 5. The loop.
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
@@ -429,7 +431,6 @@ def _peak_memory_mb(device) -> float:
     """Peak memory of this process: GPU allocator peak on CUDA, max resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -478,8 +479,6 @@ def _leave(code: int) -> None:
     destructors at interpreter exit ("terminate called without an active exception", exit 134), even with every
     rank meeting at a barrier before teardown. By now the summary, checkpoint and export are written, trackers
     ended and the process group destroyed, so only the flushes below are left to do."""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,7 @@ import torch
 
 from distthink.errors import ConfigError, DataError, DistthinkError
 from distthink.ops import auto_chunk_size, fused_linear_cross_entropy, gathered_lm_head
-from distthink.ops.flce_reference import naive_fused_linear_cross_entropy
+from references.flce import naive_fused_linear_cross_entropy
 
 RTOL = 1e-5  # fp32, relative to the largest magnitude of the compared tensor
 

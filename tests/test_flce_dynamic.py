@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distthink.ops import fused_linear_cross_entropy
-from distthink.ops.flce_reference import (naive_fused_linear_cross_entropy, reference_dynamic_multiplier,
+from references.flce import (naive_fused_linear_cross_entropy, reference_dynamic_multiplier,
                                           reference_sample_ids)
 
 from test_flce import close, grads_of

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from distthink.ops import fused_linear_cross_entropy
-from distthink.ops.flce_reference import naive_fused_linear_cross_entropy
+from references.flce import naive_fused_linear_cross_entropy
 
 from test_flce import close, grads_of, make
 

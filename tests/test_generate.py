@@ -11,7 +11,9 @@ from distthink.cli import main as cli_main
 from distthink.tasks.molecule.demo import caption_messages, load_demo
 from distthink.tasks.molecule.graphs import smiles_to_graph
 from distthink.inference.generate import GenerationOptions, Generator, load_generator
-from distthink.tasks.molecule.task import GRAPH_TOKEN, build_prefix, save_prefix
+from distthink.tasks.molecule.model import (GraphPromptInputs, build_prefix, load_graph_prompt_inputs,
+                                            molecule_inputs_embeds, save_prefix)
+from distthink.tasks.molecule.options import GRAPH_TOKEN
 from distthink.models.inject import add_placeholder_tokens
 from distthink.models.tiny import tiny_qwen3_config, tiny_tokenizer
 
@@ -31,7 +33,7 @@ def gen():
     with torch.no_grad():  # a projector output large enough to move the logits of a random model
         prefix.projector.net[-1].weight.mul_(50)
     meta = {**GRAPH, "graph_token": GRAPH_TOKEN, "use_graph": True, "include_smiles": True, "think_mode": "off"}
-    return Generator(model.eval(), tok, prefix.eval(), gid, meta)
+    return Generator(model.eval(), tok, GraphPromptInputs(prefix.eval(), gid), meta)
 
 
 def _prompts(n, use_graph=True):
@@ -64,21 +66,20 @@ def test_inputs_embeds_path_equals_input_ids_generation(gen):
 def test_graph_vectors_condition_the_generation(gen):
     msgs, graphs = _prompts(1)
     opts = GenerationOptions(max_new_tokens=1)
-    from distthink.tasks.molecule.task import molecule_inputs_embeds
     ids = torch.tensor([gen.tokenizer.encode(gen.render(msgs[0], False), add_special_tokens=False)])
     from distthink.tasks.molecule.encoder import collate_sample_graphs
     b1, c1 = collate_sample_graphs([[smiles_to_graph("CCO")]])
     b2, c2 = collate_sample_graphs([[smiles_to_graph("c1ccccc1C(=O)O")]])
-    e1 = molecule_inputs_embeds(gen.model, gen.prefix, ids, gen.graph_token_id, b1, c1)
-    e2 = molecule_inputs_embeds(gen.model, gen.prefix, ids, gen.graph_token_id, b2, c2)
+    e1 = molecule_inputs_embeds(gen.model, gen.prompt_inputs.prefix, ids, gen.prompt_inputs.graph_token_id, b1, c1)
+    e2 = molecule_inputs_embeds(gen.model, gen.prompt_inputs.prefix, ids, gen.prompt_inputs.graph_token_id, b2, c2)
     diff = (e1 - e2).abs().sum(-1)[0]
-    assert set(torch.nonzero(diff).view(-1).tolist()) == set(torch.nonzero(ids[0] == gen.graph_token_id).view(-1).tolist())
+    assert set(torch.nonzero(diff).view(-1).tolist()) == set(torch.nonzero(ids[0] == gen.prompt_inputs.graph_token_id).view(-1).tolist())
     l1 = gen.model(inputs_embeds=e1).logits[0, -1]
     l2 = gen.model(inputs_embeds=e2).logits[0, -1]
     assert not torch.allclose(l1, l2)
     assert next(gen.generate(msgs, graphs, opts))["num_new_tokens"] == 1
     with pytest.raises(Exception, match="no graphs"):
-        molecule_inputs_embeds(gen.model, gen.prefix, ids, gen.graph_token_id, None, None)
+        molecule_inputs_embeds(gen.model, gen.prompt_inputs.prefix, ids, gen.prompt_inputs.graph_token_id, None, None)
 
 
 def test_think_budget_forces_close_tag(gen):
@@ -104,9 +105,10 @@ def test_cli_generate_and_eval_from_export(gen, tmp_path, capsys):
     export = tmp_path / "export"
     gen.model.save_pretrained(export)
     gen.tokenizer.save_pretrained(export)
-    save_prefix(gen.prefix, gen.meta, export)
-    loaded = load_generator(export)
-    assert loaded.graph_token_id == gen.graph_token_id and loaded.prefix is not None
+    save_prefix(gen.prompt_inputs.prefix, gen.meta, export)
+    loaded = load_generator(export, prompt_inputs_loader=load_graph_prompt_inputs)
+    assert loaded.prompt_inputs.graph_token_id == gen.prompt_inputs.graph_token_id
+    assert loaded.prompt_inputs.prefix is not None
     out = tmp_path / "g.jsonl"
     assert cli_main(["generate", str(export), "--input", "demo", "--out", str(out), "--limit", "3",
                      "--max-new-tokens", "6", "--no-progress"]) == 0

@@ -14,9 +14,11 @@ import yaml
 
 from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
-from distthink.config import load_config
+from distthink.config import load_config, param_dtype
 from distthink.errors import ConfigError, DataError
-from distthink.tasks.molecule.task import GRAPH_TOKEN, MoleculeOptions, MoleculeTask, load_prefix
+from distthink.tasks.molecule.model import load_prefix
+from distthink.tasks.molecule.options import GRAPH_TOKEN, MoleculeOptions
+from distthink.tasks.molecule.task import MoleculeTask
 from distthink.models.tiny import tiny_tokenizer
 
 BASE = {"model": {"from_config": "tiny-qwen3", "tokenizer": "tiny"}, "lora": {"enabled": False},
@@ -228,7 +230,7 @@ _UNEVEN_WORKER = """
 import faulthandler, json, sys
 import torch
 from distthink.engine import distributed as dist
-from distthink.config import load_config
+from distthink.config import load_config, param_dtype
 from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.models.load import load_model, load_tokenizer
 from distthink.engine.task import make_task
@@ -242,7 +244,7 @@ task = make_task(cfg)
 task.prepare_tokenizer(tok)
 train = task.load_split("train", tok)
 collate = task.collator(tok)
-model = load_model(cfg, tok, acc.device.type, dist.param_dtype(cfg))
+model = load_model(cfg, tok, acc.device.type, param_dtype(cfg))
 wrapped = task.wrap_model(model, tok)
 opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
 wrapped, opt = acc.prepare(wrapped, opt)

@@ -11,9 +11,9 @@ import torch
 from safetensors.numpy import save_file
 
 from distthink.errors import CheckpointError, ConfigError
-from distthink.models.molora import (EntropyGate, GateConfig, apply_molora, hard_gate, molora_gates,
-                                     molora_layers)
-from distthink.models.molora_export import adapter_names, export_molora, load_molora
+from distthink.models.molora import apply_molora, hard_gate, molora_gates, molora_layers
+from distthink.models.molora_export import adapter_names, export_molora
+from distthink.tasks.thinkrec.gate import EntropyGate, GateConfig, load_molora
 
 K = 3
 TARGETS = ["q_proj", "v_proj", "up_proj"]

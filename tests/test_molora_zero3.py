@@ -86,7 +86,7 @@ def test_two_rank_zero3_hard_routing_changes_only_used_experts(tmp_path):
     import torch.multiprocessing as mp
 
     from distthink.models.molora import hard_gate, molora_gates, molora_layers
-    from distthink.models.molora_export import load_molora
+    from distthink.tasks.thinkrec.gate import load_molora
 
     out = tmp_path / "molora"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)

@@ -9,7 +9,8 @@ import pytest
 
 from distthink.errors import DataError
 from distthink.tasks.thinkrec.interactions import load_interactions
-from distthink.tasks.thinkrec.synthetic_world import GENRES, generate, template_reason
+from distthink.tasks.thinkrec.prompts import template_reason
+from distthink.tasks.thinkrec.synthetic_world import GENRES, generate
 
 
 def _ml(tmp_path, ratings, movies):

@@ -35,6 +35,7 @@ def stage3(tmp_path_factory):
     from distthink.models.load import build_model_config, load_tokenizer
     from distthink.models.molora import apply_molora, molora_layers
     from distthink.models.molora_export import export_molora
+    from distthink.tasks.thinkrec.gate import EntropyGate
     from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
     from distthink.tasks.thinkrec.task import ThinkRecTask
 
@@ -60,7 +61,7 @@ def stage3(tmp_path_factory):
             a, b = layer.adapter_weights(e)
             layer.set_adapter_weights(e, a + 0.3 * torch.randn(a.shape, generator=g),
                                       b + 0.3 * torch.randn(b.shape, generator=g))
-    export_molora(model, export / "molora", groups_dir=groups)
+    export_molora(model, export / "molora", gate=EntropyGate.from_groups(groups), groups_dir=groups)
     return root, prep, cf, groups, export, overrides, cfg
 
 

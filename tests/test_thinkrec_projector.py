@@ -24,7 +24,8 @@ def world(tmp_path_factory):
     from distthink.models.inject import add_placeholder_tokens
     from distthink.tasks.thinkrec import prompts
     from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
-    from distthink.tasks.thinkrec.task import ThinkRecCollator, ThinkRecOptions, build_samples
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
+    from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples
     from distthink.models.tiny import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("proj")
@@ -54,7 +55,8 @@ def _base(tok):
 
 
 def _wrapper(world, base, **options):
-    from distthink.tasks.thinkrec.task import ThinkRecOptions, build_wrapper
+    from distthink.tasks.thinkrec.model import build_wrapper
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
 
     opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0]), "projector_mult": 2,
                                      **options})
@@ -63,7 +65,7 @@ def _wrapper(world, base, **options):
 
 def _logits_and_scores(wrapper, batch):
     from distthink.data.packing import model_inputs
-    from distthink.tasks.thinkrec.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.model import SIDE_KEYS
 
     kw = model_inputs(batch, "eager", with_input_ids=False)
     with torch.no_grad():
@@ -139,7 +141,7 @@ def test_mismatches_and_a_frozen_random_projector_are_config_errors(world, stage
 
 def test_eval_picks_the_projector_from_the_export(world, stage2_export):
     from distthink.tasks.thinkrec.evaluate import projector_source
-    from distthink.tasks.thinkrec.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
 
     out, _, _ = stage2_export
     opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0])})

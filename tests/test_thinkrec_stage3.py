@@ -75,7 +75,7 @@ def _opts(root, **extra):
 
 def test_options_validated_with_key_and_fix(world):
     from distthink.errors import ConfigError
-    from distthink.tasks.thinkrec.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
 
     root = world[0]
     good = {"groups_dir": str(root / "groups"), "init_adapter": str(root / "stage1")}
@@ -90,7 +90,8 @@ def test_options_validated_with_key_and_fix(world):
 
 def test_hard_gates_follow_the_group_table(world):
     from distthink.models.molora import apply_molora  # noqa: F401  (import check)
-    from distthink.tasks.thinkrec.task import MoLoRAStage, ThinkRecTask
+    from distthink.tasks.thinkrec.options import MoLoRAStage
+    from distthink.tasks.thinkrec.task import ThinkRecTask
 
     root, _, _, users, missing = world
     task = ThinkRecTask.__new__(ThinkRecTask)
@@ -152,7 +153,7 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
     peft = PeftModel.from_pretrained(base, str(mdir / "expert_1"))
     with torch.no_grad():
         ref = peft(input_ids=x).logits
-    from distthink.models.molora_export import load_molora
+    from distthink.tasks.thinkrec.gate import load_molora
 
     mol, gate = load_molora(AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float32), mdir)
     assert gate is not None and gate.num_experts == 3
@@ -183,7 +184,7 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
 
     from distthink.models.inject import Projector
     from distthink.tasks.thinkrec.projector_export import save_projector_export
-    from distthink.tasks.thinkrec.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"

@@ -14,7 +14,9 @@ from distthink.data.chat import ChatPolicy
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import Projector, add_placeholder_tokens
 from distthink.tasks.thinkrec import prompts
-from distthink.tasks.thinkrec.task import ThinkRecCollator, ThinkRecModel, ThinkRecOptions, build_samples, verdict_ids
+from distthink.tasks.thinkrec.model import ThinkRecModel
+from distthink.tasks.thinkrec.options import ThinkRecOptions
+from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples, verdict_ids
 
 torch.set_num_threads(1)
 
@@ -128,7 +130,7 @@ def test_mixed_batch_loss_equals_the_per_sample_sum_by_hand(tok, prepared, impl,
     yes, no = verdict_ids(tok, ThinkRecOptions())
     wrapper = ThinkRecModel(model, yes_id=yes, no_id=no, rec_score=score, impl=impl, chunk_size=64)
     batch = ThinkRecCollator(0)(batch_s)
-    from distthink.tasks.thinkrec.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.model import SIDE_KEYS
 
     with torch.no_grad():
         out = wrapper(**{k: batch[k] for k in SIDE_KEYS}, **model_inputs(batch, "eager", with_input_ids=False))
@@ -170,7 +172,7 @@ def _id_wrapper(tok, prepared, *, cf_seed: int, **kw):
 
 def test_changing_one_users_cf_vector_changes_only_that_prompt(tok, prepared):
     from distthink.data.packing import model_inputs
-    from distthink.tasks.thinkrec.task import SIDE_KEYS
+    from distthink.tasks.thinkrec.model import SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=0, impl="hf")
     ph = wrapper.ph_ids
@@ -215,7 +217,7 @@ def test_k_tokens_per_id_are_rendered(tok, prepared):
 
 
 def test_bce_definition():
-    from distthink.tasks.thinkrec.task import rec_bce_sum
+    from distthink.tasks.thinkrec.model import rec_bce_sum
 
     z, y, c = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9])
     want = 0.1 * math.log(1 + math.exp(-2.0)) + 0.9 * math.log(1 + math.exp(1.0))
@@ -249,7 +251,7 @@ def test_eval_score_path_equals_the_training_forward_and_the_full_logits(tok, pr
     """ThinkRecModel.score (eval: answer rows x 2 verdict rows, no vocabulary logits) against the training forward
     and against an independent read of the HF model's full logits at the answer rows."""
     from distthink.data.packing import model_inputs
-    from distthink.tasks.thinkrec.task import SCORE_KEYS, SIDE_KEYS
+    from distthink.tasks.thinkrec.model import SCORE_KEYS, SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=1, impl="fused", rec_score=rec_score)
     yes, no = wrapper.yes_id, wrapper.no_id

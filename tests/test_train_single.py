@@ -12,7 +12,8 @@ import torch
 
 from _train_utils import FAST, ROOT, command, env, launch, metrics, summary
 
-from distthink.engine.lm_loss import (LMLossModel, micro_batch_scale, naive_weighted_ce_sum, weighted_ce_sum)
+from distthink.engine.lm_loss import LMHeadLoss, micro_batch_scale, weighted_ce_sum
+from references.ce import naive_weighted_ce_sum
 
 
 def _tiny_model(seed=0):
@@ -51,7 +52,7 @@ def test_loss_wrapper_fused_equals_hf_and_reference():
     losses, grads = {}, {}
     for impl in ("hf", "fused"):
         model.zero_grad()
-        wrapper = LMLossModel(model, impl=impl, chunk_size=7)
+        wrapper = LMHeadLoss(model, impl=impl, chunk_size=7)
         assert wrapper.impl == impl
         loss = wrapper(targets=batch["targets"], target_weights=batch["target_weights"], **kw)
         loss.backward()
@@ -103,7 +104,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_loss_and_grads():
         cfg = load_config(None, ["lora.enabled=true", "lora.dropout=0.0", f"model.gradient_checkpointing={gc}"])
         model = load_model(cfg, load_tokenizer(cfg), "cpu", torch.float32)
         model.train()
-        loss = LMLossModel(model, impl="fused")(targets=batch["targets"], target_weights=batch["target_weights"],
+        loss = LMHeadLoss(model, impl="fused")(targets=batch["targets"], target_weights=batch["target_weights"],
                                                 **model_inputs(batch, "sdpa"))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

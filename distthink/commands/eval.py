@@ -18,8 +18,8 @@ def register(subparsers) -> None:
 
 
 def _captions(args) -> int:
-    from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES
     from distthink.inference.metrics import main
+    from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES
 
     refs = str(ASSET_DIR / SPLIT_FILES["test"]) if args.references == "demo" else args.references
     argv = ["--generations", args.generations, "--references", refs, "--ref-field", args.ref_field]

@@ -39,8 +39,8 @@ def load_rows(spec: str) -> tuple[list[dict], str]:
     from pathlib import Path
 
     from distthink.data.jsonl import iter_jsonl
-    from distthink.tasks.molecule.demo import load_demo
     from distthink.errors import DataError
+    from distthink.tasks.molecule.demo import load_demo
 
     if spec == "demo":
         return load_demo("test"), "demo:test"
@@ -79,11 +79,12 @@ def _run(args) -> int:
     import sys
 
     from distthink.inference.generate import GenerationOptions, load_generator, write_jsonl
+    from distthink.tasks.molecule.model import load_graph_prompt_inputs
 
     rows, _ = load_rows(args.input)
     if args.limit:
         rows = rows[:args.limit]
-    gen = load_generator(args.model, device=args.device)
+    gen = load_generator(args.model, device=args.device, prompt_inputs_loader=load_graph_prompt_inputs)
     thinking = args.thinking if args.thinking is not None else gen.meta.get("think_mode", "off") != "off"
     msgs, graphs = build_prompts(rows, gen.meta, thinking)
     opts = GenerationOptions(enable_thinking=thinking, do_sample=args.sample, temperature=args.temperature,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError
 from distthink.resources import ASSETS
 
@@ -124,7 +125,7 @@ def policy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ rendering
 
 def _kind(label: int, weight: float) -> str:
-    if label == -100:
+    if label == IGNORE_INDEX:
         return CONTEXT
     return LEARNED if weight == 1.0 else WEIGHTED
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 from typing import Any
 
+from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError
 
 _EPILOG = """\
@@ -86,8 +86,8 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
     chat policy, scale the mean length by the record count. Returns {} when it cannot be estimated."""
     from itertools import islice
 
-    from distthink.engine import batching as train_data
     from distthink.data.dataset import build_sft_dataset, iter_records
+    from distthink.engine import batching as train_data
     from distthink.models.load import load_tokenizer
 
     path = train_data.resolve_path(cfg.data.train, "train")
@@ -107,7 +107,7 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
     else:
         n_records = sum(1 for _ in iter_records(str(path)))
     tokens = sum(len(s) for s in samples)
-    learned = sum(sum(1 for x in s.labels if x != -100) for s in samples)
+    learned = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in samples)
     kept = len(samples) / max(1, len(records))
     return {"path": str(path), "records": n_records, "sampled": len(records), "encoded": len(samples),
             "mean_tokens": tokens / len(samples), "learned_fraction": learned / max(1, tokens),
@@ -116,8 +116,15 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
 
 def build_plan(args) -> dict[str, Any]:
     from distthink.config import load_config
-    from distthink.launch.plan import (CANDIDATES, DESCRIPTIONS, GPUS, estimate, model_shape_from_config, recommend,
-                                run_shape_from_config)
+    from distthink.launch.plan import (
+        CANDIDATES,
+        DESCRIPTIONS,
+        GPUS,
+        estimate,
+        model_shape_from_config,
+        recommend,
+        run_shape_from_config,
+    )
 
     cfg = load_config(args.config, args.overrides)
     if args.nodes < 1 or args.gpus_per_node < 1:

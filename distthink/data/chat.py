@@ -33,17 +33,22 @@ from typing import Any
 
 import numpy as np
 
-from distthink.data.schema import (DEFAULT_INSTRUCTION_FORMAT, Sample, validate_messages)
-from distthink.data.thinking import (THINK_CLOSE, THINK_OPEN, THINK_POLICIES, apply_think_policy,
-                                     split_inline_think, template_messages)
-from distthink.data.types import EncodedSample
+from distthink.data.schema import DEFAULT_INSTRUCTION_FORMAT, Sample, validate_messages
+from distthink.data.thinking import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    THINK_POLICIES,
+    apply_think_policy,
+    split_inline_think,
+    template_messages,
+)
+from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
 
 TRUNCATION_POLICIES = ("truncate_right", "truncate_left", "drop")
-IGNORE_INDEX = -100
 
 
 @dataclass

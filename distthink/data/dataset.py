@@ -9,20 +9,23 @@ with the first few error messages kept verbatim.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import datasets
+import pyarrow.parquet as pq
+
 from distthink.data.chat import ChatPolicy, encode_sample
 from distthink.data.schema import validate_record
-from distthink.data.types import EncodedSample
+from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.errors import ConfigError, DataError, LabelAuditError
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -105,8 +108,6 @@ def iter_records(path_or_records: Any) -> Iterator[tuple[str, int, Any]]:
         for i, rec in enumerate(data, start=1):
             yield src, i, rec
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         for i, rec in enumerate(table.to_pylist(), start=1):
             yield src, i, _from_arrow(rec)
@@ -116,8 +117,6 @@ def iter_records(path_or_records: Any) -> Iterator[tuple[str, int, Any]]:
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        import gzip
-
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
@@ -136,11 +135,6 @@ def _looks_like_hub_or_builder(src: str) -> bool:
 
 
 def _iter_datasets(src: str):
-    try:
-        import datasets  # optional
-    except ImportError:
-        raise ConfigError(f"cannot read '{src}': not a .jsonl/.json/.parquet file and the optional 'datasets' "
-                          f"package is not installed. Fix: convert to JSONL or `pip install datasets`") from None
     path = Path(src)
     builders = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
     if path.is_file() and path.suffix.lower() in builders:

@@ -35,13 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from distthink.data.types import EncodedSample
+from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
 
-IGNORE_INDEX = -100
 
 # --------------------------------------------------------------------------------------------------
 # Collator

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The label / target of a token that is not learned (the value PyTorch's cross-entropy skips by default).
+IGNORE_INDEX = -100
+
 
 @dataclass
 class EncodedSample:
@@ -37,7 +40,7 @@ class EncodedSample:
 
     @property
     def num_learned(self) -> int:
-        return sum(1 for lab in self.labels if lab != -100)
+        return sum(1 for lab in self.labels if lab != IGNORE_INDEX)
 
     @property
     def weight_sum(self) -> float:

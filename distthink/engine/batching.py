@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from distthink.config import Config
+from distthink.data.chat import ChatPolicy
+from distthink.data.dataset import build_sft_dataset
+from distthink.data.packing import PackedBatchSampler, PackingCollator
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.resources import ASSETS
@@ -36,8 +39,6 @@ def resolve_path(spec: str, split: str) -> Path:
 
 def chat_policy(cfg: Config):
     """distthink.data.chat.ChatPolicy from data.policy (+ data.max_length), refusing unknown keys."""
-    from distthink.data.chat import ChatPolicy
-
     kwargs = dict(cfg.data.policy)
     kwargs.setdefault("max_length", cfg.data.max_length)
     try:
@@ -50,8 +51,6 @@ def chat_policy(cfg: Config):
 
 def load_split(cfg: Config, split: str, tokenizer, policy) -> list:
     """Encode one split into EncodedSamples; malformed rows are skipped and counted (or raise)."""
-    from distthink.data.dataset import build_sft_dataset
-
     spec = cfg.data.train if split == "train" else cfg.data.eval
     path = resolve_path(spec, split)
     samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error)
@@ -97,13 +96,10 @@ def make_sampler(cfg: Config, samples: list, *, world: int, rank: int, grad_accu
     if cfg.batch.mode == "samples":
         return SampleCountBatchSampler(len(samples), cfg.batch.samples_per_micro, num_replicas=world, rank=rank,
                                        seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
-    from distthink.data.packing import PackedBatchSampler
 
     return PackedBatchSampler([len(s) for s in samples], cfg.batch.max_tokens, num_replicas=world, rank=rank,
                               seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
 
 
 def make_collator(cfg: Config, tokenizer):
-    from distthink.data.packing import PackingCollator
-
     return PackingCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=cfg.batch.packing)

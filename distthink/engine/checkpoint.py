@@ -25,11 +25,16 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from peft import PeftConfig, PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distthink.engine.distributed import barrier
 from distthink.errors import CheckpointError
 from distthink.logging_utils import get_logger
+from distthink.models.load import base_causal_lm
 
 log = get_logger(__name__)
 
@@ -153,16 +158,12 @@ def export_model(accelerator, wrapped, tokenizer, out_dir: str | os.PathLike, ki
     `stage3_gather_16bit_weights_on_model_save: true`, set in ds_configs/zero3*.json), so the files
     are complete, never the empty local shards.
     """
-    import torch
-
-    from distthink.models.load import base_causal_lm
-
     out = Path(out_dir)
     full_sd = accelerator.get_state_dict(wrapped)  # every rank participates; rank 0 gets the tensors
     if not accelerator.is_main_process:
         barrier()
         return None
-    inner = accelerator.unwrap_model(wrapped).model  # LMLossModel.model: PeftModel or the causal LM
+    inner = accelerator.unwrap_model(wrapped).model  # LMHeadLoss.model: PeftModel or the causal LM
     prefix = "model."
     sd = {k[len(prefix):]: v for k, v in full_sd.items() if k.startswith(prefix)}
     tmp = out.with_name(f".tmp-{out.name}")
@@ -195,7 +196,6 @@ def merge_lora_state_dict(sd: dict, lora_cfg) -> dict:
     model's state dict with W + (alpha / r) * B @ A merged, computed in fp32 on the gathered tensors
     (works the same under ZeRO-3, where the adapter-wrapped model cannot merge its partitioned layers).
     """
-    import torch
 
     if getattr(lora_cfg, "use_rslora", False) or getattr(lora_cfg, "use_dora", False):
         raise CheckpointError("merging rsLoRA/DoRA adapters is not supported. Fix: checkpoint.export=adapter")
@@ -216,8 +216,6 @@ def merge_lora_state_dict(sd: dict, lora_cfg) -> dict:
 
 
 def _check_nonempty(path: Path) -> None:
-    from safetensors import safe_open
-
     files = list(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"export {path} has no .safetensors file")
@@ -275,19 +273,13 @@ def check_path(path: str | os.PathLike, generate: bool = True) -> list[str]:
 
 
 def check_export(p: Path, generate: bool = True) -> list[str]:
-    import torch
-
     problems: list[str] = []
     try:
         _check_nonempty(p)
     except CheckpointError as err:
         return [str(err)]
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if (p / "adapter_config.json").exists():
-            from peft import PeftConfig, PeftModel
-
             pcfg = PeftConfig.from_pretrained(str(p))
             base_path = pcfg.base_model_name_or_path
             base_dir = Path(base_path) if base_path else None

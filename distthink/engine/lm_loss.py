@@ -19,6 +19,12 @@ backward scales by 1 / grad_accum; gradient all-reduce averages over ranks) divi
 world_size * grad_accum. The accumulated, averaged gradient is then d/dθ [sum_m sum_t w_t CE_t / W]:
 the gradient of L. tests/test_train_normalisation.py checks that 1x4x1, 1x1x4 and 2x1x2
 (ranks x samples per micro-batch x GA) give the same loss and grad-norm trajectories.
+
+The LM-head loss part. `LMHeadLoss` is the one module every task's wrapper is built on (torchtune's "the loss
+adapts to the model's output", not one copy per wrapper). It owns what touches the head: the fused vs hf
+branch, the head's registration as an external ZeRO-3 parameter, the dtype cast, per-token weights, the
+dynamic "after </think>" weights and the selected-logit statistics (ThinkRec's Yes/No logits). A task adds
+its inputs (injected embeddings) and its other objectives around `head_loss`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distthink.logging_utils import get_logger
-
-log = get_logger(__name__)
-IGNORE_INDEX = -100
+from distthink.data.types import IGNORE_INDEX
+from distthink.errors import ConfigError
+from distthink.models.load import base_causal_lm
+from distthink.ops import fused_linear_cross_entropy
+from distthink.zero3 import register_external_parameter
 
 
 def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -41,14 +48,6 @@ def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     return (ce * weights.float()).sum()
 
 
-def naive_weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Independent reference for tests: explicit log-softmax gather, token by token semantics."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    keep = targets != IGNORE_INDEX
-    picked = logp[keep].gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-    return (-(picked) * weights[keep].double()).sum().float()
-
-
 def micro_batch_scale(global_weight_sum: float, world_size: int, grad_accum: int) -> float:
     """Factor applied to a micro-batch's weighted loss sum before backward (see module docstring)."""
     if global_weight_sum <= 0:
@@ -56,58 +55,62 @@ def micro_batch_scale(global_weight_sum: float, world_size: int, grad_accum: int
     return world_size * grad_accum / global_weight_sum
 
 
-def fused_op_available() -> bool:
-    try:
-        from distthink.ops import fused_linear_cross_entropy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class LMHeadLoss(torch.nn.Module):
+    """A causal LM whose forward returns the weighted LM loss *sum* of a packed micro-batch (see module doc).
 
+    This is the module handed to accelerate/DeepSpeed (task wrappers subclass it and add their side modules as
+    submodules). Computing the loss inside the engine's forward matters under ZeRO-3: the fused loss reads
+    `lm_head.weight` directly (it never calls lm_head), so the weight is registered as an external parameter
+    of this module and DeepSpeed gathers it for the duration of this forward and reduces its gradient.
 
-class LMLossModel(torch.nn.Module):
-    """Wraps a causal LM so that its forward returns the weighted loss *sum* of a packed micro-batch.
-
-    This is the module handed to accelerate/DeepSpeed. Computing the loss inside the engine's forward
-    matters under ZeRO-3: the fused loss reads `lm_head.weight` directly (it never calls lm_head), so
-    the weight is registered as an external parameter of this module and DeepSpeed gathers it for the
-    duration of this forward (and reduces its gradient) like any parameter of the module.
-
-    impl="fused": decoder hidden states (N, H) x lm_head (V, H) through distthink.ops'
-    fused linear cross-entropy (no (N, V) logits tensor). impl="hf": full logits, then weighted_ce_sum.
+    impl="fused": decoder hidden states (N, H) x lm_head (V, H) through distthink.ops' fused linear
+    cross-entropy (no (N, V) logits tensor). impl="hf": full logits, then weighted_ce_sum (the reference).
+    dynamic ("argmax" | "soft") with think_end_id: the fused op's dynamic weights (a sample's tokens count only
+    after the position where the model itself predicts `</think>`); needs impl="fused".
     """
 
-    def __init__(self, model: torch.nn.Module, impl: str = "fused", chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, *, impl: str = "fused", chunk_size: int = 1024,
+                 dynamic: str | None = None, think_end_id: int | None = None):
         super().__init__()
+        if impl not in ("fused", "hf"):
+            raise ConfigError(f"loss.impl={impl!r}. Fix: use fused or hf")
+        if dynamic and impl != "fused":
+            raise ConfigError("dynamic think weights need the fused loss. Fix: set loss.impl=fused")
         self.model = model
-        if impl == "fused" and not fused_op_available():
-            log.info("loss.impl=fused requested but distthink.ops.fused_linear_cross_entropy is not available: "
-                     "using logits + weighted cross-entropy (loss.impl=hf)")
-            impl = "hf"
-        self.impl = impl
-        self.chunk_size = chunk_size
-        from distthink.models.load import base_causal_lm, is_partitioned
+        self.impl, self.chunk_size = impl, chunk_size
+        self.dynamic, self.think_end_id = dynamic, think_end_id
+        self._base = [base_causal_lm(model)]  # a list: not registered as a second submodule
+        if impl == "fused":
+            register_external_parameter(self, self._base[0].lm_head.weight)
 
-        self._base = [base_causal_lm(model)]  # list: not registered as a second submodule
-        if impl == "fused" and is_partitioned(model):
-            import deepspeed
+    @property
+    def base(self) -> torch.nn.Module:
+        """The plain transformers causal LM (inside PEFT), whose `.model` is the decoder and `.lm_head` the head."""
+        return self._base[0]
 
-            deepspeed.zero.register_external_parameter(self, self._base[0].lm_head.weight)
+    def hidden_states(self, **model_kwargs) -> torch.Tensor:
+        """(B, T, H) final hidden states of the decoder (LoRA layers included: PEFT injects them in place)."""
+        return self.base.model(**model_kwargs).last_hidden_state
 
-    def forward(self, targets: torch.Tensor, target_weights: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """targets/target_weights (B, T); model_kwargs from distthink.data.packing.model_inputs.
+    def head_loss(self, targets: torch.Tensor, target_weights: torch.Tensor, model_kwargs: dict, *,
+                  segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  stats_token_ids: list[int] | None = None, stats_rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the decoder on `model_kwargs` and return (weighted loss sum, selected logits).
 
-        Returns the 0-d float32 weighted loss sum of the micro-batch (not normalised).
+        targets/target_weights (B, T); segment_ids/position_ids (B, T) for the dynamic weights; with
+        stats_token_ids (k ids) and stats_rows (R,) flat row indices, also the (R, k) float32 logits of those
+        tokens at those rows (else None). The loss is a 0-d float32 tensor, not normalised.
         """
-        flat_t = targets.reshape(-1)
-        flat_w = target_weights.reshape(-1)
+        flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1)
+        want_stats = stats_token_ids is not None
         if self.impl == "hf":
             logits = self.model(**model_kwargs).logits
-            return weighted_ce_sum(logits.reshape(-1, logits.shape[-1]), flat_t, flat_w)
-        from distthink.ops import fused_linear_cross_entropy
-
-        base = self._base[0]
-        hidden = base.model(**model_kwargs).last_hidden_state
-        head = base.lm_head
+            flat = logits.reshape(-1, logits.shape[-1])
+            selected = flat.index_select(0, stats_rows)[:, list(stats_token_ids)].float() if want_stats else None
+            return weighted_ce_sum(flat, flat_t, flat_w), selected
+        hidden = self.hidden_states(**model_kwargs)
+        head = self.base.lm_head
         # Under autocast (fp32 master weights, 16-bit compute) the head follows the hidden dtype: a
         # differentiable cast, so gradients still reach the fp32 weights.
         weight, bias = head.weight, head.bias
@@ -115,6 +118,23 @@ class LMLossModel(torch.nn.Module):
             weight = weight.to(hidden.dtype)
         if bias is not None and bias.dtype != hidden.dtype:
             bias = bias.to(hidden.dtype)
-        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t,
-                                          bias=bias, token_weights=flat_w, reduction="sum",
-                                          chunk_size=self.chunk_size)
+        extra = {}
+        if self.dynamic:
+            extra = dict(dynamic=self.dynamic, think_end_id=self.think_end_id,
+                         segment_ids=segment_ids.reshape(-1), position_ids=position_ids.reshape(-1))
+        if want_stats:
+            extra.update(return_stats=True, stats_token_ids=list(stats_token_ids), stats_rows=stats_rows)
+        out = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t, bias=bias,
+                                         token_weights=flat_w, reduction="sum", chunk_size=self.chunk_size, **extra)
+        if want_stats:
+            loss, stats = out
+            return loss, stats.selected_logits
+        return out, None
+
+    def forward(self, targets: torch.Tensor, target_weights: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """targets/target_weights (B, T); model_kwargs from distthink.models.attention.model_inputs.
+
+        Returns the 0-d float32 weighted loss sum of the micro-batch (not normalised).
+        """
+        loss, _ = self.head_loss(targets, target_weights, model_kwargs)
+        return loss

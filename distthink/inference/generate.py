@@ -1,11 +1,13 @@
 """Batched generation with thinking, and the reasoning / answer split (`distthink generate`, free mode, evals).
 
-    gen = load_generator("runs/mol/export")            # an export dir, or a checkpoint dir (non-ZeRO-3)
-    records = gen.generate(messages_list, graphs_list, GenerationOptions(enable_thinking=True, max_think_tokens=64))
+    gen = load_generator("runs/sft/export")            # an export dir, or a checkpoint dir (non-ZeRO-3)
+    records = gen.generate(messages_list, opts=GenerationOptions(enable_thinking=True, max_think_tokens=64))
 
 Every prompt goes through the model's own chat template (`enable_thinking` on/off) and is left-padded;
-the decoder always runs from `inputs_embeds` (token embeddings with graph vectors injected at `<|graph|>`
-tokens when the model has a graph encoder), so text-only and graph-conditioned prompts take one path.
+the decoder always runs from `inputs_embeds`. A task whose prompts carry more than text (molecule graphs at
+`<|graph|>` tokens, CF vectors at id tokens) gives the generator a `PromptInputs` hook that builds those
+embeddings from each prompt's side inputs (`extras`); without one they are the plain token embeddings. This
+module knows no task: the hook is the task's.
 Greedy or sampled decoding (temperature, top_p, top_k) through transformers' `generate`, with a thinking
 budget: once a row has produced `max_think_tokens` tokens without `</think>`, `</think>` is forced next
 (the row's thought then counts as closed by the budget: `think_budget_hit`). Under ZeRO-3 with several ranks
@@ -22,12 +24,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
+from distthink.config import load_config
+from distthink.engine.task import make_task
 from distthink.errors import CheckpointError, ConfigError
+from distthink.inference.parse import parse_generation
 from distthink.logging_utils import get_logger
+from distthink.models.load import base_causal_lm, load_model, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -84,12 +94,36 @@ class ThinkBudget:
         return scores
 
 
-class Generator:
-    """A causal LM (+ optional graph prefix) and its tokenizer, ready for batched generation."""
+class PromptInputs(Protocol):
+    """A task's hook that turns a batch of prompts plus their side inputs into decoder input embeddings."""
 
-    def __init__(self, model, tokenizer, prefix=None, graph_token_id: int | None = None, meta: dict | None = None):
-        self.model, self.tokenizer, self.prefix = model, tokenizer, prefix
-        self.graph_token_id = graph_token_id
+    def inputs_embeds(self, model, input_ids: torch.Tensor, extras: Sequence[Any] | None) -> torch.Tensor:
+        """(B, T) left-padded prompt ids + one side input per prompt (or None) -> (B, T, H) embeddings."""
+        ...
+
+
+class TokenEmbeddings:
+    """The default hook: the model's own token embeddings; prompts with side inputs are refused."""
+
+    def inputs_embeds(self, model, input_ids: torch.Tensor, extras: Sequence[Any] | None) -> torch.Tensor:
+        if extras is not None and any(extras):
+            raise ConfigError("the prompts carry side inputs (e.g. molecule graphs) but the generator has no hook "
+                              "for them. Fix: generate from the export of a run of that task (for molecules: "
+                              "graph_prefix.* next to the model)")
+        return model.get_input_embeddings()(input_ids)
+
+
+#: (export_dir, model, tokenizer, device, dtype) -> (PromptInputs or None, prompt settings): a task's loader of
+#: the hook stored in its export (the molecule task's graph encoder), given to `load_generator`.
+PromptInputsLoader = Callable[[Path, Any, Any, str, torch.dtype], "tuple[PromptInputs | None, dict]"]
+
+
+class Generator:
+    """A causal LM and its tokenizer, ready for batched generation; `prompt_inputs` builds task inputs."""
+
+    def __init__(self, model, tokenizer, prompt_inputs: PromptInputs | None = None, meta: dict | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_inputs = prompt_inputs or TokenEmbeddings()
         self.meta = meta or {}
         self.stop_ids = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                      tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.pad_token_id}
@@ -108,16 +142,14 @@ class Generator:
                                                   enable_thinking=enable_thinking)
 
     @torch.no_grad()
-    def generate_batch(self, messages: Sequence[list[dict]], graphs: Sequence[list] | None,
+    def generate_batch(self, messages: Sequence[list[dict]], extras: Sequence[Any] | None,
                        opts: GenerationOptions) -> list[dict]:
-        """One batch: messages (chats; a trailing assistant turn is dropped), graphs[i] = the Data graphs of
-        prompt i's `<|graph|>` groups (or None for text-only). Returns one record per prompt."""
-        from distthink.inference.parse import parse_generation
-
+        """One batch: messages (chats; a trailing assistant turn is dropped), extras[i] = prompt i's side inputs
+        for the prompt-inputs hook (e.g. the graphs of its `<|graph|>` groups), or None. One record per prompt."""
         tok = self.tokenizer
         prompts = [self.render(m, opts.enable_thinking) for m in messages]
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        out, budget = self.generate_ids(ids, graphs, opts)
+        out, budget = self.generate_ids(ids, extras, opts)
         records = []
         for row, prompt in enumerate(prompts):
             gen = out[row]
@@ -136,29 +168,16 @@ class Generator:
         return records
 
     @torch.no_grad()
-    def generate_ids(self, ids: Sequence[list[int]], graphs: Sequence[list] | None, opts: GenerationOptions):
-        """Token-level batch generation: ids[i] = prompt token ids (left-padded here), graphs[i] = its graphs.
+    def generate_ids(self, ids: Sequence[list[int]], extras: Sequence[Any] | None, opts: GenerationOptions):
+        """Token-level batch generation: ids[i] = prompt token ids (left-padded here), extras[i] = its side inputs.
 
         Returns (generated ids per row, right-padded with pad, as lists; the ThinkBudget or None)."""
-        from transformers import LogitsProcessorList
-
-        from distthink.tasks.molecule.task import molecule_inputs_embeds
-
         tok = self.tokenizer
         L = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
         input_ids = torch.tensor([[pad] * (L - len(x)) + list(x) for x in ids], device=self.device)
         mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        graph_batch, counts = None, None
-        if graphs is not None and any(graphs):
-            from distthink.tasks.molecule.encoder import collate_sample_graphs
-
-            if self.prefix is None:
-                raise ConfigError("graphs were given but the model has no graph encoder. Fix: generate from the "
-                                  "export of a molecule run (graph_prefix.* next to the model)")
-            graph_batch, counts = collate_sample_graphs([g or [] for g in graphs])
-            counts = counts.to(self.device)
-        embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch, counts)
+        embeds = self.prompt_inputs.inputs_embeds(self.model, input_ids, extras)
         procs, budget = [], None
         if opts.enable_thinking and opts.max_think_tokens is not None and self.think_end_id is not None:
             budget = ThinkBudget(self.think_end_id, opts.max_think_tokens)
@@ -174,12 +193,10 @@ class Generator:
         out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         return out.tolist(), budget
 
-    def generate(self, messages: Sequence[list[dict]], graphs: Sequence[list] | None = None,
+    def generate(self, messages: Sequence[list[dict]], extras: Sequence[Any] | None = None,
                  opts: GenerationOptions | None = None, *, ids: Sequence | None = None,
                  progress: bool = False) -> Iterator[dict]:
         """Yield one record per prompt, in order, batch by batch (so callers can stream them)."""
-        from tqdm.auto import tqdm
-
         opts = opts or GenerationOptions()
         opts.validate()
         torch.manual_seed(opts.seed)
@@ -189,7 +206,7 @@ class Generator:
             with tqdm(total=len(messages), disable=not progress, desc="generate", dynamic_ncols=True) as bar:
                 for start in range(0, len(messages), opts.batch_size):
                     sl = slice(start, start + opts.batch_size)
-                    recs = self.generate_batch(messages[sl], graphs[sl] if graphs is not None else None, opts)
+                    recs = self.generate_batch(messages[sl], extras[sl] if extras is not None else None, opts)
                     for j, rec in enumerate(recs):
                         i = start + j
                         yield {"id": ids[i] if ids is not None else i, **rec}
@@ -198,22 +215,18 @@ class Generator:
             self.model.train(was_training)
 
 
-def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Generator:
-    """From an export dir (full model or PEFT adapter, + graph_prefix.* of a molecule run) or a checkpoint dir
-    (`checkpoints/step-N` of a non-ZeRO-3 run: rebuilt from its config.yaml)."""
+def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   prompt_inputs_loader: PromptInputsLoader | None = None) -> Generator:
+    """From an export dir (full model or PEFT adapter) or a checkpoint dir (`checkpoints/step-N` of a non-ZeRO-3
+    run: rebuilt from its config.yaml through its task). `prompt_inputs_loader` reads a task's side modules
+    stored next to an exported model (the molecule task's graph encoder); a checkpoint knows its task itself."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory. Fix: give a run's export/ or checkpoints/step-N directory")
     if (p / "config.yaml").exists() and (p / "trainer_state.json").exists():
         return _from_checkpoint(p, device, dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distthink.tasks.molecule.task import GRAPH_TOKEN, load_prefix
-
     tokenizer = AutoTokenizer.from_pretrained(str(p))
     if (p / "adapter_config.json").exists():
-        from peft import PeftModel
-
         base_dir = p / "base_model" if (p / "base_model").exists() else None
         if base_dir is None:
             cfg = json.loads((p / "adapter_config.json").read_text())
@@ -227,21 +240,12 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
                               "distthink checkpoint (config.yaml + trainer_state.json). Fix: point at export/ or "
                               "checkpoints/step-N of a run")
     model.to(device).eval()
-    prefix, meta = load_prefix(p, model.config.hidden_size)
-    gid = None
-    if prefix is not None:
-        prefix.to(device=device, dtype=dtype)
-        gid = tokenizer.convert_tokens_to_ids(meta.get("graph_token", GRAPH_TOKEN))
-    return Generator(model, tokenizer, prefix, gid, meta)
+    hook, meta = (None, {}) if prompt_inputs_loader is None else prompt_inputs_loader(p, model, tokenizer, device,
+                                                                                      dtype)
+    return Generator(model, tokenizer, hook, meta)
 
 
 def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
-    from safetensors.torch import load_file
-
-    from distthink.config import load_config
-    from distthink.models.load import base_causal_lm, load_model, load_tokenizer
-    from distthink.engine.task import make_task
-
     if not (p / "model.safetensors").exists():
         raise CheckpointError(f"{p} has no model.safetensors (a ZeRO-3 checkpoint keeps sharded weights). Fix: "
                               "generate from the run's export/ (checkpoint.export=full or adapter)")
@@ -260,10 +264,9 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
         model = model.merge_and_unload()
     lm = base_causal_lm(model).to(device).eval()
     lm.config.use_cache = True
-    prefix = getattr(wrapped, "prefix", None)
-    meta = task.prompt_meta() if hasattr(task, "prompt_meta") else {}
-    return Generator(lm, tokenizer, prefix.eval() if prefix is not None else None,
-                     getattr(task, "graph_token_id", None), meta)
+    # optional task hook: (PromptInputs, prompt settings) from the wrapped module's side modules
+    hook, meta = task.prompt_inputs(wrapped) if hasattr(task, "prompt_inputs") else (None, {})
+    return Generator(lm, tokenizer, hook, meta)
 
 
 def write_jsonl(records: Iterator[dict], path: str | Path) -> int:

@@ -26,6 +26,7 @@ Definitions (all scores in [0, 1]):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -35,6 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import pandas as pd
+from nltk.translate.meteor_score import single_meteor_score
+
+from distthink.data.jsonl import iter_jsonl
 from distthink.errors import DataError
 from distthink.inference.parse import parse_generation
 
@@ -129,15 +134,11 @@ class _NoSynonyms:
 
 
 def meteor_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("nltk") is not None
 
 
 def meteor_nosyn(hyp: Sequence[str], ref: Sequence[str]) -> float:
     """NLTK METEOR with exact + Porter-stem matching and no WordNet synonyms (see the module docstring)."""
-    from nltk.translate.meteor_score import single_meteor_score
-
     if not hyp or not ref:
         return 0.0
     return float(single_meteor_score(list(ref), list(hyp), wordnet=_NoSynonyms()))
@@ -162,8 +163,6 @@ def evaluate_captions(generations: Sequence[dict | str], references: Sequence[st
     ``tokenizer``: optional HF tokenizer, used only to measure thinking length in tokens.
     Writes the per-sample table to ``out_parquet`` when given.
     """
-    import pandas as pd
-
     if len(generations) != len(references):
         raise DataError(f"{len(generations)} generations but {len(references)} references",
                         fix="generate for every reference (or filter both the same way)")
@@ -234,8 +233,6 @@ def _as_parsed(gen, i: int) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    from distthink.data.jsonl import iter_jsonl
-
     return [row for _, row in iter_jsonl(path)]
 
 

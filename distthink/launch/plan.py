@@ -23,10 +23,15 @@ over the slowest link a GPU uses, partly hidden behind compute; offload over PCI
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from distthink.errors import ConfigError
+from distthink.models.load import build_model_config, load_tokenizer
 
 GiB = 1024 ** 3
 
@@ -545,10 +550,6 @@ def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
 
 def hf_config_from_config(cfg) -> Any:
     """The transformers config of the run's model, without weights (AutoConfig / the tiny configs)."""
-    from transformers import AutoConfig
-
-    from distthink.models.load import build_model_config
-
     if cfg.model.name_or_path:
         try:
             mcfg = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -561,8 +562,6 @@ def hf_config_from_config(cfg) -> Any:
         return mcfg
     tokenizer = None
     if str(cfg.model.from_config).startswith("tiny-"):
-        from distthink.models.load import load_tokenizer
-
         tokenizer = load_tokenizer(cfg)
     return build_model_config(cfg, tokenizer)
 
@@ -589,9 +588,6 @@ def run_shape_from_config(cfg, *, tokens_per_micro_batch: int | None = None, dev
     reduce_bucket, prefetch = 5e7, 5e7
     overlap = True
     if cfg.distributed.deepspeed:
-        import json
-        from pathlib import Path
-
         try:
             zero = json.loads(Path(cfg.distributed.deepspeed).read_text()).get("zero_optimization", {})
         except (OSError, ValueError):
@@ -623,9 +619,6 @@ def run_shape_from_config(cfg, *, tokens_per_micro_batch: int | None = None, dev
 
 def candidate_of_config(cfg) -> str:
     """Which candidate a config's distributed.deepspeed JSON corresponds to."""
-    import json
-    from pathlib import Path
-
     ds = cfg.distributed.deepspeed
     if not ds:
         return "ddp"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distthink.errors import ConfigError
-from distthink.resources import SLURM_TEMPLATES
+from distthink.resources import PACKAGE_DIR, SLURM_TEMPLATES
 
 TEMPLATES = ("sft", "stage1", "stage2", "stage3")
 LAUNCHER_BEGIN = "# >>> launcher"
@@ -142,12 +142,19 @@ def render(opts: RenderOptions) -> str:
         if value is not None:
             lines = _set_env(lines, name, value)
     # The rendered script runs from SLURM's spool dir; relative paths (the default accelerate config)
-    # are looked up in the submit dir, then in this checkout (overridable: render here, run elsewhere).
-    render_dir = Path(__file__).resolve().parents[2]
-    lines = _set_env(lines, "DISTTHINK_ROOT", str(render_dir))
-    lines = [f'export DISTTHINK_ROOT="${{DISTTHINK_ROOT:-{render_dir}}}"' if line.startswith("export DISTTHINK_ROOT=")
+    # are looked up in the submit dir, then in DISTTHINK_ROOT (overridable: render here, run elsewhere).
+    root = configs_root()
+    lines = _set_env(lines, "DISTTHINK_ROOT", str(root))
+    lines = [f'export DISTTHINK_ROOT="${{DISTTHINK_ROOT:-{root}}}"' if line.startswith("export DISTTHINK_ROOT=")
              else line for line in lines]
     return _inline_launcher("\n".join(lines) + "\n")
+
+
+def configs_root() -> Path:
+    """The folder that relative `configs/accelerate/...` paths resolve against: the checkout when distthink runs
+    from one (its configs/ are the user-facing copies), else the installed package, which ships them."""
+    checkout = PACKAGE_DIR.parent
+    return checkout if (checkout / "configs" / "accelerate").is_dir() else PACKAGE_DIR
 
 
 def _inline_launcher(script: str) -> str:

@@ -11,11 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import deepspeed as hf_ds
 
-from distthink.config import Config
+from distthink.config import Config, resolve_attention
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
-from distthink.optional import has_flash_attn
+from distthink.models.tiny import tiny_llama_config, tiny_qwen3_config, tiny_tokenizer
+from distthink.zero3 import full_numel, gathered, is_partitioned
 
 log = get_logger(__name__)
 
@@ -24,10 +29,7 @@ def load_tokenizer(cfg: Config):
     """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer)."""
     name = cfg.model.tokenizer or cfg.model.name_or_path or "tiny"
     if name == "tiny":
-        from distthink.models.tiny import tiny_tokenizer
-
         return tiny_tokenizer("qwen3")
-    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
@@ -39,20 +41,10 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def attn_implementation(cfg: Config, device: str) -> str:
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    return "flash_attention_2" if device == "cuda" and has_flash_attn() else "sdpa"
-
-
 def build_model_config(cfg: Config, tokenizer):
     """The transformers config of the model to build (from_config) with overrides applied."""
-    from transformers import AutoConfig
-
     src = cfg.model.from_config
     if src in ("tiny-qwen3", "tiny-llama"):
-        from distthink.models.tiny import tiny_llama_config, tiny_qwen3_config
-
         build = tiny_qwen3_config if src == "tiny-qwen3" else tiny_llama_config
         mcfg = build(vocab_size=len(tokenizer))
         # The tiny configs carry the tiny tokenizer's special ids; a tiny model paired with a real tokenizer
@@ -71,14 +63,14 @@ def build_model_config(cfg: Config, tokenizer):
     return mcfg
 
 
-def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype):
+def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None):
     """Build the causal LM (LoRA-wrapped when lora.enabled). Parameters are in `dtype`.
 
+    compute_dtype: what attention computes in (default `dtype`; a 16-bit autocast run of fp32 weights passes its
+    autocast dtype), which decides whether flash-attn can run (distthink.config.resolve_attention).
     Under ZeRO-3 the returned parameters are partitioned (shape (0,) locally until gathered).
     """
-    from transformers import AutoModelForCausalLM
-
-    attn = attn_implementation(cfg, device)
+    attn = resolve_attention(cfg.model.attn_implementation, device, compute_dtype or dtype)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank and every launch
     if cfg.model.name_or_path:
         try:
@@ -103,8 +95,8 @@ def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = wrap_lora(model, cfg)
-    n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    n_train = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(full_numel(p) for p in model.parameters())
     log.info("model: %s, %s, attention=%s, %s params, %s trainable (%s)", type(model).__name__, dtype, attn,
              f"{n_all:,}", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full fine-tuning")
     return model
@@ -119,11 +111,6 @@ def _copy_unpartitioned_init(model, mcfg, dtype, attn: str, seed: int) -> None:
     from_config test/benchmark models; pretrained weights load exactly anyway) and each module's
     parameters are overwritten inside GatheredParameters(modifier_rank=0), which re-partitions them.
     """
-    import deepspeed
-    import torch.distributed as tdist
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import deepspeed as hf_ds
-
     ref_modules = None
     if tdist.get_rank() == 0:
         ds_cfg = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
@@ -139,7 +126,7 @@ def _copy_unpartitioned_init(model, mcfg, dtype, attn: str, seed: int) -> None:
         params = list(module.named_parameters(recurse=False))
         if not params:
             continue
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        with gathered([p for _, p in params], modifier_rank=0):
             if ref_modules is not None:
                 src = dict(ref_modules[name].named_parameters(recurse=False))
                 with torch.no_grad():
@@ -148,8 +135,6 @@ def _copy_unpartitioned_init(model, mcfg, dtype, attn: str, seed: int) -> None:
 
 
 def wrap_lora(model, cfg: Config):
-    from peft import LoraConfig, get_peft_model
-
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.lora.target_modules if t not in names]
     if missing:
@@ -162,12 +147,6 @@ def wrap_lora(model, cfg: Config):
         # With frozen embeddings nothing before the first checkpointed block requires grad.
         model.enable_input_require_grads()
     return model
-
-
-def is_partitioned(model) -> bool:
-    """True when ZeRO-3 has partitioned the parameters: a rank's local tensor is smaller than the
-    parameter (shape (0,) until gathered), so no rank ever holds the full model."""
-    return any(hasattr(p, "ds_id") and p.data.numel() < p.ds_numel for p in model.parameters())
 
 
 def base_causal_lm(model):

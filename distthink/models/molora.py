@@ -25,12 +25,9 @@ set until replaced or cleared: with gradient checkpointing the forward is recomp
 so keep them set (or keep the `molora_gates` context open) across forward *and* backward. A forward
 without gates raises instead of silently using some default.
 
-**Gate rule** (`entropy_gate`, defaults from the ThinkRec paper): w = softmax(cos(e_u, c_k) / tau) over the
-K group centroids c_k, with e_u the user's CF vector mapped to the groups' standardised space
-(`distthink.tasks.thinkrec.grouping.to_gate_space`); if max w > 0.5 + expert_margin / N the top expert alone
-(one-hot); else if H(w) >= entropy_frac * ln N the global adapter alone; else the experts fused with w
-(global weight 0). N = K. Applied per sample, vectorised. `hard_gate` one-hot routes by group id (stage-3
-training).
+**Gate rules.** Generic ones live here: `hard_gate` one-hot routes by group id (stage-3 training), `global_gate`
+selects the global adapter. A task's own rule that computes the weights (ThinkRec's entropy gate) lives with
+the task (distthink.tasks.thinkrec.gate) and fills the same slot.
 
 **Parameters are registered normally** (no ``.data`` tricks, no global state), so DeepSpeed ZeRO-3 partitions
 them like any other trainable parameter when the engine is built after `apply_molora`. Shapes are taken
@@ -44,89 +41,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from distthink._deprecated import moved
 from distthink.errors import ConfigError, DistthinkError
 from distthink.logging_utils import get_logger
+from distthink.models.load import base_causal_lm
+from distthink.zero3 import full_numel
 
 log = get_logger(__name__)
 
-BRANCH_EXPERT, BRANCH_GLOBAL, BRANCH_FUSE = 0, 1, 2
-BRANCH_NAMES = ("expert", "global", "fuse")
-
-
-# ----------------------------------------------------------------------------------------------------- gate
-@dataclass
-class GateConfig:
-    """Entropy gate settings (ThinkRec defaults). N below is the number of group experts K."""
-
-    tau: float = 0.1             # softmax temperature on cosine similarities
-    expert_margin: float = 0.6   # one expert alone when max w > 0.5 + expert_margin / N
-    entropy_frac: float = 0.95   # global adapter when H(w) >= entropy_frac * ln N (nats)
-
-    def validate(self) -> None:
-        if not self.tau > 0:
-            raise ConfigError(f"molora gate tau must be > 0, got {self.tau}")
-        if not 0 <= self.entropy_frac <= 1:
-            raise ConfigError(f"molora gate entropy_frac must be in [0, 1], got {self.entropy_frac}")
-        if self.expert_margin < 0:
-            raise ConfigError(f"molora gate expert_margin must be >= 0, got {self.expert_margin}")
-
-
-class GateDecision(NamedTuple):
-    """Per-sample gate output. S samples, K group experts.
-
-    weights (S, K+1): mixing weights over the adapters (column K = global adapter), rows sum to 1.
-    branch  (S,) long: BRANCH_EXPERT (0), BRANCH_GLOBAL (1) or BRANCH_FUSE (2).
-    probs   (S, K): softmax(cos / tau) before the branch rule.
-    entropy (S,): H(probs) in nats.
-    """
-
-    weights: torch.Tensor
-    branch: torch.Tensor
-    probs: torch.Tensor
-    entropy: torch.Tensor
-
-
-def entropy_gate(user_vectors: torch.Tensor, centroids: torch.Tensor, cfg: GateConfig | None = None) -> GateDecision:
-    """The ThinkRec gate, per sample and vectorised.
-
-    user_vectors (S, d) in the centroids' space (standardised: see `to_gate_space`), centroids (K, d), K >= 2.
-    """
-    cfg = cfg or GateConfig()
-    cfg.validate()
-    if user_vectors.ndim != 2 or centroids.ndim != 2 or user_vectors.shape[1] != centroids.shape[1]:
-        raise DistthinkError(f"entropy_gate: user_vectors (S, d) and centroids (K, d) must share d, got "
-                             f"{tuple(user_vectors.shape)} and {tuple(centroids.shape)}")
-    k = centroids.shape[0]
-    if k < 2:
-        raise ConfigError(f"the entropy gate needs at least 2 groups, got {k}")
-    u = user_vectors.to(torch.float32)
-    c = centroids.to(device=u.device, dtype=torch.float32)
-    cos = F.normalize(u, dim=-1) @ F.normalize(c, dim=-1).T                     # (S, K)
-    probs = torch.softmax(cos / cfg.tau, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)             # 0 * log 0 := 0
-    top_w, top = probs.max(dim=-1)
-    alone = top_w > 0.5 + cfg.expert_margin / k
-    flat = ~alone & (entropy >= cfg.entropy_frac * math.log(k))
-    weights = torch.zeros(u.shape[0], k + 1, dtype=torch.float32, device=u.device)
-    weights[:, :k] = probs
-    # the three branches as row-wise selections (no per-sample loop)
-    one_hot = F.one_hot(top, k + 1).to(weights.dtype)
-    glob = F.one_hot(torch.full_like(top, k), k + 1).to(weights.dtype)
-    weights = torch.where(alone[:, None], one_hot, torch.where(flat[:, None], glob, weights))
-    branch = torch.full_like(top, BRANCH_FUSE)
-    branch[flat] = BRANCH_GLOBAL
-    branch[alone] = BRANCH_EXPERT
-    return GateDecision(weights, branch, probs, entropy)
-
-
+# ----------------------------------------------------------------------------------------------------- gates
 def hard_gate(group_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """One-hot routing by group (stage-3 training): (S,) ids -> (S, K+1) float32 gates.
 
@@ -146,65 +76,6 @@ def hard_gate(group_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 def global_gate(num_samples: int, num_experts: int, device=None) -> torch.Tensor:
     """(S, K+1) gates that select the global adapter for every sample."""
     return hard_gate(torch.full((num_samples,), num_experts, dtype=torch.long, device=device), num_experts)
-
-
-def branch_counts(branch: torch.Tensor) -> dict:
-    """{'expert': n, 'global': n, 'fuse': n} from GateDecision.branch."""
-    counts = torch.bincount(branch.reshape(-1).long().cpu(), minlength=3).tolist()
-    return dict(zip(BRANCH_NAMES, counts))
-
-
-class EntropyGate:
-    """The gate with its centroids and scaler, as saved by `distthink rec group` (and in molora.json).
-
-    centroids (K, d) in the standardised space; scaler_mean/scaler_scale (d,) map raw CF vectors there.
-    """
-
-    def __init__(self, centroids, scaler_mean=None, scaler_scale=None, cfg: GateConfig | None = None):
-        self.centroids = torch.as_tensor(centroids, dtype=torch.float32)
-        d = self.centroids.shape[1]
-        f32 = torch.float32
-        self.scaler_mean = torch.zeros(d) if scaler_mean is None else torch.as_tensor(scaler_mean, dtype=f32)
-        self.scaler_scale = torch.ones(d) if scaler_scale is None else torch.as_tensor(scaler_scale, dtype=f32)
-        self.cfg = cfg or GateConfig()
-        self.cfg.validate()
-
-    @property
-    def num_experts(self) -> int:
-        return self.centroids.shape[0]
-
-    @classmethod
-    def from_groups(cls, groups_dir: str | Path, cfg: GateConfig | None = None) -> "EntropyGate":
-        """From the folder written by `distthink rec group` (groups.safetensors)."""
-        from distthink.tasks.thinkrec.grouping import load_groups
-
-        g = load_groups(groups_dir)
-        return cls(g["centroids"], g["scaler_mean"], g["scaler_scale"], cfg)
-
-    def to_gate_space(self, raw_user_vectors: torch.Tensor) -> torch.Tensor:
-        from distthink.tasks.thinkrec.grouping import to_gate_space
-
-        x = torch.as_tensor(raw_user_vectors, dtype=torch.float32)
-        return to_gate_space(x, self.scaler_mean.to(x.device), self.scaler_scale.to(x.device))
-
-    def __call__(self, raw_user_vectors: torch.Tensor) -> GateDecision:
-        """raw CF user vectors (S, d), as exported by the CF encoder -> GateDecision."""
-        return entropy_gate(self.to_gate_space(raw_user_vectors), self.centroids, self.cfg)
-
-    def hard(self, group_ids: torch.Tensor) -> torch.Tensor:
-        return hard_gate(group_ids, self.num_experts)
-
-    def to_json(self) -> dict:
-        return {**asdict(self.cfg), "centroids": self.centroids.tolist(), "scaler_mean": self.scaler_mean.tolist(),
-                "scaler_scale": self.scaler_scale.tolist(),
-                "rule": "w = softmax(cos(z_u, c_k)/tau), z_u = (e_u - scaler_mean)/scaler_scale; "
-                        "max w > 0.5 + expert_margin/K -> that expert; elif H(w) >= entropy_frac*ln K -> global; "
-                        "else fuse experts with w"}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "EntropyGate":
-        cfg = GateConfig(tau=d["tau"], expert_margin=d["expert_margin"], entropy_frac=d["entropy_frac"])
-        return cls(d["centroids"], d.get("scaler_mean"), d.get("scaler_scale"), cfg)
 
 
 # ----------------------------------------------------------------------------------------------- gate slot
@@ -355,8 +226,6 @@ def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, object | None]:
 
 def _read_adapter_folder(path: Path) -> tuple[dict, dict]:
     """adapter_config.json (dict) + {module path: (A, B)} from a PEFT LoRA adapter folder."""
-    from safetensors.torch import load_file
-
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
         raise ConfigError(f"{path}: not a PEFT adapter folder (needs adapter_config.json and "
@@ -515,7 +384,7 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
         adapters = {id(p) for m in inner.modules() if isinstance(m, MoLoRALinear) for p in (m.lora_A, m.lora_B)}
         for p in inner.parameters():
             p.requires_grad_(id(p) in adapters)
-    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in inner.parameters() if p.requires_grad)
+    n_train = sum(full_numel(p) for p in inner.parameters() if p.requires_grad)
     log.info("molora: %d layers (%s), %d experts + global, r=%d, alpha=%g, %s trainable parameters", len(swapped),
              ",".join(sorted(targets)), num_experts, r, alpha, f"{n_train:,}")
     return inner
@@ -523,8 +392,6 @@ def apply_molora(model: nn.Module, num_experts: int, r: int | None = None, alpha
 
 def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:
     """{module path: layer} of every MoLoRA layer (paths relative to the plain transformers model)."""
-    from distthink.models.load import base_causal_lm
-
     inner = base_causal_lm(model)  # through DeepSpeed / DDP wrappers
     return {n: m for n, m in inner.named_modules() if isinstance(m, MoLoRALinear)}
 
@@ -574,3 +441,9 @@ def molora_gates(model: nn.Module, sample_gates: torch.Tensor | None = None, *,
         yield
     finally:
         clear_gates(model)
+
+
+# The ThinkRec gate rule lived here before the layering redesign.
+__getattr__ = moved(__name__, {name: f"distthink.tasks.thinkrec.gate:{name}" for name in (
+    "EntropyGate", "GateConfig", "GateDecision", "entropy_gate", "branch_counts", "BRANCH_EXPERT", "BRANCH_GLOBAL",
+    "BRANCH_FUSE", "BRANCH_NAMES")})

@@ -27,17 +27,20 @@ Under ZeRO-3 every rank must call `export_molora` (parameters are gathered); ran
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 
+from distthink._deprecated import moved
 from distthink.errors import CheckpointError, ConfigError
 from distthink.logging_utils import get_logger
-from distthink.models.molora import EntropyGate, MoLoRALinear, _read_adapter_folder, apply_molora, molora_layers
+from distthink.models.molora import MoLoRALinear, _read_adapter_folder, apply_molora, molora_layers
+from distthink.zero3 import gathered
 
 log = get_logger(__name__)
 FORMAT = "distthink-molora"
@@ -47,18 +50,6 @@ VERSION = 1
 def adapter_names(num_experts: int) -> list[str]:
     """Folder name of each adapter, by gate column: expert_0..expert_{K-1}, global."""
     return [f"expert_{k}" for k in range(num_experts)] + ["global"]
-
-
-@contextlib.contextmanager
-def _gathered(params):
-    """Full parameters inside the block (ZeRO-3 gathers; a no-op otherwise)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
-            yield
-    else:
-        yield
 
 
 def _is_writer() -> bool:
@@ -77,20 +68,16 @@ def _layer_spec(layers: dict[str, MoLoRALinear]) -> dict:
             "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "modules": sorted(layers)}
 
 
-def export_molora(model: nn.Module, out_dir: str | Path, gate: EntropyGate | None = None,
-                  groups_dir: str | Path | None = None, base_model_name_or_path: str | None = None) -> Path:
+def export_molora(model: nn.Module, out_dir: str | Path, gate=None, groups_dir: str | Path | None = None,
+                  base_model_name_or_path: str | None = None) -> Path:
     """Write every expert and the global adapter as PEFT adapter folders + molora.json (layout above).
 
-    gate: the gate to store (centroids, scaler, tau, thresholds); default: built from groups_dir when given.
-    groups_dir: the `distthink rec group` folder; its user_groups.parquet is copied (the user -> group map).
+    gate: the task's gate rule to store, any object with `num_experts` and `to_json()` (ThinkRec's
+    EntropyGate: centroids, scaler, tau, thresholds), or None.
+    groups_dir: a folder holding user_groups.parquet (the user -> group map), copied next to the adapters.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     layers = molora_layers(model)
     spec = _layer_spec(layers)
-    if gate is None and groups_dir is not None:
-        gate = EntropyGate.from_groups(groups_dir)
     if gate is not None and gate.num_experts != spec["num_experts"]:
         raise ConfigError(f"the gate has {gate.num_experts} centroids but the model has {spec['num_experts']} experts")
     if base_model_name_or_path is None:
@@ -100,7 +87,7 @@ def export_molora(model: nn.Module, out_dir: str | Path, gate: EntropyGate | Non
     out = Path(out_dir)
     tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for path, layer in layers.items():
-        with _gathered([layer.lora_A, layer.lora_B]):
+        with gathered([layer.lora_A, layer.lora_B]):
             for e, name in enumerate(names):
                 a, b = layer.adapter_weights(e)
                 key = f"base_model.model.{path}"
@@ -130,9 +117,7 @@ def export_molora(model: nn.Module, out_dir: str | Path, gate: EntropyGate | Non
             "group_to_adapter": {str(g): names[g] for g in range(k)}, "global_adapter": names[k],
             "gate": None, "user_groups": user_groups, "base_model_name_or_path": base_model_name_or_path}
     if gate is not None:
-        from distthink.tasks.thinkrec.grouping import SPACE
-
-        meta["gate"] = {**gate.to_json(), "space": SPACE}
+        meta["gate"] = gate.to_json()
     tmp = out / "molora.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(out / "molora.json")
@@ -151,11 +136,11 @@ def read_molora_json(folder: str | Path) -> dict:
     return meta
 
 
-def load_molora(model: nn.Module, folder: str | Path,
-                dropout: float | None = None) -> tuple[nn.Module, EntropyGate | None]:
+def load_molora_adapters(model: nn.Module, folder: str | Path, dropout: float | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a MoLoRA model from an export: apply_molora on the *plain* base model, then load every adapter.
 
-    Returns (model, gate) where gate is the stored EntropyGate (None when the export has none).
+    Returns (model, molora.json). The stored gate (`meta["gate"]`) is the task's to rebuild (ThinkRec:
+    distthink.tasks.thinkrec.gate.load_molora returns its EntropyGate).
     dropout: LoRA input dropout for further training (default: the exported value).
     """
     folder = Path(folder)
@@ -177,5 +162,7 @@ def load_molora(model: nn.Module, folder: str | Path,
         for path, layer in layers.items():
             a, b = weights[path]
             layer.set_adapter_weights(e, a, b)
-    gate = EntropyGate.from_json(meta["gate"]) if meta.get("gate") else None
-    return model, gate
+    return model, meta
+
+
+__getattr__ = moved(__name__, {"load_molora": "distthink.tasks.thinkrec.gate:load_molora"})

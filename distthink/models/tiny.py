@@ -21,6 +21,10 @@ from __future__ import annotations
 import functools
 import json
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+from distthink.data.sample_data import tokenizer_training_text
 from distthink.errors import ConfigError
 from distthink.resources import ASSETS, CHAT_TEMPLATES
 
@@ -65,10 +69,6 @@ FAMILIES = tuple(_FAMILIES)
 
 def build_tiny_bpe(vocab_size: int = BASE_VOCAB_SIZE):
     """Train the base byte-level BPE (no special tokens) on the bundled sample text. Deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from distthink.data.sample_data import tokenizer_training_text
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -87,8 +87,6 @@ def _bpe_json() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _family_json(family: str) -> str:
-    from tokenizers import AddedToken, Tokenizer
-
     spec = _FAMILIES[family]
     tok = Tokenizer.from_str(_bpe_json())
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["special"]])
@@ -112,9 +110,6 @@ def chat_template(family: str) -> str:
 def tiny_tokenizer(family: str = "qwen3"):
     """A fresh `PreTrainedTokenizerFast` for `family` (see module docstring). Offline, deterministic, fast:
     the BPE json is cached, each call returns a new wrapper object so callers may mutate it freely."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     fam = _canonical_family(family)
     spec = _FAMILIES[fam]
     kwargs = {"eos_token": spec["eos"], "pad_token": spec["pad"]}
@@ -136,8 +131,6 @@ def tiny_qwen3_config(vocab_size: int | None = None, *, hidden_size: int = 64, n
     vocab_size defaults to len(tiny_tokenizer("qwen3")). Token ids of the qwen3 tiny tokenizer are used for
     eos/pad/bos so generation stops on <|im_end|>.
     """
-    from transformers import Qwen3Config
-
     tok = tiny_tokenizer("qwen3")
     if vocab_size is None:
         vocab_size = len(tok)
@@ -153,8 +146,6 @@ def tiny_qwen3_config(vocab_size: int | None = None, *, hidden_size: int = 64, n
 
 def tiny_llama_config(vocab_size: int | None = None, **overrides):
     """A tiny real `transformers.LlamaConfig` matching tiny_tokenizer("llama3")."""
-    from transformers import LlamaConfig
-
     tok = tiny_tokenizer("llama3")
     cfg = dict(vocab_size=vocab_size or len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=2048,

@@ -44,8 +44,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError, DataError, DistthinkError
 from distthink.logging_utils import get_logger
+from distthink.ops import flce_liger
+from distthink.ops.flce_rows import RowResult, Workspace, torch_row_kernel
+from distthink.zero3 import gathered
 
 log = get_logger(__name__)
 
@@ -93,66 +97,6 @@ class FLCEStats:
     backend: str = "torch"
     chunk_size: int = 0
     strategy: str = "rows"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-chunk row kernels: logits (in place) -> CE, argmax and the gradient softmax - onehot.
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class RowResult:
-    ce: torch.Tensor                      # (c,) fp32 unweighted cross-entropy
-    argmax: Optional[torch.Tensor]        # (c,) int64 or None
-    grad: Optional[torch.Tensor]          # (c, V) softmax - onehot (unscaled), fp32 or logits dtype
-
-
-class Workspace:
-    """Reused (chunk, V) buffers: reusing them avoids page-faulting a fresh buffer per chunk on CPU."""
-
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, need_fp32: bool):
-        self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
-        self.fp32 = (torch.empty(rows, vocab, dtype=torch.float32, device=device)
-                     if need_fp32 and dtype != torch.float32 else None)
-
-
-def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 out: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (+ bias) written into the workspace slice `out` (no new (chunk, V) allocation)."""
-    if bias is not None:
-        return torch.addmm(bias, x, weight.t(), out=out)
-    # matmul(out=) writes in place; mm(out=) with a transposed operand goes through a temporary of the
-    # output's size on CPU (measured: +1 chunk of memory)
-    return torch.matmul(x, weight.t(), out=out)
-
-
-def torch_row_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
-                     ws: Workspace, need_grad: bool, need_argmax: bool) -> RowResult:
-    """Chunk logits -> CE/argmax and, if asked, the fp32 gradient (softmax - onehot) in place."""
-    c = x.shape[0]
-    logits = chunk_logits(x, weight, bias, ws.logits[:c])
-    work = logits
-    if ws.fp32 is not None:               # low precision: softmax etc. in fp32
-        work = ws.fp32[:c]
-        work.copy_(logits)
-    target_logit = work.gather(1, target[:, None]).squeeze(1)
-    row_max, argmax = torch.max(work, dim=1)
-    if work.is_cuda:                      # in-place softmax through plain ops (no aliasing question)
-        work.sub_(row_max[:, None]).exp_()
-        sum_exp = work.sum(dim=1)
-        work.div_(sum_exp[:, None])
-        lse = row_max + torch.log(sum_exp)
-    else:                                 # fused CPU softmax, written in place
-        torch.softmax(work, 1, out=work)
-        # p(argmax) = exp(max - lse) >= 1/V never underflows, so lse = max - log p(argmax) is exact.
-        lse = row_max - torch.log(work.gather(1, argmax[:, None]).squeeze(1))
-    ce = lse - target_logit
-    grad = None
-    if need_grad:
-        flat = work.view(-1)
-        flat_index = torch.arange(c, device=work.device) * work.shape[1] + target
-        flat.index_put_((flat_index,), torch.full((c,), -1.0, device=work.device), accumulate=True)
-        grad = work
-    return RowResult(ce=ce, argmax=argmax if need_argmax else None, grad=grad)
 
 
 def _compact_rows_(buffers: Sequence[torch.Tensor], sel: torch.Tensor, block: int = 64) -> None:
@@ -611,8 +555,6 @@ def auto_tile_width(rows: int, vocab: int, dtype: torch.dtype, budget_mb: Option
 
 
 def _resolve_backend(backend: str, hidden: torch.Tensor):
-    from distthink.ops import flce_liger
-
     if backend not in ("auto", "torch", "liger"):
         raise ConfigError(f"fused_linear_cross_entropy: unknown backend {backend!r}. "
                           "Fix: use 'auto', 'torch' or 'liger'.")
@@ -676,7 +618,7 @@ def fused_linear_cross_entropy(
     target: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     normalizer=None,
     dynamic: Optional[str] = None,
     think_end_id: Optional[int] = None,
@@ -902,11 +844,5 @@ def gathered_lm_head(weight: torch.nn.Parameter, modifier_rank=None):
     gathering for the forward is enough. reduction="none" recomputes in backward and then needs the
     weight whole during backward too: under ZeRO-3 prefer reduction="sum".
     """
-    partitioned = hasattr(weight, "ds_id") and hasattr(weight, "ds_status")
-    if not partitioned:
-        yield weight
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=modifier_rank):
+    with gathered([weight], modifier_rank=modifier_rank):
         yield weight

@@ -21,11 +21,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.ops.flce_rows import RowResult, chunk_logits
+from distthink.optional import has_liger
 
 log = get_logger(__name__)
 
@@ -53,16 +56,12 @@ def _version_tuple(text: str) -> tuple:
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """CUDA + triton + liger-kernel >= 0.8.2 (logs one line when the path is off)."""
-    from distthink.optional import has_liger
-
     if not has_liger():
         return False
     return _version_ok()
 
 
 def _version_ok() -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         found = version("liger-kernel")
     except PackageNotFoundError:
@@ -82,6 +81,7 @@ def interpreter_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
+    # lazy: liger-kernel is an optional GPU extra, and importing it imports triton
     from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
 
     declared = getattr(liger_cross_entropy_kernel, "arg_names", None)
@@ -103,8 +103,6 @@ def _next_power_of_2(n: int) -> int:
 
 def liger_row_kernel(x, weight, bias, target, ws, need_grad: bool, need_argmax: bool):
     """Chunk logits (logits dtype) -> CE (fp32), argmax, and in place the gradient softmax - onehot."""
-    from distthink.ops.flce import RowResult, chunk_logits
-
     c = x.shape[0]
     logits = chunk_logits(x, weight, bias, ws.logits[:c])
     v = logits.shape[1]

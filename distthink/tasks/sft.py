@@ -10,7 +10,7 @@ import torch
 from distthink.config import Config
 from distthink.data.packing import model_inputs
 from distthink.engine import batching
-from distthink.engine.lm_loss import LMLossModel
+from distthink.engine.lm_loss import LMHeadLoss
 
 
 class SFTTask:
@@ -32,7 +32,7 @@ class SFTTask:
         return batching.make_collator(self.cfg, tokenizer)
 
     def wrap_model(self, model, tokenizer) -> torch.nn.Module:
-        return LMLossModel(model, impl=self.cfg.loss.impl, chunk_size=self.cfg.loss.chunk_size)
+        return LMHeadLoss(model, impl=self.cfg.loss.impl, chunk_size=self.cfg.loss.chunk_size)
 
     def forward(self, wrapped, batch: dict, attn_impl: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         loss_sum = wrapped(targets=batch["targets"], target_weights=batch["target_weights"],

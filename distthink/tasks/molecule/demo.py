@@ -24,6 +24,10 @@ import json
 import sys
 from pathlib import Path
 
+import rdkit
+from rdkit import Chem, RDConfig, rdBase
+from rdkit.Chem import Descriptors, Fragments, Lipinski, rdMolDescriptors
+
 from distthink.errors import DataError
 from distthink.resources import ASSETS
 
@@ -81,8 +85,6 @@ MW_CLASSES = [(180.0, "light", "under 180 Da"), (300.0, "medium-sized", "180 to 
 
 def nci_source_path() -> Path:
     """Path of RDKit's bundled NCI sample; DataError if this RDKit build does not ship it."""
-    from rdkit import RDConfig
-
     path = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
     if not path.exists():
         raise DataError(f"RDKit's bundled NCI sample is missing at {path}", source=str(path),
@@ -93,8 +95,6 @@ def nci_source_path() -> Path:
 
 def molecule_facts(mol) -> dict:
     """The RDKit facts a caption is made of. Every one is a function of the molecular graph."""
-    from rdkit.Chem import Descriptors, Fragments, Lipinski, rdMolDescriptors
-
     groups = {}
     for fn, _, _ in FUNCTIONAL_GROUPS:
         n = int(getattr(Fragments, fn)(mol))
@@ -154,8 +154,6 @@ def split_of(canonical_smiles: str, test_fraction: float = TEST_FRACTION) -> str
 
 def build_demo_records(n: int = DEFAULT_N, source: Path | None = None) -> list[dict]:
     """Select ``n`` molecules evenly through the NCI sample and caption them. Deterministic."""
-    from rdkit import Chem, rdBase
-
     source = source or nci_source_path()
     candidates = []
     seen = set()
@@ -192,8 +190,6 @@ def build_demo_records(n: int = DEFAULT_N, source: Path | None = None) -> list[d
 
 def write_demo(out_dir: Path = ASSET_DIR, n: int = DEFAULT_N) -> dict[str, int]:
     """Write demo_train.jsonl / demo_test.jsonl under ``out_dir``; returns the row count per split."""
-    import rdkit
-
     records = build_demo_records(n)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import GINConv, GINEConv, global_add_pool, global_max_pool, global_mean_pool
 
-from distthink.tasks.molecule.graphs import ATOM_DIMS, BOND_DIMS
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.inject import PlaceholderSlot, Projector
+from distthink.tasks.molecule.graphs import ATOM_DIMS, BOND_DIMS
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -78,7 +80,6 @@ class GraphEncoder(nn.Module):
     def __init__(self, hidden: int = 128, num_layers: int = 3, *, conv: Literal["gine", "gin"] = "gine",
                  pool: Literal["mean", "add", "max"] = "mean", dropout: float = 0.0):
         super().__init__()
-        from torch_geometric.nn import GINConv, GINEConv
 
         if num_layers < 1 or hidden < 1:
             raise ConfigError(f"graph encoder needs num_layers >= 1 and hidden >= 1, got {num_layers}, {hidden}. "
@@ -103,8 +104,6 @@ class GraphEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, batch) -> GraphEncoding:
-        from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
-
         x, edge_index = batch.x, batch.edge_index
         graph_index = getattr(batch, "batch", None)
         if graph_index is None:
@@ -148,8 +147,6 @@ class GraphPrefix(nn.Module):
 
 def collate_graphs(graphs: Sequence) -> Batch:
     """PyG ``Batch.from_data_list``; graph i of the list is graph i of the batch (``batch.batch`` == i)."""
-    from torch_geometric.data import Batch
-
     if len(graphs) == 0:
         raise DistthinkError("collate_graphs got no graphs. Fix: only build a graph batch for micro-batches that "
                              "contain molecules.")

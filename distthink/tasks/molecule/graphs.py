@@ -31,6 +31,7 @@ the canonical SMILES (plus the feature-set version, so a feature change never re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import torch
+from rdkit import Chem, rdBase
+from torch_geometric.data import Data
 
 from distthink.errors import DataError
 from distthink.logging_utils import get_logger
@@ -102,8 +105,6 @@ def bond_features(bond) -> list[int]:
 
 def parse_smiles(smiles: str, *, row: int | None = None, source: str | None = None, field_name: str = "smiles"):
     """RDKit Mol from SMILES, or DataError naming the row. Empty strings and zero-atom molecules are invalid."""
-    from rdkit import Chem, rdBase
-
     if not isinstance(smiles, str) or not smiles.strip():
         raise DataError(f"empty or non-string SMILES {smiles!r}", source=source, line=row, field=field_name,
                         fix="give a valid SMILES string", reason="invalid_smiles")
@@ -119,8 +120,6 @@ def parse_smiles(smiles: str, *, row: int | None = None, source: str | None = No
 def canonicalise(mol):
     """(mol renumbered into canonical SMILES output order, canonical SMILES). Featurising in this order makes
     the graph a function of the molecule alone, not of how its SMILES happened to be written."""
-    from rdkit import Chem
-
     canonical = Chem.MolToSmiles(mol)
     order = [int(i) for i in mol.GetProp("_smilesAtomOutputOrder").strip("[],").split(",") if i.strip()]
     return Chem.RenumberAtoms(mol, order), canonical
@@ -128,9 +127,6 @@ def canonicalise(mol):
 
 def mol_to_graph(mol, smiles: str | None = None):
     """torch_geometric ``Data`` with x (N,6) long, edge_index (2,2E) long, edge_attr (2E,3) long, smiles str."""
-    from rdkit import Chem
-    from torch_geometric.data import Data
-
     x = torch.tensor([atom_features(a) for a in mol.GetAtoms()], dtype=torch.long).view(-1, len(ATOM_DIMS))
     src, dst, attrs = [], [], []
     # bonds sorted by their (lower, higher) atom index: the edge order depends on the atom numbering only
@@ -271,8 +267,6 @@ def load_molecule_jsonl(path: str | os.PathLike, *, smiles_field: str = "smiles"
     DataError naming the file and line, or, with ``on_error='skip'``, are skipped and counted by reason
     (``invalid_json``, ``missing_smiles``, ``invalid_smiles``) and logged once.
     """
-    import json
-
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}", field="on_error",
                         fix="set on_error: raise or on_error: skip")

@@ -26,183 +26,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from distthink.config import Config
+from distthink.data.chat import encode_chat
+from distthink.data.packing import model_inputs
+from distthink.data.types import IGNORE_INDEX, EncodedSample
+from distthink.engine import batching as train_data
+from distthink.engine import distributed as dist
 from distthink.errors import ConfigError, DataError, DistthinkError
+from distthink.inference.generate import GenerationOptions, Generator
+from distthink.inference.parse import close_thoughts
 from distthink.logging_utils import get_logger
+from distthink.models.inject import add_placeholder_tokens
+from distthink.models.load import base_causal_lm
+from distthink.tasks.molecule.demo import caption_messages, load_demo
+from distthink.tasks.molecule.encoder import collate_sample_graphs
+from distthink.tasks.molecule.graphs import smiles_to_graph
+from distthink.tasks.molecule.model import GraphPromptInputs, MoleculeModel, build_prefix, save_prefix
+from distthink.tasks.molecule.options import GRAPH_TOKEN, MoleculeOptions
 from distthink.tasks.sft import SFTTask
+from distthink.zero3 import gathered, is_partitioned
 
 log = get_logger(__name__)
-
-GRAPH_TOKEN = "<|graph|>"
-THINK_MODES = ("off", "dynamic", "supervised", "free")
-TRAIN_PARTS = ("encoder", "projector", "llm", "all")
-PREFIX_FILE = "graph_prefix.safetensors"
-PREFIX_META = "graph_prefix.json"
-
-
-@dataclass
-class MoleculeOptions:
-    """`task.options` of the molecule task (every key optional)."""
-
-    think_mode: str = "off"            # off | dynamic | supervised | free
-    dynamic: str = "argmax"            # argmax | soft (think_mode=dynamic)
-    use_graph: bool = True             # False = text-only ablation (same SMILES in the prompt, no graph tokens)
-    include_smiles: bool = True
-    graph_tokens: int = 1              # k <|graph|> tokens (projected vectors) per molecule
-    conv: str = "gine"
-    hidden: int = 64
-    num_layers: int = 3
-    pool: str = "mean"
-    dropout: float = 0.0
-    proj_mult: int = 4
-    train_parts: list = field(default_factory=lambda: ["all"])  # encoder | projector | llm | all
-    on_error: str = "raise"            # invalid SMILES / rows: raise | skip (counted)
-    max_samples: int | None = None     # cap per split (smoke runs)
-    # think_mode=free (on-policy thoughts): regenerate a sample's thought when it is this many steps old
-    regen_every: int = 1
-    max_think_tokens: int = 32         # thinking budget per generated thought (unclosed ones are closed, counted)
-    temperature: float = 1.0           # sampling of the thoughts
-    top_p: float = 1.0
-    top_k: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "MoleculeOptions":
-        raw = dict(cfg.task.options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in names:
-                raise ConfigError(f"task.options.{key} is not an option of the molecule task. Fix: use one of "
-                                  f"{sorted(names)} (docs/molecules.md)")
-        opts = cls(**raw)
-        choices = {"think_mode": THINK_MODES, "dynamic": ("argmax", "soft"), "conv": ("gine", "gin"),
-                   "pool": ("mean", "add", "max"), "on_error": ("raise", "skip")}
-        for key, allowed in choices.items():
-            if getattr(opts, key) not in allowed:
-                raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: use one of {list(allowed)}")
-        for key in ("graph_tokens", "hidden", "num_layers", "proj_mult", "regen_every", "max_think_tokens"):
-            if not isinstance(getattr(opts, key), int) or getattr(opts, key) < 1:
-                raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: a positive integer")
-        if isinstance(opts.train_parts, str):
-            opts.train_parts = [opts.train_parts]
-        bad = [p for p in opts.train_parts if p not in TRAIN_PARTS]
-        if bad or not opts.train_parts:
-            raise ConfigError(f"task.options.train_parts={opts.train_parts!r}. Fix: a non-empty list of "
-                              f"{list(TRAIN_PARTS)} (llm = the LoRA adapters when lora.enabled, else all LM weights)")
-        if not opts.use_graph and not opts.include_smiles:
-            raise ConfigError("task.options: use_graph=false and include_smiles=false leave nothing to describe. "
-                              "Fix: enable one of them")
-        if opts.think_mode == "dynamic" and cfg.loss.impl != "fused":
-            raise ConfigError("task.options.think_mode=dynamic needs the fused loss's dynamic weights. "
-                              "Fix: set loss.impl=fused")
-        if opts.think_mode == "free":
-            if cfg.batch.mode != "samples":
-                raise ConfigError("task.options.think_mode=free changes sample lengths at every regeneration, so "
-                                  "the token-budget plan would go stale. Fix: batch.mode=samples")
-        return opts
-
-    def trains(self, part: str) -> bool:
-        return "all" in self.train_parts or part in self.train_parts
-
-    def graph_config(self) -> dict:
-        return {"conv": self.conv, "hidden": self.hidden, "num_layers": self.num_layers, "pool": self.pool,
-                "dropout": self.dropout, "proj_mult": self.proj_mult, "graph_tokens": self.graph_tokens}
-
-
-def build_prefix(graph_cfg: dict, llm_hidden: int):
-    """GraphEncoder + projector from a graph config dict (MoleculeOptions.graph_config / graph_prefix.json)."""
-    from distthink.tasks.molecule.encoder import GraphEncoder, GraphPrefix
-
-    enc = GraphEncoder(hidden=graph_cfg["hidden"], num_layers=graph_cfg["num_layers"], conv=graph_cfg["conv"],
-                       pool=graph_cfg["pool"], dropout=graph_cfg["dropout"])
-    return GraphPrefix(enc, llm_hidden, k=graph_cfg["graph_tokens"], mult=graph_cfg["proj_mult"])
-
-
-def molecule_inputs_embeds(model, prefix, input_ids: torch.Tensor, graph_token_id: int | None, graph_batch,
-                           graphs_per_sample: torch.Tensor | None, segment_ids: torch.Tensor | None = None):
-    """(B, T, H) inputs_embeds: the LM's token embeddings with projected graph vectors at `<|graph|>` tokens.
-
-    Calls the embedding *module* (not its weight), so ZeRO-3 gathers it; with no graphs (text-only prompts)
-    it is the plain embedding.
-    """
-    from distthink.models.inject import PlaceholderSlot, inject_placeholders
-
-    embeds = model.get_input_embeddings()(input_ids)
-    if graph_batch is None or prefix is None:
-        if graph_token_id is not None and bool((input_ids == graph_token_id).any()):
-            raise DistthinkError(f"the batch has {GRAPH_TOKEN} tokens but no graphs. Fix: pass the molecules' "
-                                 "graphs, or build text-only prompts (use_graph=false)")
-        return embeds
-    vectors = prefix(graph_batch.to(input_ids.device)).to(embeds.dtype)
-    slot = PlaceholderSlot(token_id=graph_token_id, vectors=vectors, counts=graphs_per_sample, name=GRAPH_TOKEN)
-    inplace = not (embeds.is_leaf and embeds.requires_grad)
-    return inject_placeholders(input_ids, embeds, [slot], segment_ids=segment_ids, inplace=inplace)
-
-
-class MoleculeModel(torch.nn.Module):
-    """The module the trainer prepares: LM (`.model`, possibly PEFT) + `.prefix` (GraphPrefix or None).
-
-    forward(batch pieces) -> 0-d float32 weighted loss sum (unnormalised), through the fused loss with
-    optional dynamic weights (after-`</think>` counting).
-    """
-
-    def __init__(self, model, prefix, graph_token_id: int | None, *, impl: str, chunk_size: int,
-                 dynamic: str | None, think_end_id: int | None):
-        super().__init__()
-        from distthink.models.load import base_causal_lm, is_partitioned
-
-        self.model = model
-        self.prefix = prefix
-        self.graph_token_id = graph_token_id
-        self.impl, self.chunk_size, self.dynamic, self.think_end_id = impl, chunk_size, dynamic, think_end_id
-        self._base = [base_causal_lm(model)]  # list: not a second registered submodule
-        if impl == "fused" and is_partitioned(model):
-            import deepspeed
-
-            # the fused loss reads lm_head.weight directly: DeepSpeed must gather it for this forward
-            deepspeed.zero.register_external_parameter(self, self._base[0].lm_head.weight)
-
-    def forward(self, input_ids, targets, target_weights, segment_ids, graph_batch, graphs_per_sample,
-                **model_kwargs) -> torch.Tensor:
-        from distthink.engine.lm_loss import weighted_ce_sum
-
-        base = self._base[0]
-        if not getattr(self, "_logged", False) and self.prefix is not None:
-            self._logged = True
-            log.info("graph encoder + projector: %d params, partitioned by ZeRO-3: %s",
-                     sum(getattr(p, "ds_numel", p.numel()) for p in self.prefix.parameters()),
-                     any(hasattr(p, "ds_id") for p in self.prefix.parameters())
-                     and all(p.data.numel() < p.ds_numel for p in self.prefix.parameters() if p.ds_numel > 1))
-        embeds = molecule_inputs_embeds(self.model, self.prefix, input_ids, self.graph_token_id, graph_batch,
-                                        graphs_per_sample, segment_ids=segment_ids)
-        flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1)
-        if self.impl == "hf":
-            logits = self.model(inputs_embeds=embeds, **model_kwargs).logits
-            return weighted_ce_sum(logits.reshape(-1, logits.shape[-1]), flat_t, flat_w)
-        from distthink.ops import fused_linear_cross_entropy
-
-        hidden = base.model(inputs_embeds=embeds, **model_kwargs).last_hidden_state
-        weight = base.lm_head.weight
-        if weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)
-        extra = {}
-        if self.dynamic:
-            extra = dict(dynamic=self.dynamic, think_end_id=self.think_end_id,
-                         segment_ids=segment_ids.reshape(-1), position_ids=model_kwargs["position_ids"].reshape(-1))
-        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t,
-                                          bias=base.lm_head.bias, token_weights=flat_w, reduction="sum",
-                                          chunk_size=self.chunk_size, **extra)
 
 
 def read_records(spec: str, split: str, on_error: str) -> tuple[list[dict], str]:
     """Rows of a split: `bundled`/`demo` = the shipped demo set (eval -> its test split), else a JSONL file."""
-    from distthink.tasks.molecule.demo import load_demo
-
     if spec in ("bundled", "demo"):
         return load_demo("train" if split == "train" else "test"), f"demo:{split}"
     path = Path(spec)
@@ -248,16 +101,12 @@ class MoleculeTask(SFTTask):
 
     # -- tokenizer and data ------------------------------------------------------------------------------
     def prepare_tokenizer(self, tokenizer) -> None:
-        from distthink.models.inject import add_placeholder_tokens
-
         self.graph_token_id = add_placeholder_tokens(tokenizer, [GRAPH_TOKEN])[GRAPH_TOKEN]
 
     def thinking(self) -> bool:
         return self.opts.think_mode != "off"
 
     def messages(self, rec: dict) -> list[dict]:
-        from distthink.tasks.molecule.demo import caption_messages
-
         msgs = caption_messages(rec["smiles"], rec["description"], use_graph=self.opts.use_graph,
                                 k=self.opts.graph_tokens, include_smiles=self.opts.include_smiles,
                                 thinking=self.thinking())
@@ -266,10 +115,6 @@ class MoleculeTask(SFTTask):
         return msgs
 
     def load_split(self, split: str, tokenizer) -> list:
-        from distthink.engine import batching as train_data
-        from distthink.data.chat import encode_chat
-        from distthink.tasks.molecule.graphs import smiles_to_graph
-
         spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
         records, source = read_records(spec, split, self.opts.on_error)
         if self.opts.max_samples:
@@ -328,7 +173,7 @@ class MoleculeTask(SFTTask):
         lead = 0
         while lead < len(tail) and tok.decode([tail[lead]]).strip() == "":
             lead += 1
-        weights = [0.0] * lead + [1.0 if lab != -100 else 0.0 for lab in tail_labels[lead:]]
+        weights = [0.0] * lead + [1.0 if lab != IGNORE_INDEX else 0.0 for lab in tail_labels[lead:]]
         meta = dict(sample.meta, free_prompt=prompt + opener, free_tail=tail, free_tail_weights=weights,
                     free_end=end, free_step=None, free_think_len=0, free_closed_by_us=False)
         return self._free_sample(meta, [])
@@ -336,12 +181,10 @@ class MoleculeTask(SFTTask):
     @staticmethod
     def _free_sample(meta: dict, thought: list[int]):
         """prompt + `<think>\n` + thought + `</think>` + tail, learning only the tail's description."""
-        from distthink.data.types import EncodedSample
-
         head = meta["free_prompt"] + list(thought) + [meta["free_end"]]
         ids = head + meta["free_tail"]
         w = [0.0] * len(head) + meta["free_tail_weights"]
-        labels = [t if wi > 0 else -100 for t, wi in zip(ids, w)]
+        labels = [t if wi > 0 else IGNORE_INDEX for t, wi in zip(ids, w)]
         return EncodedSample(input_ids=ids, labels=labels, loss_weights=w, meta=meta)
 
     def on_step_start(self, step: int, model, train_set: list, indices: list[int]) -> None:
@@ -355,8 +198,6 @@ class MoleculeTask(SFTTask):
         does), whatever its own number of stale samples (0 included) and generation lengths."""
         if self.opts.think_mode != "free":
             return
-        from distthink.inference.generate import GenerationOptions
-        from distthink.inference.parse import close_thoughts
 
         stale = [i for i in indices if train_set[i].meta["free_step"] is None
                  or step - train_set[i].meta["free_step"] >= self.opts.regen_every]
@@ -364,7 +205,6 @@ class MoleculeTask(SFTTask):
         if synced:
             # Collective from here on: under ZeRO-3 every decoder forward all-gathers the partitioned weights,
             # so either all ranks generate (a rank with nothing stale runs a discarded dummy row) or none does.
-            from distthink.engine import distributed as dist
 
             if dist.all_reduce_sum([float(len(stale))], next(model.parameters()).device)[0] == 0:
                 return
@@ -408,25 +248,19 @@ class MoleculeTask(SFTTask):
         """True when the ranks must generate in lockstep: `model`'s weights are ZeRO-3 partitioned and there is
         more than one rank. DDP / ZeRO-1/2 ranks hold full weights, so each generates on its own (no per-token
         all_reduce)."""
-        from distthink.models.load import is_partitioned
-
         return (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1 and is_partitioned(model))
 
     def _free_generator(self, model):
-        from distthink.inference.generate import Generator
-
         if not hasattr(self, "_gen_tokenizer"):
             raise DistthinkError("free mode: the tokenizer is unknown (collator() was not called)")
-        return Generator(model.model, self._gen_tokenizer, model.prefix, self.graph_token_id)
+        return Generator(model.model, self._gen_tokenizer, GraphPromptInputs(model.prefix, self.graph_token_id))
 
     def collator(self, tokenizer) -> Callable[[list], dict]:
         self._gen_tokenizer = tokenizer
         base = super().collator(tokenizer)
 
         def collate(samples: list) -> dict:
-            from distthink.tasks.molecule.encoder import collate_sample_graphs
-
             batch = base(samples)
             batch["graph_batch"], batch["graphs_per_sample"] = collate_sample_graphs(
                 [s.meta.get("graphs", []) for s in samples])
@@ -436,8 +270,6 @@ class MoleculeTask(SFTTask):
 
     # -- model -------------------------------------------------------------------------------------------
     def wrap_model(self, model, tokenizer) -> torch.nn.Module:
-        from distthink.models.load import base_causal_lm
-
         prefix = None
         if self.opts.use_graph:
             torch.manual_seed(self.cfg.train.seed + 7)  # identical graph-side init on every rank
@@ -462,8 +294,6 @@ class MoleculeTask(SFTTask):
         return wrapped
 
     def forward(self, wrapped, batch: dict, attn_impl: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        from distthink.data.packing import model_inputs
-
         loss_sum = wrapped(input_ids=batch["input_ids"], targets=batch["targets"],
                            target_weights=batch["target_weights"], segment_ids=batch["segment_ids"],
                            graph_batch=batch["graph_batch"], graphs_per_sample=batch["graphs_per_sample"],
@@ -471,6 +301,11 @@ class MoleculeTask(SFTTask):
         return {"lm": loss_sum}
 
     # -- export ------------------------------------------------------------------------------------------
+    def prompt_inputs(self, wrapped) -> tuple[GraphPromptInputs, dict]:
+        """Generation from a checkpoint (distthink.inference.generate): the graph side of the wrapped module."""
+        prefix = wrapped.prefix.eval() if wrapped.prefix is not None else None
+        return GraphPromptInputs(prefix, self.graph_token_id), self.prompt_meta()
+
     def prompt_meta(self) -> dict:
         """What a generator needs to rebuild this run's prompts and graph side (graph_prefix.json)."""
         return {**self.opts.graph_config(), "graph_token": GRAPH_TOKEN, "use_graph": self.opts.use_graph,
@@ -480,43 +315,6 @@ class MoleculeTask(SFTTask):
         """Collective: write the graph encoder + projector (and the prompt settings) next to the exported LM."""
         inner = accelerator.unwrap_model(wrapped)
         params = list(inner.prefix.parameters()) if inner.prefix is not None else []
-        with _gathered(params):
+        with gathered(params):
             if accelerator.is_main_process:
                 save_prefix(inner.prefix, self.prompt_meta(), out_dir)
-
-
-def save_prefix(prefix, meta: dict, out_dir: str | Path) -> None:
-    """graph_prefix.json (prompt + encoder settings) and, with a graph side, graph_prefix.safetensors (fp32)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if prefix is not None:
-        sd = {k: v.detach().float().cpu().contiguous() for k, v in prefix.state_dict().items()}
-        save_file(sd, str(out / PREFIX_FILE))
-    (out / PREFIX_META).write_text(json.dumps(meta, indent=1))
-
-
-def _gathered(params):
-    import contextlib
-
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def load_prefix(export_dir: str | Path, llm_hidden: int):
-    """(GraphPrefix or None, meta) saved by MoleculeTask.save_extra; (None, {}) when the export has none."""
-    from safetensors.torch import load_file
-
-    d = Path(export_dir)
-    if not (d / PREFIX_META).exists():
-        return None, {}
-    meta = json.loads((d / PREFIX_META).read_text())
-    if not meta.get("use_graph", True) or not (d / PREFIX_FILE).exists():
-        return None, meta
-    prefix = build_prefix(meta, llm_hidden)
-    prefix.load_state_dict(load_file(str(d / PREFIX_FILE)))
-    return prefix.eval(), meta

@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,9 +39,13 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from distthink.errors import CheckpointError, ConfigError, DataError
 from distthink.logging_utils import get_logger
+from distthink.tasks.thinkrec.metrics import auc
+from distthink.tasks.thinkrec.prepare import read_split
 
 log = get_logger(__name__)
 MODELS = ("mf", "lightgcn", "sasrec")
@@ -93,8 +97,6 @@ def _right_align(lists: pd.Series, k: int, pad: int) -> tuple[np.ndarray, np.nda
 
 def load_split(path: str | Path, n_items: int, history_len: int = 10) -> CFSplit:
     """Read a prepared split file into a `CFSplit` (ids must be below the prepared n_users/n_items)."""
-    from distthink.tasks.thinkrec.prepare import read_split
-
     df = read_split(path)
     for col in ("user_id", "item_id", "label", "history_item_ids", "history_labels"):
         if col not in df.columns:
@@ -339,8 +341,6 @@ def last_train_history(train: CFSplit, n_users: int, history_len: int) -> CFSpli
 
 def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CFConfig) -> CFResult:
     """Pointwise BCE training with early stopping on valid AUC. Keeps the best epoch's weights."""
-    from distthink.tasks.thinkrec.metrics import auc
-
     cfg.validate()
     if len(train) == 0 or len(valid) == 0:
         raise DataError(f"empty split (train={len(train)}, valid={len(valid)})",
@@ -410,7 +410,6 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=None)  # None: off when not a TTY
 
@@ -436,8 +435,6 @@ class CFExport:
 
     def load_sasrec(self) -> SASRec:
         """The SASRec encoder (eval mode), for per-sample history encoding."""
-        from safetensors.torch import load_file
-
         if self.meta.get("model") != "sasrec":
             raise CheckpointError(f"{self.path}: not a SASRec export (model={self.meta.get('model')})")
         c = self.meta["config"]
@@ -448,8 +445,6 @@ class CFExport:
 
 def export_cf(result: CFResult, out_dir: str | Path, prepared_dir: str | Path, extra_meta: dict | None = None) -> Path:
     """Write embeddings.safetensors (+ sasrec.safetensors), id maps and cf_meta.json into out_dir."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = result.model
@@ -479,8 +474,6 @@ def export_cf(result: CFResult, out_dir: str | Path, prepared_dir: str | Path, e
 
 def load_cf_export(path: str | Path) -> CFExport:
     """Load an export folder; checks that table shapes agree with the meta file and the id maps."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     need = ["embeddings.safetensors", "cf_meta.json", "users.parquet", "items.parquet"]
     missing = [n for n in need if not (p / n).is_file()]

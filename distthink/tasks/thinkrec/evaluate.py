@@ -17,22 +17,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.distributed as dist
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from distthink.config import Config
+from distthink.config import Config, resolve_attention
+from distthink.data.packing import model_inputs
+from distthink.engine import batching as train_data
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.load import build_model_config, load_tokenizer
+from distthink.models.molora import global_gate, hard_gate, molora_gates
+from distthink.models.molora_export import read_molora_json
+from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.gate import BRANCH_NAMES, load_molora
+from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
+from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper
+from distthink.tasks.thinkrec.projector_export import PROJECTOR_META, load_projector_export
+from distthink.tasks.thinkrec.samples import build_samples
+from distthink.tasks.thinkrec.task import ThinkRecTask
 
 log = get_logger(__name__)
 
 
 def load_for_eval(cfg: Config, export: str | None, tokenizer):
     """The causal LM (with the export's adapter when given), eval mode, fp32 on CPU / cfg dtype elsewhere."""
-    from transformers import AutoModelForCausalLM
-
-    from distthink.models.load import attn_implementation, build_model_config
-
-    attn = attn_implementation(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    # fp32 on the CPU: attention there is sdpa whatever a visible GPU could run
+    attn = resolve_attention(cfg.model.attn_implementation, "cpu", torch.float32)
     base_dir = Path(export) / "base_model" if export else None
     if export and not (Path(export) / "adapter_config.json").is_file() and (Path(export) / "config.json").is_file():
         # a full-model export (checkpoint.export=full)
@@ -49,7 +63,6 @@ def load_for_eval(cfg: Config, export: str | None, tokenizer):
         if not (Path(export) / "adapter_config.json").is_file():
             raise ConfigError(f"--export {export} is not a PEFT adapter export. Fix: pass train.output_dir/export "
                               "of a run with checkpoint.export=adapter")
-        from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, export)
     return model.eval()
@@ -67,10 +80,6 @@ class FusionGates:
     """
 
     def __init__(self, molora_dir: Path, gate, num_experts: int, cf_export: str | None, groups_dir: str | None):
-        import pandas as pd
-
-        from distthink.models.molora_export import read_molora_json
-
         meta = read_molora_json(molora_dir)
         if gate is None:
             raise ConfigError(f"{molora_dir}/molora.json has no gate (centroids). Fix: export stage 3 with its "
@@ -83,7 +92,6 @@ class FusionGates:
         if table_path is None or not table_path.is_file():
             raise ConfigError(f"{molora_dir}: no user_groups.parquet in the export and no "
                               "task.options.molora.groups_dir. Fix: pass the stage's config")
-        from distthink.tasks.thinkrec.cf import load_cf_export
 
         self.gate, self.k = gate, num_experts
         self.cf_user = load_cf_export(cf_export).user.detach().float().cpu()
@@ -95,8 +103,6 @@ class FusionGates:
 
     def __call__(self, user_ids: torch.Tensor) -> dict:
         """(S,) user ids -> {mode: (S, K+1) gates} + {"branch": (S,) long} of the entropy gate."""
-        from distthink.models.molora import global_gate, hard_gate
-
         u = torch.as_tensor(user_ids).detach().cpu().long()
         bad = (u < 0) | (u >= self.cf_user.shape[0])
         if bad.any():
@@ -113,10 +119,6 @@ class FusionGates:
 def load_stage3_for_eval(export: str):
     """(model with MoLoRA layers, EntropyGate|None, molora dir) from a stage-3 export: the plain base model in
     ``export/`` (config.json + weights) and the adapters in ``export/molora`` (distthink.models.molora_export)."""
-    from transformers import AutoModelForCausalLM
-
-    from distthink.models.molora_export import load_molora
-
     ex = Path(export)
     mdir = ex / "molora" if (ex / "molora" / "molora.json").is_file() else ex
     if not (mdir / "molora.json").is_file():
@@ -136,9 +138,6 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
                        rank: int = 0, world: int = 1, gates_fn=None):
     """Stage-3 export: scores of this rank's share under each gate mode (FUSION_MODES) and the entropy gate's
     branch per sample. gates_fn(user_ids) -> {mode: (S, K+1)} replaces the modes it names (tests)."""
-    from distthink.models.molora import molora_gates
-    from distthink.tasks.thinkrec.task import ThinkRecTask
-
     task = ThinkRecTask(cfg)
     opt = task.opt
     ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
@@ -165,11 +164,6 @@ def evaluate_fusion(cfg: Config, split_path: str, *, export: str, limit: int | N
                     scores_out: str | None = None, batch_size: int = 8, ks=(1, 5, 10), gates_fn=None) -> dict:
     """Collective. {"fusion"|"global"|"hard": metrics, "branch_counts": {expert, global, fuse}} over the whole
     split (exact gather); rank 0 writes Parquet with score_<mode> and gate_branch columns."""
-    import torch.distributed as dist
-
-    from distthink.models.molora import BRANCH_NAMES
-    from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
-
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     r, n = score_split_fusion(cfg, split_path, export=export, limit=limit, batch_size=batch_size, rank=rank,
@@ -195,8 +189,6 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
                 batch_size: int = 8, rank: int = 0, world: int = 1, projector: str | None = None):
     """Scores of this rank's share of the split. Returns (sample_index, users, items, labels, scores) arrays
     of this rank and the split size."""
-    from distthink.tasks.thinkrec.task import ThinkRecTask
-
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
     tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
@@ -213,10 +205,6 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
 
 def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
-    from distthink.engine import batching as train_data
-    from distthink.models.load import load_tokenizer
-    from distthink.tasks.thinkrec.task import build_samples
-
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
     samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
@@ -227,8 +215,6 @@ def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
 def _eval_wrapper(model, tokenizer, opt, source):
     """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
     is loaded from `source` (projector_source), never from the training-time options."""
-    from distthink.tasks.thinkrec.task import build_wrapper
-
     opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
     if source is not None:
@@ -246,9 +232,6 @@ def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: i
 
 
 def _batch_scores(wrapper, model, batch) -> torch.Tensor:
-    from distthink.data.packing import model_inputs
-    from distthink.tasks.thinkrec.task import SCORE_KEYS
-
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
     return wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
 
@@ -264,8 +247,6 @@ def projector_source(opt, export: str | None, projector: str | None) -> tuple[st
     """Where the projector of a prompt_mode=ids stage comes from, in this order: ``--projector`` (a checkpoint's
     model.safetensors), the ``--export`` folder's projector.safetensors (written by the stage's export), the
     config's ``init_projector`` when the stage kept it frozen. ("checkpoint" | option name, path)."""
-    from distthink.tasks.thinkrec.projector_export import PROJECTOR_META
-
     if projector:
         return "checkpoint", projector
     if export and (Path(export) / PROJECTOR_META).is_file():
@@ -282,8 +263,6 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
     if kind == "checkpoint":
         load_projector(wrapper, path)
         return
-    from distthink.tasks.thinkrec.cf import load_cf_export
-    from distthink.tasks.thinkrec.projector_export import load_projector_export
 
     # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
     load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
@@ -291,8 +270,6 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
 
 def load_projector(wrapper, path: str) -> None:
     """Load the `projector.*` tensors of a (non-ZeRO-3 or consolidated) training checkpoint's safetensors."""
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise ConfigError(f"--projector {path} is not a file. Fix: pass CHECKPOINT/model.safetensors")
     sd = {k[len("projector."):]: v for k, v in load_file(str(path)).items() if k.startswith("projector.")}
@@ -308,10 +285,6 @@ def load_projector(wrapper, path: str) -> None:
 def evaluate(cfg: Config, split_path: str, *, export: str | None = None, limit: int | None = None,
              scores_out: str | None = None, batch_size: int = 8, ks=(1, 5, 10), projector: str | None = None) -> dict:
     """Collective when a process group is initialised. Metrics dict (same on every rank); rank 0 writes Parquet."""
-    import torch.distributed as dist
-
-    from distthink.tasks.thinkrec.metrics import gather_predictions, compute_metrics, write_scores
-
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     r, n = score_split(cfg, split_path, export=export, limit=limit, batch_size=batch_size, rank=rank, world=world,

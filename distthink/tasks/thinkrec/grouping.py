@@ -27,9 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+from sklearn.cluster import AgglomerativeClustering, MiniBatchKMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
 
-from distthink.errors import ConfigError, DataError
+from distthink.errors import CheckpointError, ConfigError, DataError
 from distthink.logging_utils import get_logger
+from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.prepare import SPLITS, find_split, read_split
 
 log = get_logger(__name__)
 SPACE = "standardised: z = (e - scaler_mean) / scaler_scale, e = CF user vector from the export"
@@ -96,14 +103,11 @@ def to_gate_space(user_vectors, scaler_mean, scaler_scale):
 
 def _cluster(z: np.ndarray, k: int, cfg: GroupConfig) -> tuple[np.ndarray, np.ndarray]:
     if cfg.method == "kmeans":
-        from sklearn.cluster import MiniBatchKMeans
-
         km = MiniBatchKMeans(n_clusters=k, random_state=cfg.seed, batch_size=cfg.batch_size, n_init=cfg.n_init)
         km.fit(z)
         # Mini-batch centres are approximate: finish with exact Lloyd steps so that every label is the
         # nearest centroid and every centroid is exactly its group's mean (what the gate compares to).
         return _lloyd(z, km.cluster_centers_.astype(np.float64))
-    from sklearn.cluster import AgglomerativeClustering
 
     labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(z)
     return labels, np.stack([z[labels == g].mean(axis=0) for g in range(k)])
@@ -126,8 +130,6 @@ def _lloyd(z: np.ndarray, centroids: np.ndarray, max_iter: int = 50) -> tuple[np
 
 def fit_groups(x: np.ndarray, cfg: GroupConfig) -> GroupResult:
     """Standardise x (n, d), cluster, and pick k by silhouette when cfg.n_groups == 'auto'."""
-    from sklearn.metrics import silhouette_score
-
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise DataError("user vectors must be a finite (n, d) matrix", field="user",
@@ -162,10 +164,6 @@ def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
                 prepared_dir: str | Path | None = None) -> dict:
     """Cluster the users of a CF export and write the outputs listed in the module docstring."""
-    from safetensors.numpy import save_file
-
-    from distthink.tasks.thinkrec.cf import load_cf_export
-
     exp = load_cf_export(cf_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +200,6 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
 
 def write_group_splits(prepared_dir: str | Path, table: pd.DataFrame, out: Path, k: int) -> dict:
     """Split every prepared split by the user's group: splits/group_<g>/<split>.parquet. Returns row counts."""
-    from distthink.tasks.thinkrec.prepare import SPLITS, find_split, read_split
-
     g_of = table.set_index("user_id")["group"]
     counts = {}
     for name in SPLITS:
@@ -223,11 +219,10 @@ def write_group_splits(prepared_dir: str | Path, table: pd.DataFrame, out: Path,
 
 
 def _plots(z: np.ndarray, group: np.ndarray, res: GroupResult, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: choose the headless backend before pyplot loads, without changing the caller's
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
 
     pca = PCA(n_components=2, random_state=0).fit(z)
     p, c = pca.transform(z), pca.transform(res.centroids.astype(np.float64))
@@ -253,10 +248,6 @@ def _plots(z: np.ndarray, group: np.ndarray, res: GroupResult, out: Path) -> Non
 
 def load_groups(path: str | Path) -> dict:
     """Load a group folder: {'centroids', 'scaler_mean', 'scaler_scale' (torch tensors), 'table', 'meta'}."""
-    from safetensors.torch import load_file
-
-    from distthink.errors import CheckpointError
-
     p = Path(path)
     for name in ("groups.safetensors", "groups.json", "user_groups.parquet"):
         if not (p / name).is_file():

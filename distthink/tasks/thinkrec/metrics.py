@@ -28,6 +28,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
 
 from distthink.errors import DistthinkError
 
@@ -190,9 +193,6 @@ def gather_predictions(sample_index, users, labels, scores, *, group=None, expec
     (index, users, labels, scores) sorted by sample index, identical on every rank. Without an
     initialised process group it just de-duplicates locally. float64 scores travel as float64.
     """
-    import torch
-    import torch.distributed as dist
-
     def _t(x, dtype):
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu()
@@ -262,8 +262,6 @@ def write_scores(path, sample_index, users, items, labels, scores, extra: dict |
 
     Call it on rank 0 with the gathered, de-duplicated arrays (all 1-D, same length).
     """
-    import pandas as pd
-
     cols = {"sample_index": np.asarray(sample_index, dtype=np.int64), "user_id": np.asarray(users, dtype=np.int64),
             "item_id": np.asarray(items, dtype=np.int64), "label": np.asarray(labels, dtype=np.int64),
             "score": np.asarray(scores, dtype=np.float64)}

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from distthink.errors import DataError
 from distthink.logging_utils import get_logger
 from distthink.tasks.thinkrec.interactions import Interactions
+from distthink.tasks.thinkrec.prompts import template_reason
 
 log = get_logger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -207,8 +208,6 @@ def prepare(data: Interactions, out_dir: str | Path, *, threshold: float = 4.0, 
 
 
 def _template_reasons(meta_items: pd.DataFrame, item_ids, iid, label, hist, hvalid, titles) -> list[str]:
-    from distthink.tasks.thinkrec.synthetic_world import template_reason
-
     genres = meta_items["genres"].fillna("").astype(str).to_numpy()
     if (genres == "").all():
         raise DataError("reasons=template needs item genres, but no item has any", field="genres",

@@ -7,16 +7,21 @@ which checks the shape and the CF space it was trained on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from distthink.errors import ConfigError
+from distthink.errors import CheckpointError, ConfigError
 from distthink.logging_utils import get_logger
+from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.zero3 import gathered, is_partitioned
 
 if TYPE_CHECKING:
-    from distthink.tasks.thinkrec.task import ThinkRecOptions
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
 
 log = get_logger(__name__)
 
@@ -33,8 +38,6 @@ def projector_shape(projector) -> dict:
 
 def cf_fingerprint(cf) -> str:
     """sha256 of the CF tables' values (not of the file: a copied or re-saved export keeps its fingerprint)."""
-    import hashlib
-
     h = hashlib.sha256()
     for t in (cf.user, cf.item):
         t = t.detach().float().cpu().contiguous()
@@ -45,8 +48,6 @@ def cf_fingerprint(cf) -> str:
 
 def check_projector_export(folder: str, option: str = "task.options.init_projector") -> dict:
     """The meta of a projector export folder, or a ConfigError naming `option` and the fix."""
-    import json
-
     d = Path(folder)
     fix = ("Fix: pass the train.output_dir/export folder of a prompt_mode=ids stage (stage 2) run with "
            "checkpoint.export=adapter (it writes projector.safetensors + projector.json)")
@@ -72,21 +73,8 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     export_dir/projector.json: format, shape ({d_in, hidden_size, mult, k}), the cf_export it was trained with
     and that export's fingerprint (cf_fingerprint), so a later stage can check it gets the same CF space.
     """
-    import contextlib
-    import json
-
-    from safetensors.torch import save_file
-
-    from distthink.errors import CheckpointError
-
-    params = list(projector.parameters())
-    ctx = contextlib.nullcontext()
-    gathered = any(hasattr(p, "ds_id") for p in params)
-    if gathered:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with ctx:
+    was_partitioned = is_partitioned(projector)
+    with gathered(projector.parameters()):
         if not is_main:
             return
         sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in projector.state_dict().items()}
@@ -100,15 +88,13 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     save_file(sd, str(out / PROJECTOR_FILE), metadata={"format": PROJECTOR_FORMAT})
     cf_path, fp = opt.cf_export, None
     if cf_path:
-        from distthink.tasks.thinkrec.cf import load_cf_export
-
         fp = cf_fingerprint(load_cf_export(cf_path))
     meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": str(Path(cf_path).resolve()) if cf_path else None,
             "cf_fingerprint": fp, "trained": bool(opt.train_projector),
             "init_projector": opt.init_projector}
     (out / PROJECTOR_META).write_text(json.dumps(meta, indent=1) + "\n")
     log.info("exported the projector %s to %s%s", shape, out / PROJECTOR_FILE,
-             " (gathered from its ZeRO-3 partitions)" if gathered else "")
+             " (gathered from its ZeRO-3 partitions)" if was_partitioned else "")
 
 
 def _projector_tensor_shapes(shape: dict) -> dict:
@@ -124,8 +110,6 @@ def load_projector_export(projector, folder: str, opt: ThinkRecOptions | None = 
     With `cf` (the CF export in use): a different CF space than the one the projector was trained on is an
     error when the projector stays frozen (it would map foreign vectors), a warning when it is trained further.
     Returns the export's meta."""
-    from safetensors.torch import load_file
-
     meta = check_projector_export(folder, option)
     have = projector_shape(projector)
     saved = {k: meta.get(k) for k in have}

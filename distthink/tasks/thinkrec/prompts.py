@@ -100,3 +100,38 @@ def render(row: dict, *, template: str, mode: str, answer: str, source: str | No
     content = content.replace(TARGET_ITEM_TITLE, str(row["target_title"]))
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return RenderedPrompt(messages, int(row["user_id"]), int(row["item_id"]), hist_ids if with_ids else [])
+
+
+def template_reason(label: int, target_title: str, target_genres: list[str],
+                    history_titles: list[str], history_genres: list[list[str]], history_labels: list[int],
+                    max_examples: int = 3) -> str:
+    """A reason that is true of the data, beginning with the verdict ("Yes." / "No.").
+
+    It cites the history items that share a genre with the target and were liked (for Yes) or
+    disliked (for No); otherwise it falls back to the user's liked genres.
+    """
+    verdict = "Yes." if label else "No."
+    tg = target_genres[0] if target_genres else "unknown-genre"
+    tset = set(target_genres)
+    same = [(t, lab, g) for t, g, lab in zip(history_titles, history_genres, history_labels) if tset & set(g)]
+    wanted = 1 if label else 0
+    support = [t for t, lab, _ in same if lab == wanted]
+    if support:
+        g = next(x for x in target_genres if any(x in hg for t, _, hg in same if t in support))
+        n = "one" if len(support) == 1 else "several"
+        verb = "liked" if label else "disliked"
+        cited = ", ".join(f'"{t}"' for t in support[:max_examples])
+        return (f'{verdict} because the user {verb} {n} {g} movie{"s" if len(support) > 1 else ""} in their '
+                f'history ({cited}) and "{target_title}" is {_a(g)} movie.')
+    liked = sorted({g for gs, lab in zip(history_genres, history_labels) if lab for g in gs})
+    if label:
+        return (f'{verdict} because "{target_title}" is {_a(tg)} movie, a genre the user has not disliked, '
+                f'and viewers with similar tastes rated it highly.')
+    if liked:
+        return (f'{verdict} because the user mostly liked {", ".join(liked[:3])} movies, and '
+                f'"{target_title}" is {_a(tg)} movie that matches none of them.')
+    return f'{verdict} because the user has not liked anything similar to "{target_title}", {_a(tg)} movie.'
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word

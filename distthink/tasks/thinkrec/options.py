@@ -1,0 +1,152 @@
+"""`task.options` of the thinkrec task (docs/thinkrec.md), validated at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from distthink.errors import ConfigError
+from distthink.logging_utils import get_logger
+from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.projector_export import check_projector_export
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ThinkRecOptions:
+    """``task.options`` of the thinkrec task (docs/thinkrec.md)."""
+
+    prompt_mode: str = "text"          # text (stage 1) | ids (stage 2/3: id tokens + projector)
+    template: str | None = None        # None = prompts.TEMPLATES[prompt_mode]
+    cf_export: str | None = None       # folder of `distthink rec train-cf` (needed for prompt_mode=ids)
+    rec_score: str = "yes"             # yes | yes_minus_no
+    yes_text: str = "Yes"
+    no_text: str = "No"
+    alpha: float = 0.1                 # reasoning samples: alpha * BCE + beta * LM
+    beta: float = 0.9
+    theta: float = 0.9                 # label-only samples: theta * BCE + gamma * LM
+    gamma: float = 0.1
+    reason_ratio: float = 0.2          # share of rows (with a reason) used as reasoning samples
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    projector_mult: int = 10
+    proj_token_num: int = 1
+    train_projector: bool | None = None  # default: prompt_mode == ids
+    init_projector: str | None = None  # a stage-2 export folder holding projector.safetensors (loaded by path)
+    init_adapter: str | None = None    # a previous stage's adapter export folder (loaded by path)
+    freeze_lora: bool = False          # stage 2: LoRA frozen
+    molora: dict | None = None         # stage 3: {groups_dir, init_adapter, gate: hard|soft, dropout} (MoLoRAStage)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ThinkRecOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"task.options: unknown key(s) {unknown} for task thinkrec. Fix: use {sorted(names)}")
+        opt = cls(**d)
+        opt.validate()
+        return opt
+
+    def validate(self) -> None:
+        # YAML 1.1 reads an unquoted yes/no as a boolean: map those back to the words the user wrote.
+        if self.rec_score is True:
+            self.rec_score = "yes"
+        if self.yes_text is True:
+            self.yes_text = "Yes"
+        if self.no_text is False:
+            self.no_text = "No"
+        if self.rec_score not in ("yes", "yes_minus_no"):
+            raise ConfigError(f"task.options.rec_score={self.rec_score!r}. Fix: use `yes` or `yes_minus_no`")
+        for k in ("alpha", "beta", "theta", "gamma"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"task.options.{k}={v!r} must be a number >= 0. Fix: e.g. the default "
+                                  f"{getattr(ThinkRecOptions, k)}")
+        if not 0 <= self.reason_ratio <= 1:
+            raise ConfigError(f"task.options.reason_ratio={self.reason_ratio!r} must be in [0, 1]. Fix: e.g. 0.2")
+        for k in ("projector_mult", "proj_token_num"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ConfigError(f"task.options.{k} must be a positive integer. Fix: e.g. 10 / 1")
+        if self.template is None:
+            if self.prompt_mode not in prompts.TEMPLATES:
+                raise ConfigError(f"task.options.prompt_mode={self.prompt_mode!r}. Fix: use `text` or `ids`")
+            self.template = prompts.TEMPLATES[self.prompt_mode]
+        prompts.check_template(self.template, self.prompt_mode)
+        if self.prompt_mode == "ids" and not self.cf_export:
+            raise ConfigError("task.options.prompt_mode=ids needs task.options.cf_export. Fix: pass the folder "
+                              "written by `distthink rec train-cf`")
+        if self.cf_export and not Path(self.cf_export).is_dir():
+            raise ConfigError(f"task.options.cf_export={self.cf_export!r} is not a folder. Fix: run "
+                              "`distthink rec train-cf --out DIR` and pass DIR")
+        if self.init_adapter and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"task.options.init_adapter={self.init_adapter!r} has no adapter_model.safetensors. "
+                              "Fix: pass the previous stage's export folder (train.output_dir/export)")
+        if self.train_projector is None:
+            self.train_projector = self.prompt_mode == "ids"
+        if self.init_projector:
+            if self.prompt_mode != "ids":
+                raise ConfigError(f"task.options.init_projector={self.init_projector!r} is set but prompt_mode="
+                                  f"{self.prompt_mode!r} uses no projector. Fix: set prompt_mode: ids, or remove "
+                                  "init_projector")
+
+            check_projector_export(self.init_projector)
+        elif self.prompt_mode == "ids" and not self.train_projector:
+            # A frozen projector that nobody trained would inject random vectors into every prompt: refuse.
+            raise ConfigError("task.options.prompt_mode=ids with train_projector=false needs a trained projector. "
+                              "Fix: set task.options.init_projector to the stage-2 export folder "
+                              "(train.output_dir/export holding projector.safetensors), or train_projector: true")
+        for k in ("yes_text", "no_text"):
+            if not getattr(self, k) or not isinstance(getattr(self, k), str):
+                raise ConfigError(f"task.options.{k} must be a non-empty string. Fix: e.g. Yes / No")
+        if self.molora is not None:
+            self.molora = MoLoRAStage.from_dict(self.molora, cf_export=self.cf_export)
+            if self.init_adapter or self.freeze_lora:
+                raise ConfigError("task.options.init_adapter/freeze_lora do not apply to stage 3. Fix: name the "
+                                  "stage-1 adapter in task.options.molora.init_adapter and remove them")
+
+
+@dataclass
+class MoLoRAStage:
+    """``task.options.molora`` (stage 3, docs/thinkrec.md): per-group experts trained in one job.
+
+    groups_dir: folder of `distthink rec group` (user_groups.parquet + centroids). init_adapter: the stage-1
+    PEFT adapter folder every expert and the global adapter start from. gate: ``hard`` routes each sample to
+    its user's group expert (users absent from the table: the global adapter); ``soft`` uses the entropy gate
+    on the CF user vectors (needs task.options.cf_export).
+    """
+
+    groups_dir: str = ""
+    init_adapter: str = ""
+    gate: str = "hard"
+    dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d, cf_export=None) -> "MoLoRAStage":
+        if isinstance(d, MoLoRAStage):
+            return d
+        if not isinstance(d, dict) and hasattr(d, "items"):
+            d = dict(d.items())
+        if not isinstance(d, dict):
+            raise ConfigError(f"task.options.molora must be a mapping, got {d!r}. Fix: e.g. "
+                              "{groups_dir: runs/groups, init_adapter: runs/stage1/export}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"task.options.molora: unknown key(s) {unknown}. Fix: use {sorted(names)}")
+        m = cls(**d)
+        g = Path(m.groups_dir) if m.groups_dir else None
+        if g is None or not (g / "user_groups.parquet").is_file() or not (g / "groups.safetensors").is_file():
+            raise ConfigError(f"task.options.molora.groups_dir={m.groups_dir!r} is not a `distthink rec group` "
+                              "folder. Fix: run `distthink rec group --cf CF --out DIR` and pass DIR")
+        if not m.init_adapter or not (Path(m.init_adapter) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"task.options.molora.init_adapter={m.init_adapter!r} has no "
+                              "adapter_model.safetensors. Fix: pass stage 1's export folder (train.output_dir/export)")
+        if m.gate not in ("hard", "soft"):
+            raise ConfigError(f"task.options.molora.gate={m.gate!r}. Fix: use `hard` or `soft`")
+        if m.gate == "soft" and not cf_export:
+            raise ConfigError("task.options.molora.gate=soft needs the CF user vectors. Fix: set "
+                              "task.options.cf_export (the `distthink rec train-cf` folder)")
+        if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
+            raise ConfigError(f"task.options.molora.dropout={m.dropout!r} must be in [0, 1). Fix: e.g. 0.0")
+        return m
