@@ -37,12 +37,6 @@ V_QWEN3 = 151_936
 
 
 
-def naive_weighted_ce(hidden, weight, target, token_weights, normalizer):
-    """The baseline every trainer without a fused loss runs: full (N, V) logits, then weighted cross-entropy."""
-    logits = hidden @ weight.t()
-    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="none")
-    return (ce.float() * token_weights).sum() / normalizer
-
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -65,6 +59,11 @@ def worker(args) -> dict:
     process, interleaved round by round (a warm-up round, then --repeats rounds), so that the load of other
     jobs on a shared machine hits every variant alike."""
     import torch
+
+    def naive_weighted_ce(hidden, weight, target, token_weights, normalizer):
+        """The baseline of trainers without a fused loss: full (N, V) logits, then weighted cross-entropy."""
+        ce = torch.nn.functional.cross_entropy(hidden @ weight.t(), target, ignore_index=-100, reduction="none")
+        return (ce.float() * token_weights).sum() / normalizer
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -139,16 +139,16 @@ def child_main(result_path: str, overrides: list[str]) -> int:
     """Run the real recipe in this process with the tracker on; write this rank's figures as JSON."""
     import torch
 
-    from distthink.engine import checkpoint as ckpt
-    from distthink.engine import batching as train_data
     from distthink.config import load_config
-    from distthink.train import run
+    from distthink.engine import batching as train_data
+    from distthink import train as recipe
+    from distthink.engine import checkpoint as ckpt
 
     cfg = load_config(None, overrides)
     tracker = _make_tracker()
     seen = {"max_T": 0, "max_learned": 0}
 
-    orig_save, orig_export, orig_collator = ckpt.save_checkpoint, ckpt.export_model, train_data.make_collator
+    orig_save, orig_export, orig_collator = ckpt.save_checkpoint, recipe.export_model, train_data.make_collator
 
     def save(*a, **k):
         tracker.freeze()
@@ -169,7 +169,7 @@ def child_main(result_path: str, overrides: list[str]) -> int:
 
         return wrapped
 
-    ckpt.save_checkpoint, ckpt.export_model, train_data.make_collator = save, export, make_collator
+    ckpt.save_checkpoint, recipe.export_model, train_data.make_collator = save, export, make_collator
     # Diagnostics: live bytes right after accelerator.prepare (the persistent states) and at the start
     # of each backward (states + saved activations + loss buffers).
     import accelerate
@@ -190,7 +190,7 @@ def child_main(result_path: str, overrides: list[str]) -> int:
     accelerate.Accelerator.prepare, accelerate.Accelerator.backward = prepare, backward
     rank = int(os.environ.get("RANK", "0"))
     with tracker:
-        rc = run(cfg)
+        rc = recipe.run(cfg)
     tracker.freeze()
     out = {"rank": rank, "rc": rc, "peak_bytes": tracker.frozen_peak, "max_T": seen["max_T"],
            "max_learned": seen["max_learned"], "marks": marks, "torch": torch.__version__}
@@ -273,8 +273,14 @@ def measure(name: str, workdir: str, timeout: float = 600) -> dict:
 def compare(measured: dict) -> dict:
     """The planner's estimate for the same config and the observed micro-batch size, vs the peak."""
     from distthink.config import load_config
-    from distthink.launch.plan import (GPUS, candidate_of_config, estimate, memory_terms, model_shape_from_config,
-                                run_shape_from_config)
+    from distthink.launch.hardware import GPUS
+    from distthink.launch.plan import (
+        candidate_of_config,
+        estimate,
+        memory_terms,
+        model_shape_from_config,
+        run_shape_from_config,
+    )
 
     cfg = load_config(None, measured["overrides"])
     shape = model_shape_from_config(cfg)

@@ -162,7 +162,8 @@ def mfu_of(fig: dict, overrides: list[str], seq: int) -> dict:
     import torch
 
     from distthink.config import load_config
-    from distthink.launch.plan import GPUS, model_flops_per_token, model_shape_from_config, run_shape_from_config
+    from distthink.launch.hardware import GPUS
+    from distthink.launch.plan import model_flops_per_token, model_shape_from_config, run_shape_from_config
 
     cfg = load_config(None, overrides)
     shape = model_shape_from_config(cfg)

@@ -23,6 +23,13 @@ _COMMANDS = {
 }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line of a config-driven run (`distthink train`, `python -m distthink.train`)."""
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded default run)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 lora.r=16")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distthink",

@@ -29,7 +29,10 @@ import torch
 import yaml
 
 from distthink.errors import ConfigError
+from distthink.logging_utils import get_logger
 from distthink.optional import has_flash_attn
+
+log = get_logger(__name__)
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -73,6 +76,8 @@ class DataConfig:
     eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
     max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
     on_error: str = _f("skip", "Malformed samples: `skip` (counted and reported) or `raise`.", ("skip", "raise"))
+    max_train_samples: int = _f(0, "Use only the first N records of the train split (0 = all). For smoke runs.")
+    max_eval_samples: int = _f(0, "Use only the first N records of the eval split (0 = all).")
     policy: dict = _f({}, "Keyword arguments of distthink.data.chat.ChatPolicy (think, think_weight, "
                           "enable_thinking, ...). Checked against ChatPolicy at start-up.")
 
@@ -309,6 +314,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+def load_options(cls, raw: dict | None, prefix: str, *, deprecated: dict[str, str] | None = None):
+    """A task's options dataclass from `task.options`, checked like the main config: an unknown key gets "did you
+    mean", a wrong type or a value outside a field's `choices` names the key and the fix.
+
+    deprecated: old key -> its message (the new name); such a key is dropped from `raw` with one warning line
+    each (accepted for one release), and the caller maps its value."""
+    raw = dict(raw or {})
+    for old, message in (deprecated or {}).items():
+        if old in raw:
+            warn_deprecated(f"{prefix}{old}", message)
+    raw = {k: v for k, v in raw.items() if k not in (deprecated or {})}
+    if id(dataclasses.fields(cls)[0]) not in _OWNER:
+        _register_owners(cls)
+    opts = cls()
+    _merge_into(opts, raw, prefix)
+    return opts
+
+
+_warned: set[str] = set()
+
+
+def warn_deprecated(key: str, message: str) -> None:
+    """One line per deprecated spelling and process: what to write instead, and when the old one goes."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("config key '%s' is deprecated: %s (the old spelling is accepted until distthink 0.3)", key,
+                    message)
+
+
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. the copy saved in a checkpoint)."""
     cfg = Config()
@@ -339,7 +373,8 @@ def validate(cfg: Config) -> None:
               "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.max_grad_norm": cfg.train.max_grad_norm,
               "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
               "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs,
-              "train.cpu_threads": cfg.train.cpu_threads}
+              "train.cpu_threads": cfg.train.cpu_threads, "data.max_train_samples": cfg.data.max_train_samples,
+              "data.max_eval_samples": cfg.data.max_eval_samples}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")

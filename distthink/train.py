@@ -31,8 +31,6 @@ import json
 import logging
 import math
 import os
-import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -40,12 +38,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distthink.config import Config, load_config, param_dtype, resolve_dtype
+from distthink.cli import add_run_arguments
+from distthink.config import Config, deepspeed_config, load_config, param_dtype, resolve_dtype, world_size_of_launch
 from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
+from distthink.engine import faults
+from distthink.engine.export import export_model
 from distthink.engine.lm_loss import micro_batch_scale
+from distthink.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from distthink.engine.report import (
+    peak_memory_mb,
+    plot_losses,
+    read_history,
+    summary_text,
+    tracker_config,
+    write_history,
+)
+from distthink.engine.schedule import lr_lambda
 from distthink.engine.task import make_task
 from distthink.errors import DistthinkError
 from distthink.logging_utils import get_logger
@@ -54,112 +65,7 @@ from distthink.zero3 import is_partitioned
 
 log = get_logger("distthink.train")
 
-REQUEUE_EXIT_CODE = 75
 NAN_STOP_EXIT_CODE = 3
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small pieces the recipe uses.
-# ----------------------------------------------------------------------------------------------------
-
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop checks it at step boundaries (never mid-step)."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
-def lr_lambda(cfg: Config, total_steps: int):
-    warm, kind = cfg.train.warmup_steps, cfg.train.scheduler
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def tracker_config(cfg: Config) -> dict:
-    """Flat scalar view of the config for TensorBoard hparams."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib  # lazy: choose the headless backend before pyplot loads, without changing the caller's
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if train:
-        ax.plot(*zip(*train), label="train loss (global, weighted)")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _fault_injection(step: int, rank: int) -> None:
-    """Test hook: DISTTHINK_FAULT_KILL_AT_STEP=S:R makes rank R SIGKILL itself before step S."""
-    spec = os.environ.get("DISTTHINK_FAULT_KILL_AT_STEP")
-    if spec:
-        s, r = (int(x) for x in spec.split(":"))
-        if s == step and r == rank:
-            log.warning("DISTTHINK_FAULT_KILL_AT_STEP: rank %d kills itself (-9) before step %d", rank, step)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fault_at(env_var: str, step: int) -> bool:
-    """True when `step` is listed in the comma-separated test hook `env_var`."""
-    spec = os.environ.get(env_var, "")
-    return bool(spec) and step in {int(x) for x in spec.split(",")}
-
-
-def _fault_nan(step: int) -> bool:
-    """Test hook: DISTTHINK_FAULT_NAN_STEPS=2,3 makes the loss of those steps NaN (NaN/Inf guard test)."""
-    return _fault_at("DISTTHINK_FAULT_NAN_STEPS", step)
-
-
-def _fault_inf_grad(step: int) -> bool:
-    """Test hook: DISTTHINK_FAULT_INF_GRAD_STEPS=3 keeps the loss of those steps finite but makes every gradient
-    non-finite (the case DeepSpeed sees only inside its own step)."""
-    return _fault_at("DISTTHINK_FAULT_INF_GRAD_STEPS", step)
-
-
-class _InfGradient(torch.autograd.Function):
-    """Identity forward, infinite backward (fault injection only)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,6 +75,11 @@ class _InfGradient(torch.autograd.Function):
 def run(cfg: Config) -> int:
     t_start = time.time()
     out_dir = Path(cfg.train.output_dir)
+    # 0. Everything a user can get wrong is checked before any process group, model or data exists.
+    task = make_task(cfg)  # what this recipe variant reads, trains and sums; validates task.options
+    train_data.chat_policy(cfg)  # data.policy
+    if cfg.distributed.deepspeed:
+        deepspeed_config(cfg, world_size_of_launch())  # batch fields, stage vs offload
     preempt = PreemptionFlag()
 
     # 1. Process group first: under ZeRO-3 the DeepSpeed config must exist before the model is built.
@@ -184,7 +95,6 @@ def run(cfg: Config) -> int:
 
         # 2. Data: the task encodes both splits; plan micro-batches per rank.
         tokenizer = load_tokenizer(cfg)
-        task = make_task(cfg)  # what this recipe variant reads, trains and sums (distthink/engine/task.py)
         keys = task.loss_keys
         task.prepare_tokenizer(tokenizer)
         train_set = task.load_split("train", tokenizer)
@@ -227,11 +137,10 @@ def run(cfg: Config) -> int:
             step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
             nan_streak, learned_total = state.get("nan_streak", 0), state.get("learned_tokens_total", 0)
             scheduler.load_state_dict(state["scheduler"])
-            if is_main and metrics_path.exists():  # the metrics history lives in metrics.jsonl, not the checkpoint
-                rows = (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip())
-                history = [r for r in rows if r.get("step", 0) <= step]
+            if is_main:  # the metrics history lives in metrics.jsonl, not the checkpoint
+                history = read_history(metrics_path, step)
         if is_main:  # keep exactly the records up to the resumed step (a killed run may have logged more)
-            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+            write_history(metrics_path, history)
 
         def trainer_state() -> dict:
             return {"step": step, "epoch": epoch, "micro_index": micro_index, "nan_streak": nan_streak,
@@ -277,7 +186,7 @@ def run(cfg: Config) -> int:
             if micro_index + ga > len(batches):
                 epoch, micro_index = epoch + 1, 0
                 continue
-            _fault_injection(step + 1, rank)
+            faults.kill_before_step(step + 1, rank)
             t0 = time.time()
             # Prefetch this step's GA micro-batches, so the global weight total is known before backward.
             step_batches = batches[micro_index:micro_index + ga]
@@ -304,15 +213,15 @@ def run(cfg: Config) -> int:
                 mb = batch_to(m, device)
                 with accelerator.accumulate(wrapped):
                     sums = task.forward(wrapped, mb, attn_impl, dtype)
-                    if _fault_nan(step + 1):
+                    if faults.nan_loss(step + 1):
                         sums = {k: v * float("nan") for k, v in sums.items()}
                     for i, k in enumerate(keys):
                         local_sums[i] += float(sums[k].detach())
                     if not all(bool(torch.isfinite(sums[k].detach())) for k in keys):
                         local_bad = 1.0
                     loss_sum = sum(sums[k] * s for k, s in zip(keys, scales))
-                    if _fault_inf_grad(step + 1):
-                        loss_sum = _InfGradient.apply(loss_sum)
+                    if faults.inf_gradients(step + 1):
+                        loss_sum = faults.InfGradient.apply(loss_sum)
                     if use_ds and accelerator.sync_gradients:
                         # DeepSpeed steps inside the boundary backward, so the NaN/Inf guard must decide
                         # before it: with a non-finite loss on any rank, back-propagate (DeepSpeed's
@@ -392,13 +301,13 @@ def run(cfg: Config) -> int:
                 kind = "adapter" if cfg.lora.enabled else "full"
             if kind != "none":
                 export_dtype = getattr(torch, cfg.checkpoint.export_dtype)
-                export_path = ckpt.export_model(accelerator, wrapped, tokenizer, out_dir / "export", kind,
+                export_path = export_model(accelerator, wrapped, tokenizer, out_dir / "export", kind,
                                                 export_dtype, from_config=bool(cfg.model.from_config))
                 if hasattr(task, "save_extra"):  # optional hook: side modules next to the export (graph encoder)
                     task.save_extra(accelerator, wrapped, out_dir / "export")
-            peak_mb = max(dist.all_gather_object(_peak_memory_mb(device)))
+            peak_mb = max(dist.all_gather_object(peak_memory_mb(device)))
             if is_main:
-                metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+                write_history(metrics_path, history)
                 if cfg.logging.plot and history:
                     plot_losses(history, out_dir / "loss.png")
                 summary = {
@@ -413,7 +322,7 @@ def run(cfg: Config) -> int:
                     "zero_stage": dist.zero_stage(accelerator), "zero3_partitioned": partitioned,
                 }
                 (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-                print(_summary_text(summary), flush=True)
+                print(summary_text(summary), flush=True)
             # Leave together: a rank that tears down while rank 0 still writes the summary has been seen to
             # abort at exit ("terminate called without an active exception") after a stage-3 export.
             dist.barrier()
@@ -427,43 +336,9 @@ def _ratio(total: float, norm: float) -> float:
     return total / norm if norm > 0 else 0.0
 
 
-def _peak_memory_mb(device) -> float:
-    """Peak memory of this process: GPU allocator peak on CUDA, max resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _summary_text(s: dict) -> str:
-    def fmt(x, spec):
-        return format(x, spec) if isinstance(x, (int, float)) else ("n/a" if x is None else str(x))
-
-    return "\n".join([
-        "=" * 64,
-        "distthink training summary",
-        f"  steps              {s['steps']} on {s['world_size']} rank(s), {s['train_samples']} train samples",
-        f"  final train loss   {fmt(s['final_loss'], '.4f')}",
-        f"  eval loss          {fmt(s['eval_loss'], '.4f')}  ({s['eval_samples']} held-out samples)",
-        f"  learned tokens     {s['learned_tokens']}",
-        f"  throughput         {fmt(s['learned_tokens_per_s'], '.0f')} learned tokens/s "
-        f"({fmt(s['tokens_per_s'], '.0f')} tokens/s), peak memory {fmt(s['peak_memory_mb'], '.0f')} MiB/rank",
-        f"  checkpoint         {s['checkpoint']}",
-        f"  export             {s['export']}",
-        f"  wall time          {s['wall_s']} s",
-        "=" * 64,
-    ])
-
-
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="distthink.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded default run)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 lora.r=16")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="distthink.train", description=__doc__.split("\n")[0])
+    args = add_run_arguments(parser).parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg)

@@ -9,7 +9,7 @@ import pytest
 
 from _train_utils import FAST, ROOT, command, env, launch, summary
 
-from distthink.engine.checkpoint import check_path
+from distthink.engine.check import check_path
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,8 @@ refuses exports with empty tensors (what ZeRO-3 writes when shards are saved wit
 
 import torch
 
-from distthink.engine.checkpoint import check_export, merge_lora_state_dict
+from distthink.engine.check import check_export
+from distthink.engine.export import merge_lora_state_dict
 
 
 def test_merged_lora_export_equals_the_adapter_model(tmp_path):

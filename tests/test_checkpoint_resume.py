@@ -45,7 +45,7 @@ def test_zero3_offload_lora_kill_and_resume_is_exact(tmp_path):
     model = PeftModel.from_pretrained(base, str(export))
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(adapter)
-    from distthink.engine.checkpoint import check_path
+    from distthink.engine.check import check_path
 
     assert check_path(ref_dir) == []
 

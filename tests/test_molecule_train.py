@@ -28,9 +28,10 @@ BASE = {"model": {"from_config": "tiny-qwen3", "tokenizer": "tiny"}, "lora": {"e
         "checkpoint": {"every_steps": 0, "resume": "never", "export": "none"}}
 
 
-def _cfg(tmp_path, name, **options):
+def _cfg(tmp_path, name, samples=32, **options):
     cfg = json.loads(json.dumps(BASE))
-    cfg["task"] = {"name": "molecule", "options": {"max_samples": 32, "hidden": 32, "num_layers": 2, **options}}
+    cfg["data"].update(max_train_samples=samples, max_eval_samples=samples)
+    cfg["task"] = {"name": "molecule", "options": {"hidden": 32, "num_layers": 2, **options}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -94,16 +95,28 @@ def test_thinking_prompts_drop_no_think_and_ablation_has_no_graph(tmp_path):
     assert GRAPH_TOKEN not in tok.decode(s.input_ids) and s.meta["graphs"] == []
 
 
+def test_old_option_spellings_are_accepted_with_one_deprecation_line(tmp_path, caplog):
+    """on_error / max_samples moved to data.*, think_mode=supervised became supervise (the word of
+    data.policy.think): the old spellings still work for one release, each with one warning line."""
+    with caplog.at_level("WARNING"):
+        task = _task(tmp_path, samples=0, on_error="raise", max_samples=5, think_mode="supervised")
+    assert task.opts.think_mode == "supervise"
+    assert task.cfg.data.on_error == "raise" and task.cfg.data.max_train_samples == 5
+    assert task.cfg.data.max_eval_samples == 5
+    lines = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(lines) == 3 and all("0.3" in line for line in lines)
+
+
 def test_supervised_needs_reasoning_and_learns_it(tmp_path):
     tok = tiny_tokenizer("qwen3")
     with pytest.raises(DataError, match="reasoning_content"):
-        t = _task(tmp_path, think_mode="supervised")
+        t = _task(tmp_path, think_mode="supervise")
         t.prepare_tokenizer(tok)
         t.load_split("train", tok)
     data = tmp_path / "r.jsonl"
     data.write_text(json.dumps({"smiles": "CCO", "description": "Ethanol-like.", "reasoning_content": "Two C."})
                     + "\n")
-    t = _task(tmp_path, [f"data.train={data}"], think_mode="supervised")
+    t = _task(tmp_path, [f"data.train={data}"], think_mode="supervise")
     t.prepare_tokenizer(tok)
     s = t.load_split("train", tok)[0]
     assert _learned(tok, s) == "<think>\nTwo C.\n</think>\n\nEthanol-like.<|im_end|>"
@@ -114,11 +127,11 @@ def test_invalid_smiles_raises_with_line_or_is_skipped(tmp_path):
     data.write_text(json.dumps({"smiles": "CCO", "description": "ok"}) + "\n"
                     + json.dumps({"smiles": "C1CC(", "description": "bad"}) + "\n")
     tok = tiny_tokenizer("qwen3")
-    t = _task(tmp_path, [f"data.train={data}"])
+    t = _task(tmp_path, [f"data.train={data}", "data.on_error=raise"])
     t.prepare_tokenizer(tok)
     with pytest.raises(DataError, match="line 2"):
         t.load_split("train", tok)
-    t = _task(tmp_path, [f"data.train={data}"], on_error="skip")
+    t = _task(tmp_path, [f"data.train={data}", "data.on_error=skip"])
     t.prepare_tokenizer(tok)
     assert len(t.load_split("train", tok)) == 1
 
@@ -170,7 +183,7 @@ def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_p
     from distthink.models.tiny import tiny_qwen3_config
 
     tok = tiny_tokenizer("qwen3")
-    task = _task(tmp_path, think_mode="free", max_think_tokens=5, regen_every=2, max_samples=4)
+    task = _task(tmp_path, samples=4, think_mode="free", max_think_tokens=5, regen_every=2)
     task.prepare_tokenizer(tok)
     train = task.load_split("train", tok)
     task.collator(tok)
@@ -201,8 +214,8 @@ def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_p
 @pytest.mark.slow
 def test_free_mode_trains_and_description_loss_decreases(tmp_path):
     out = tmp_path / "free"
-    proc = launch(["--config", str(_cfg(tmp_path, "free", think_mode="free", max_think_tokens=8, regen_every=2,
-                                        max_samples=16))] + FAST + [f"train.output_dir={out}"])
+    proc = launch(["--config", str(_cfg(tmp_path, "free", samples=16, think_mode="free", max_think_tokens=8,
+                                        regen_every=2))] + FAST + [f"train.output_dir={out}"])
     assert proc.stderr.count("free mode step") == 8
     losses = _losses(out)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -212,8 +225,8 @@ def test_free_mode_trains_and_description_loss_decreases(tmp_path):
 @pytest.mark.timeout(400)
 def test_free_mode_zero3_two_ranks_trains_and_description_loss_decreases(tmp_path):
     out = tmp_path / "free_z3"
-    proc = launch(["--config", str(_cfg(tmp_path, "free_z3", think_mode="free", max_think_tokens=8, regen_every=2,
-                                        max_samples=16))] + FAST
+    proc = launch(["--config", str(_cfg(tmp_path, "free_z3", samples=16, think_mode="free", max_think_tokens=8,
+                                        regen_every=2))] + FAST
                   + [f"train.output_dir={out}", "batch.samples_per_micro=2", "distributed.timeout_s=120",
                      "distributed.deepspeed=ds_configs/zero3.json"], nproc=2, timeout=360)
     assert summary(out)["zero_stage"] == 3 and summary(out)["zero3_partitioned"]
@@ -280,7 +293,7 @@ import os; os._exit(0)
 def test_free_mode_zero3_uneven_generation_across_ranks_stays_in_sync(tmp_path):
     script = tmp_path / "uneven_worker.py"
     script.write_text(_UNEVEN_WORKER)
-    cfg = _cfg(tmp_path, "uneven", think_mode="free", regen_every=2, max_samples=8)
+    cfg = _cfg(tmp_path, "uneven", samples=8, think_mode="free", regen_every=2)
     res = tmp_path / "res"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), str(cfg), str(res)]

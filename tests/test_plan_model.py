@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from distthink.errors import ConfigError
-from distthink.launch.plan import GPUS, GiB, ModelShape, RunShape, estimate, plan_all, recommend
+from distthink.launch.hardware import GPUS, GiB
+from distthink.launch.plan import ModelShape, RunShape, estimate, plan_all, recommend
 
 CONFIGS = {
     "qwen3": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,

@@ -134,7 +134,7 @@ def test_nan_guard_skips_then_stops(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_requeue_code_then_resumes(tmp_path):
-    from distthink.train import REQUEUE_EXIT_CODE
+    from distthink.engine.preemption import REQUEUE_EXIT_CODE
 
     out = tmp_path / "preempt"
     args = FAST + [f"train.output_dir={out}", "train.max_steps=400", "checkpoint.export=none",

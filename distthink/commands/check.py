@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from distthink.engine.checkpoint import check_path
+    from distthink.engine.check import check_path
 
     problems = check_path(args.path, generate=not args.no_generate)
     if problems:

@@ -14,8 +14,10 @@ import json
 import re
 from typing import Any
 
+from distthink.cli import add_run_arguments
 from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError
+from distthink.launch.hardware import CANDIDATES, GPUS
 
 _EPILOG = """\
 examples:
@@ -35,14 +37,11 @@ against measured peaks (benchmarks/plan_validation.py); the GPU-specific terms a
 
 
 def register(subparsers) -> None:
-    from distthink.launch.plan import CANDIDATES, GPUS
-
     p = subparsers.add_parser(
         "plan", help="estimate per-GPU memory, the ZeRO setting that fits, tokens/s and ETA (no weights loaded)",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="training YAML (default: the embedded default run)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `distthink train`")
+    add_run_arguments(p)
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS),
@@ -116,15 +115,8 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
 
 def build_plan(args) -> dict[str, Any]:
     from distthink.config import load_config
-    from distthink.launch.plan import (
-        CANDIDATES,
-        DESCRIPTIONS,
-        GPUS,
-        estimate,
-        model_shape_from_config,
-        recommend,
-        run_shape_from_config,
-    )
+    from distthink.launch.hardware import CANDIDATES, DESCRIPTIONS, GPUS
+    from distthink.launch.plan import estimate, model_shape_from_config, recommend, run_shape_from_config
 
     cfg = load_config(args.config, args.overrides)
     if args.nodes < 1 or args.gpus_per_node < 1:

@@ -5,13 +5,14 @@ For several processes use `accelerate launch [--config_file ...] -m distthink.tr
 
 from __future__ import annotations
 
+from distthink.cli import add_run_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train (embedded default run when no --config is given)",
                               description="Run the training recipe (distthink/train.py) in this process. "
                                           "Multi-process: accelerate launch -m distthink.train.")
-    p.add_argument("--config", default=None, help="YAML config (default: the embedded default run)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 lora.r=16")
+    add_run_arguments(p)
     p.set_defaults(func=_run)
 
 

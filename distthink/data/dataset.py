@@ -10,6 +10,7 @@ with the first few error messages kept verbatim.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,7 +184,8 @@ def audit_labels(samples: list[EncodedSample], allow_full_sequence_loss: bool = 
 # Build.
 
 def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None = None,
-                      on_error: str = "raise", audit: bool = True) -> tuple[list[EncodedSample], DatasetReport]:
+                      on_error: str = "raise", audit: bool = True,
+                      limit: int | None = None) -> tuple[list[EncodedSample], DatasetReport]:
     """Validate + encode every record. Returns (samples, report).
 
     path_or_records: a path (.jsonl, .jsonl.gz, .json, .parquet, or a `datasets` name/builder when that
@@ -191,6 +193,7 @@ def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None
     on_error: "raise" stops at the first bad record with a DataError naming file/line/field/fix; "skip"
     counts it by reason in the report (report.summary()).
     The label audit (audit_labels) runs at the end unless audit=False.
+    limit: read only the first N records (None = all).
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error={on_error!r}. Fix: use 'raise' or 'skip'")
@@ -198,7 +201,7 @@ def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None
     source = str(path_or_records) if isinstance(path_or_records, (str, Path)) else "<records>"
     report = DatasetReport(source=source)
     samples: list[EncodedSample] = []
-    for src, line, rec in iter_records(path_or_records):
+    for src, line, rec in itertools.islice(iter_records(path_or_records), limit):
         report.records += 1
         try:
             if isinstance(rec, _BadJSON):

@@ -37,6 +37,12 @@ def resolve_path(spec: str, split: str) -> Path:
     return p
 
 
+def split_limit(cfg: Config, split: str) -> int | None:
+    """data.max_train_samples / data.max_eval_samples: the first N records of a split (None = all)."""
+    n = cfg.data.max_train_samples if split == "train" else cfg.data.max_eval_samples
+    return n or None
+
+
 def chat_policy(cfg: Config):
     """distthink.data.chat.ChatPolicy from data.policy (+ data.max_length), refusing unknown keys."""
     kwargs = dict(cfg.data.policy)
@@ -53,8 +59,9 @@ def load_split(cfg: Config, split: str, tokenizer, policy) -> list:
     """Encode one split into EncodedSamples; malformed rows are skipped and counted (or raise)."""
     spec = cfg.data.train if split == "train" else cfg.data.eval
     path = resolve_path(spec, split)
-    samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error)
-    log.info("%s split %s: %s", split, path, report.summary())
+    samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error,
+                                        limit=split_limit(cfg, split))
+    log.info("%s split %s", split, report.summary())  # the summary starts with the source path
     if not samples:
         raise ConfigError(f"data.{split}='{spec}': no usable sample after encoding. Fix: check the file "
                           f"(see the skip report above)")

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints; consolidated export; checkpoint validation.
+"""Atomic, resumable checkpoints (the export is distthink.engine.export, validation distthink.engine.check).
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -22,19 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
-import torch
 import yaml
-from peft import PeftConfig, PeftModel
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distthink.engine import faults
 from distthink.engine.distributed import barrier
 from distthink.errors import CheckpointError
 from distthink.logging_utils import get_logger
-from distthink.models.load import base_causal_lm
 
 log = get_logger(__name__)
 
@@ -88,10 +83,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     accelerator.save_state(str(tmp))  # model/adapter, optimizer (ZeRO shards), RNG of every rank
     barrier()
     if accelerator.is_main_process:
-        fault = os.environ.get("DISTTHINK_FAULT_SAVE_SLEEP_AT", "")  # "STEP:SECONDS", test hook
-        if fault and int(fault.split(":")[0]) == step:  # a window to kill mid-save (test_checkpoint_atomic)
-            log.info("DISTTHINK_FAULT_SAVE_SLEEP_AT: sleeping %ss inside the save of %s", fault.split(":")[1], name)
-            time.sleep(float(fault.split(":")[1]))
+        faults.sleep_inside_save(step, name)  # a window to kill mid-save (tests: test_checkpoint_atomic)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / COMPLETE).write_text(f"{step}\n")
@@ -149,158 +141,3 @@ def load_checkpoint(accelerator, path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Export: plain transformers / peft directories.
 # ----------------------------------------------------------------------------------------------------
-
-def export_model(accelerator, wrapped, tokenizer, out_dir: str | os.PathLike, kind: str, dtype,
-                 from_config: bool = False) -> Path | None:
-    """Collective. kind: `adapter` (PEFT adapter) or `full` (consolidated safetensors in `dtype`).
-
-    Under ZeRO-3 `accelerator.get_state_dict` gathers the partitioned weights to rank 0 (needs
-    `stage3_gather_16bit_weights_on_model_save: true`, set in ds_configs/zero3*.json), so the files
-    are complete, never the empty local shards.
-    """
-    out = Path(out_dir)
-    full_sd = accelerator.get_state_dict(wrapped)  # every rank participates; rank 0 gets the tensors
-    if not accelerator.is_main_process:
-        barrier()
-        return None
-    inner = accelerator.unwrap_model(wrapped).model  # LMHeadLoss.model: PeftModel or the causal LM
-    prefix = "model."
-    sd = {k[len(prefix):]: v for k, v in full_sd.items() if k.startswith(prefix)}
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if kind == "adapter":
-        inner.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-        if from_config:
-            # The base was built from a config (random init): ship it, or the adapter loads onto nothing.
-            base_sd = {k.replace("base_model.model.", "", 1).replace(".base_layer.", "."): v.to(dtype)
-                       for k, v in sd.items() if "lora_" not in k}
-            base_causal_lm(inner).save_pretrained(str(tmp / "base_model"), state_dict=base_sd,
-                                                  safe_serialization=True)
-    else:
-        base = base_causal_lm(inner)
-        if hasattr(inner, "peft_config"):  # LoRA run exported as a full model: merge B @ A into W
-            sd = merge_lora_state_dict(sd, inner.peft_config["default"])
-        sd = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in sd.items()}
-        base.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    _check_nonempty(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    log.info("exported %s to %s", "PEFT adapter" if kind == "adapter" else "full model", out)
-    barrier()
-    return out
-
-
-def merge_lora_state_dict(sd: dict, lora_cfg) -> dict:
-    """PeftModel state dict (keys base_model.model.<...>.base_layer.weight / lora_A / lora_B) -> the plain
-    model's state dict with W + (alpha / r) * B @ A merged, computed in fp32 on the gathered tensors
-    (works the same under ZeRO-3, where the adapter-wrapped model cannot merge its partitioned layers).
-    """
-
-    if getattr(lora_cfg, "use_rslora", False) or getattr(lora_cfg, "use_dora", False):
-        raise CheckpointError("merging rsLoRA/DoRA adapters is not supported. Fix: checkpoint.export=adapter")
-    scale = lora_cfg.lora_alpha / lora_cfg.r
-    out = {}
-    for key, value in sd.items():
-        if "lora_" in key:
-            continue
-        plain = key.replace("base_model.model.", "", 1)
-        if ".base_layer." in plain:
-            stem = key.rsplit(".base_layer.", 1)[0]
-            plain = plain.replace(".base_layer.", ".")
-            if key.endswith(".base_layer.weight"):
-                a, b = sd[f"{stem}.lora_A.default.weight"], sd[f"{stem}.lora_B.default.weight"]
-                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
-        out[plain] = value
-    return out
-
-
-def _check_nonempty(path: Path) -> None:
-    files = list(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"export {path} has no .safetensors file")
-    for f in files:
-        with safe_open(str(f), "pt") as fh:
-            keys = list(fh.keys())
-            if not keys or any(fh.get_slice(k).get_shape() in ([0], []) for k in keys):
-                raise CheckpointError(f"export {f} holds empty tensors (ZeRO-3 shards saved without gathering)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation (`distthink check`).
-# ----------------------------------------------------------------------------------------------------
-
-def check_path(path: str | os.PathLike, generate: bool = True) -> list[str]:
-    """Problems found in a training checkpoint or an export directory ([] = healthy).
-
-    Export dirs (adapter_config.json or config.json + safetensors) are loaded with plain
-    transformers/peft, their tensors checked for emptiness/NaN, and a short generation is run.
-    """
-    p = Path(path)
-    problems: list[str] = []
-    if not p.exists():
-        return [f"{p} does not exist. Fix: pass a step-* checkpoint, a checkpoints/ dir or an export dir"]
-    if (p / "checkpoints" / LATEST).exists():
-        p = p / "checkpoints"  # an output_dir
-    if (p / LATEST).exists() and not (p / STATE_FILE).exists():  # a checkpoints/ root
-        latest = read_latest(p)
-        if latest is None:
-            return [f"{p / LATEST} points at an incomplete checkpoint. Fix: delete the pointer or resume from "
-                    "an older step-* directory"]
-        p = latest
-    if (p / STATE_FILE).exists() or p.name.startswith(("step-", ".tmp-step-")):
-        if not (p / COMPLETE).exists():
-            problems.append(f"{p}: no {COMPLETE} marker: the save was interrupted. Fix: resume from the "
-                            "checkpoint named in checkpoints/latest")
-        for name in (STATE_FILE, "config.yaml"):
-            if not (p / name).exists():
-                problems.append(f"{p}: missing {name}")
-        if not list(p.glob("random_states_*.pkl")):
-            problems.append(f"{p}: no random_states_*.pkl (RNG) files: resume would not be exact")
-        weights = list(p.rglob("*.safetensors")) + list(p.rglob("*.bin")) + list(p.rglob("*model_states.pt"))
-        if not weights:
-            problems.append(f"{p}: no model weights found")
-        if not problems:
-            state = json.loads((p / STATE_FILE).read_text())
-            for key in ("step", "epoch", "micro_index", "scheduler", "learned_tokens_total"):
-                if key not in state:
-                    problems.append(f"{p / STATE_FILE}: missing '{key}'")
-        export = p.parent.parent / "export"
-        if not problems and export.exists():
-            problems += check_export(export, generate=generate)
-        return problems
-    return check_export(p, generate=generate)
-
-
-def check_export(p: Path, generate: bool = True) -> list[str]:
-    problems: list[str] = []
-    try:
-        _check_nonempty(p)
-    except CheckpointError as err:
-        return [str(err)]
-    try:
-        if (p / "adapter_config.json").exists():
-            pcfg = PeftConfig.from_pretrained(str(p))
-            base_path = pcfg.base_model_name_or_path
-            base_dir = Path(base_path) if base_path else None
-            if (p / "base_model" / "config.json").exists():
-                base_dir = p / "base_model"  # exported with the adapter (model built from config)
-            if base_dir is None or not (base_dir / "config.json").exists():
-                return [f"{p}: adapter's base model '{base_path}' is not a local directory. Fix: download it "
-                        "or check on a machine that has it"]
-            base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-            model = PeftModel.from_pretrained(base, str(p))
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(p))
-        for name, t in model.state_dict().items():
-            if torch.is_floating_point(t) and not torch.isfinite(t).all():
-                problems.append(f"{p}: tensor {name} has NaN/Inf values")
-        if generate and not problems:
-            tok = AutoTokenizer.from_pretrained(str(p))
-            ids = tok("Hello", return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=4, do_sample=False)
-            if out.shape[1] <= ids.shape[1]:
-                problems.append(f"{p}: sanity generation produced no token")
-    except Exception as err:  # report, do not crash: this is a diagnostic command
-        problems.append(f"{p}: cannot be loaded by plain transformers/peft: {type(err).__name__}: {err}")
-    return problems

@@ -31,29 +31,8 @@ from typing import Any
 from transformers import AutoConfig
 
 from distthink.errors import ConfigError
+from distthink.launch.hardware import CANDIDATES, DESCRIPTIONS, GiB, GpuSpec
 from distthink.models.load import build_model_config, load_tokenizer
-
-GiB = 1024 ** 3
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    name: str
-    mem_bytes: float
-    bf16_flops: float  # dense peak, no sparsity
-    intra_node_bw: float  # bytes/s per GPU per direction (NVLink, or PCIe where there is none)
-    inter_node_bw: float  # bytes/s per GPU per direction (one NIC per GPU assumed)
-    pcie_bw: float = 25e9  # host <-> device, used by offload
-
-
-GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", 80 * GiB, 989e12, 450e9, 50e9),
-    "h200": GpuSpec("h200", 141e9, 989e12, 450e9, 50e9),
-    "a100": GpuSpec("a100", 80 * GiB, 312e12, 300e9, 25e9),
-    "a100-40": GpuSpec("a100-40", 40 * GiB, 312e12, 300e9, 25e9),
-    "l40s": GpuSpec("l40s", 48 * GiB, 362e12, 32e9, 12.5e9, pcie_bw=32e9),
-    "a10g": GpuSpec("a10g", 24 * GiB, 125e12, 16e9, 12.5e9, pcie_bw=16e9),
-}
 
 
 @dataclass(frozen=True)
@@ -243,14 +222,6 @@ class RunShape:
         return self.lora_rank is None
 
 
-CANDIDATES = ("ddp", "zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_params")
-DESCRIPTIONS = {
-    "ddp": "no DeepSpeed (distributed.deepspeed=null): DDP / one process, torch AdamW on the params",
-    "zero2": "ds_configs/zero2.json",
-    "zero3": "ds_configs/zero3.json",
-    "zero3_offload_optimizer": "ZeRO-3, optimizer (fp32 master, Adam, grads) on the host",
-    "zero3_offload_params": "ds_configs/zero3_offload.json: ZeRO-3, optimizer and parameters on the host",
-}
 CUDA_CONTEXT_BYTES = 0.75 * GiB  # CUDA/NCCL context outside the torch allocator
 FRAGMENTATION = 0.10  # caching-allocator margin on top of the peak of live tensors
 

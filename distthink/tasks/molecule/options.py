@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from distthink.config import Config
+from distthink.config import Config, load_options, warn_deprecated
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 
@@ -13,15 +12,20 @@ log = get_logger(__name__)
 
 
 GRAPH_TOKEN = "<|graph|>"
-THINK_MODES = ("off", "dynamic", "supervised", "free")
+THINK_MODES = ("off", "dynamic", "supervise", "free")
 TRAIN_PARTS = ("encoder", "projector", "llm", "all")
+
+
+# Spellings of shared concepts that moved to the engine's config (accepted until 0.3, with one warning line).
+DEPRECATED = {"on_error": "use data.on_error (one setting for every task)",
+              "max_samples": "use data.max_train_samples and data.max_eval_samples"}
 
 
 @dataclass
 class MoleculeOptions:
     """`task.options` of the molecule task (every key optional)."""
 
-    think_mode: str = "off"            # off | dynamic | supervised | free
+    think_mode: str = "off"            # off | dynamic | supervise | free
     dynamic: str = "argmax"            # argmax | soft (think_mode=dynamic)
     use_graph: bool = True             # False = text-only ablation (same SMILES in the prompt, no graph tokens)
     include_smiles: bool = True
@@ -33,8 +37,6 @@ class MoleculeOptions:
     dropout: float = 0.0
     proj_mult: int = 4
     train_parts: list = field(default_factory=lambda: ["all"])  # encoder | projector | llm | all
-    on_error: str = "raise"            # invalid SMILES / rows: raise | skip (counted)
-    max_samples: int | None = None     # cap per split (smoke runs)
     # think_mode=free (on-policy thoughts): regenerate a sample's thought when it is this many steps old
     regen_every: int = 1
     max_think_tokens: int = 32         # thinking budget per generated thought (unclosed ones are closed, counted)
@@ -45,22 +47,26 @@ class MoleculeOptions:
     @classmethod
     def from_config(cls, cfg: Config) -> "MoleculeOptions":
         raw = dict(cfg.task.options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in names:
-                raise ConfigError(f"task.options.{key} is not an option of the molecule task. Fix: use one of "
-                                  f"{sorted(names)} (docs/molecules.md)")
-        opts = cls(**raw)
+        if raw.get("think_mode") == "supervised":  # data.policy.think's word for the same thing is "supervise"
+            warn_deprecated("task.options.think_mode=supervised", "write think_mode: supervise")
+            raw["think_mode"] = "supervise"
+        if "on_error" in raw and raw["on_error"] != cfg.data.on_error:
+            cfg.data.on_error = raw["on_error"]
+        if raw.get("max_samples"):
+            for split in ("max_train_samples", "max_eval_samples"):
+                if not getattr(cfg.data, split):
+                    setattr(cfg.data, split, int(raw["max_samples"]))
+        if isinstance(raw.get("train_parts"), str):
+            raw["train_parts"] = [raw["train_parts"]]
+        opts = load_options(cls, raw, "task.options.", deprecated=DEPRECATED)
         choices = {"think_mode": THINK_MODES, "dynamic": ("argmax", "soft"), "conv": ("gine", "gin"),
-                   "pool": ("mean", "add", "max"), "on_error": ("raise", "skip")}
+                   "pool": ("mean", "add", "max")}
         for key, allowed in choices.items():
             if getattr(opts, key) not in allowed:
                 raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: use one of {list(allowed)}")
         for key in ("graph_tokens", "hidden", "num_layers", "proj_mult", "regen_every", "max_think_tokens"):
             if not isinstance(getattr(opts, key), int) or getattr(opts, key) < 1:
                 raise ConfigError(f"task.options.{key}={getattr(opts, key)!r}. Fix: a positive integer")
-        if isinstance(opts.train_parts, str):
-            opts.train_parts = [opts.train_parts]
         bad = [p for p in opts.train_parts if p not in TRAIN_PARTS]
         if bad or not opts.train_parts:
             raise ConfigError(f"task.options.train_parts={opts.train_parts!r}. Fix: a non-empty list of "

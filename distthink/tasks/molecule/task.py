@@ -12,7 +12,7 @@ Thinking modes (`task.options.think_mode`):
 - `dynamic`: thinking prompt (no `/no_think`), teacher-forced on the rendered assistant turn; the fused
   loss's dynamic weights (`dynamic: argmax | soft`) count a sample's tokens only after the position where the
   model itself predicts `</think>` (docs/ops.md). Needs loss.impl=fused.
-- `supervised`: rows carry `reasoning_content`; encode_chat learns reasoning + description (data.policy).
+- `supervise`: rows carry `reasoning_content`; encode_chat learns reasoning + description (data.policy).
 - `free`: on-policy thoughts. `on_step_start` (trainer hook) samples `<think>…` with the current model for the
   step's samples (budget `max_think_tokens`, regenerated when `regen_every` steps old), closes and counts
   unfinished thoughts, appends the gold description and learns only it (thought weight 0). Under ZeRO-3 the
@@ -110,21 +110,21 @@ class MoleculeTask(SFTTask):
         msgs = caption_messages(rec["smiles"], rec["description"], use_graph=self.opts.use_graph,
                                 k=self.opts.graph_tokens, include_smiles=self.opts.include_smiles,
                                 thinking=self.thinking())
-        if self.opts.think_mode == "supervised":
+        if self.opts.think_mode == "supervise":
             msgs[-1]["reasoning_content"] = rec.get("reasoning_content", "")
         return msgs
 
     def load_split(self, split: str, tokenizer) -> list:
         spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
-        records, source = read_records(spec, split, self.opts.on_error)
-        if self.opts.max_samples:
-            records = records[:self.opts.max_samples]
-        if self.opts.think_mode == "supervised":
+        records, source = read_records(spec, split, self.cfg.data.on_error)
+        limit = train_data.split_limit(self.cfg, split)
+        records = records[:limit] if limit else records
+        if self.opts.think_mode == "supervise":
             missing = sum(1 for r in records if not r.get("reasoning_content"))
             if missing:
                 raise DataError(f"{missing} of {len(records)} rows have no reasoning_content",
                                 source=source, field="reasoning_content",
-                                fix="think_mode=supervised needs reasoning per row; use think_mode=dynamic otherwise")
+                                fix="think_mode=supervise needs reasoning per row; use think_mode=dynamic otherwise")
         policy = train_data.chat_policy(self.cfg)
         policy = dataclasses.replace(policy, enable_thinking=self.thinking())
         samples, skipped = [], {}
@@ -134,7 +134,7 @@ class MoleculeTask(SFTTask):
                 graph = smiles_to_graph(rec["smiles"], row=line, source=source) if self.opts.use_graph else None
                 sample = encode_chat(tokenizer, self.messages(rec), policy=policy, source=source, line=line)
             except DataError as err:
-                if self.opts.on_error == "raise":
+                if self.cfg.data.on_error == "raise":
                     raise
                 skipped[err.reason or "invalid"] = skipped.get(err.reason or "invalid", 0) + 1
                 continue

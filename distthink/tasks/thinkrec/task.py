@@ -71,7 +71,7 @@ class ThinkRecTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.opt = ThinkRecOptions.from_dict(dict(cfg.task.options))
+        self.opt = ThinkRecOptions.from_config(cfg)
         self.ph_ids: dict[str, int] = {}
 
     def prepare_tokenizer(self, tokenizer) -> None:
@@ -82,7 +82,7 @@ class ThinkRecTask:
         if not spec or spec == "bundled" or not Path(spec).is_file():
             raise ConfigError(f"data.{split}={spec!r}: thinkrec needs a split written by `distthink rec prepare`. "
                               "Fix: e.g. data.train=PREP/train.parquet data.eval=PREP/valid.parquet")
-        limit = self.opt.max_train_samples if split == "train" else self.opt.max_eval_samples
+        limit = train_data.split_limit(self.cfg, split)
         return build_samples(tokenizer, spec, self.opt, train_data.chat_policy(self.cfg), seed=self.cfg.train.seed,
                              split=split, limit=limit, reason_ratio=None if split == "train" else 0.0)
 
