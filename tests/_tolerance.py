@@ -28,6 +28,7 @@ import torch
 # One forward of the tiny test decoders (2 layers, width 64, MLP 128: distthink.tiny and the tests' own configs):
 # per layer 2 RMSNorms and 6 chained reductions (qkv, scores, probs @ V, o, gate/up, down), then the final norm
 # and the LM head: 18 chained reductions of length <= 128, i.e. ~18 * 128 rounded terms on any output's path.
+# Rows of T > 128 tokens make the attention sums longer: use 18 * T.
 TINY_DECODER_K = 18 * 128
 
 
@@ -41,3 +42,13 @@ def fp_tol(dtype: torch.dtype, magnitude: float, *, k: int = 1, factor: float = 
     scale = float(os.environ.get("DISTTHINK_TOL_SCALE", "1"))
     return scale * factor * eps(dtype) * math.sqrt(k) * float(magnitude)
 
+
+
+def run_metric_tol(value: float, tokens: int) -> float:
+    """Tolerance for a logged float32 training metric (loss, per-objective loss, grad norm) of two runs that see
+    the same data but reduce in another order (ranks x micro-batch x GA, DDP vs ZeRO, all-reduce order): each is a
+    float32 sum over the step's `tokens` tokens (CE terms, per-parameter gradient sums), so the two differ by
+    ~sqrt(tokens)*eps relative; the factor 16 (2 x the default) also covers the weights drifting apart by that much
+    per step over the few steps compared. ~3e-5 relative for 250 tokens, while a wrong normalisation (a
+    per-micro-batch or per-rank mean) rescales each micro-batch's share of the gradient by tens of percent."""
+    return fp_tol(torch.float32, abs(value), k=tokens, factor=16.0)
