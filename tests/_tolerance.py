@@ -43,12 +43,11 @@ def fp_tol(dtype: torch.dtype, magnitude: float, *, k: int = 1, factor: float = 
     return scale * factor * eps(dtype) * math.sqrt(k) * float(magnitude)
 
 
-
 def run_metric_tol(value: float, tokens: int) -> float:
     """Tolerance for a logged float32 training metric (loss, per-objective loss, grad norm) of two runs that see
     the same data but reduce in another order (ranks x micro-batch x GA, DDP vs ZeRO, all-reduce order): each is a
     float32 sum over the step's `tokens` tokens (CE terms, per-parameter gradient sums), so the two differ by
     ~sqrt(tokens)*eps relative; the factor 16 (2 x the default) also covers the weights drifting apart by that much
-    per step over the few steps compared. ~3e-5 relative for 250 tokens, while a wrong normalisation (a
-    per-micro-batch or per-rank mean) rescales each micro-batch's share of the gradient by tens of percent."""
+    per step over the few steps compared. ~3e-5 relative for 250 tokens; a wrong normalisation (a per-micro-batch
+    mean, tried on test_train_normalisation) moves the first step's grad norm by 4e-3 relative, ~150x this bound."""
     return fp_tol(torch.float32, abs(value), k=tokens, factor=16.0)
