@@ -1,7 +1,11 @@
 """Export helpers: the LoRA merge of checkpoint.export=full equals peft's forward, and `distthink check`
 refuses exports with empty tensors (what ZeRO-3 writes when shards are saved without gathering)."""
 
+import copy
+
 import torch
+
+from _tolerance import TINY_DECODER_K, fp_tol
 
 from distthink.engine.check import check_export
 from distthink.engine.export import merge_lora_state_dict
@@ -22,7 +26,7 @@ def test_merged_lora_export_equals_the_adapter_model(tmp_path):
                 p.normal_(0, 0.2)  # trained-looking adapter (B starts at 0)
     ids = torch.randint(5, 500, (2, 13))
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
+        ref = copy.deepcopy(model).double()(input_ids=ids).logits  # float64 reference
     merged = merge_lora_state_dict(model.state_dict(), model.peft_config["default"])
     assert not any("lora_" in k or "base_layer" in k for k in merged)
     plain = AutoModelForCausalLM.from_config(model.get_base_model().config)
@@ -31,7 +35,8 @@ def test_merged_lora_export_equals_the_adapter_model(tmp_path):
     plain.tie_weights()
     with torch.no_grad():
         got = plain.eval()(input_ids=ids).logits
-    assert torch.allclose(got, ref, atol=1e-5)
+    # fp32 forward of the tiny decoder (the merged W + s B A rounds once more, like one more GEMM output)
+    assert (got.double() - ref).abs().max() <= fp_tol(torch.float32, ref.abs().max(), k=TINY_DECODER_K)
     # and it differs from the base without the adapter, so the merge did something
     base_only = {k: v for k, v in merged.items()}
     assert not torch.allclose(base_only["model.layers.0.self_attn.q_proj.weight"],

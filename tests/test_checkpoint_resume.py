@@ -4,7 +4,7 @@
    a PEFT adapter that plain peft loads (no empty tensors) and that `distthink check` accepts;
 2. the same run where rank 1 is SIGKILLed before step 7 dies (non-zero exit), leaving step-4 as latest;
 3. relaunched with checkpoint.resume=auto it continues from step 4 and its steps 5..N equal the
-   uninterrupted run's within 1e-6 (same data order, same RNG: LoRA dropout is on).
+   uninterrupted run's exactly (same topology, data order, RNG and thread count: LoRA dropout is on).
 """
 
 import json
@@ -61,6 +61,8 @@ def test_zero3_offload_lora_kill_and_resume_is_exact(tmp_path):
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(ref, resumed):
-        assert abs(a["loss"] - b["loss"]) < 1e-6, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-6, (a["step"], a["grad_norm"], b["grad_norm"])
+        # bit-identical by construction (same ops, order and inputs; measured: every step equal): any tolerance
+        # would hide a lossy round trip of the weights, optimizer state or RNG
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == b["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
     assert summary(run_dir)["steps"] == STEPS

@@ -7,6 +7,8 @@ targets; HF's loss (mean CE over non-ignored labels, shifted inside the model) i
 import pytest
 import torch
 
+from _tolerance import TINY_DECODER_K, fp_tol
+
 from distthink.ops import fused_linear_cross_entropy
 
 from test_flce import close
@@ -45,5 +47,7 @@ def test_matches_hf_loss_and_gradients(tied):
                                       normalizer=n_learned, chunk_size=8)
     loss.backward()
     close(loss, hf_loss)
+    # the loss gradients (vocabulary 512) differ in fp32 and go back through the decoder: its forward + backward chain
+    rtol = fp_tol(torch.float32, 1.0, k=2 * TINY_DECODER_K)
     for p, want in zip(model.parameters(), hf_grads):
-        close(p.grad, want, 1e-4)
+        close(p.grad, want, rtol)

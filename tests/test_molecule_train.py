@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from _tolerance import run_metric_tol
 from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
 from distthink.config import load_config, param_dtype
@@ -164,8 +165,8 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
     assert summary(two)["zero3_partitioned"] and summary(two)["zero_stage"] == 3
     assert "partitioned by ZeRO-3: True" in proc.stderr
     for a, b in zip(metrics(one), metrics(two), strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"])
+        for key in ("loss", "grad_norm"):  # fp32 sums over the step's tokens, reduced in another order
+            assert abs(a[key] - b[key]) <= run_metric_tol(a[key], a["tokens"]), (a["step"], key, a[key], b[key])
 
 
 def test_free_mode_refuses_token_batching_and_accepts_zero3(tmp_path):

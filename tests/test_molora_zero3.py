@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import TINY_DECODER_K, fp_tol
+
 K = 3
 GROUP_OF_RANK = (0, 2)         # expert 1 and the global adapter (3) get no samples
 LR = 1e-2
@@ -112,6 +114,11 @@ def test_two_rank_zero3_hard_routing_changes_only_used_experts(tmp_path):
     base = AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=128, pad_token_id=0, eos_token_id=1),
                                             dtype=torch.float32, attn_implementation="sdpa")
     trained, _ = load_molora(base, out)
+    # AdamW normalises each update to ~LR, so a relative gradient error rho moves a weight by ~LR * rho per step.
+    # ZeRO-3 runs its own linear kernels: rho is the tiny decoder's fp32 forward + backward chain, relative to a
+    # gradient element's sum|terms|, ~sqrt(10 tokens x 64 outputs) x the element for random signs. A routing bug
+    # moves the weights by O(STEPS * LR) = 2e-2, ~600x this bound.
+    tol = STEPS * LR * fp_tol(torch.float32, (10 * 64) ** 0.5, k=2 * TINY_DECODER_K)
     for name, layer in molora_layers(trained).items():
         ref_layer = molora_layers(ref)[name]
         for e in range(K + 1):
@@ -122,4 +129,4 @@ def test_two_rank_zero3_hard_routing_changes_only_used_experts(tmp_path):
             else:  # no samples of this group on any rank: bit-identical
                 assert torch.equal(a, ia) and torch.equal(b, ib), (name, e)
             ra, rb = ref_layer.adapter_weights(e)
-            assert (a - ra).abs().max() < 1e-5 and (b - rb).abs().max() < 1e-5, (name, e)
+            assert (a - ra).abs().max() <= tol and (b - rb).abs().max() <= tol, (name, e)

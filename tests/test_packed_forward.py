@@ -1,5 +1,6 @@
 """The packed forward of a real HF decoder (tiny Qwen3 / Llama built from config, fp32, CPU) equals the
-separate per-sample forwards: logits and per-token loss within 1e-5, and gradients too.
+separate per-sample forwards: logits and per-token loss within the fp32 tolerance of a tiny-decoder forward
+(~3e-5 for the logits), and gradients too.
 
 The reference is the plain single-sample forward (no packing code involved); the packed side goes
 through PackingCollator + model_inputs exactly as the trainer does. A leaky variant (packed row with
@@ -13,11 +14,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from _tolerance import TINY_DECODER_K, fp_tol
+
 from distthink.data.packing import IGNORE_INDEX, PackedBatchSampler, PackingCollator, model_inputs
 from distthink.data.types import EncodedSample
 
 VOCAB = 96
-TOL = 1e-5
+
+
+def _tol(refs) -> float:
+    """Two fp32 forwards of the tiny decoder that reduce in another order (row lengths, masks, padding): scaled by
+    the largest reference value (logits ~0.6, per-token losses ~ln 96)."""
+    return fp_tol(torch.float32, max(r.abs().max().item() for r in refs), k=TINY_DECODER_K)
 
 
 def _tiny(family: str, attn: str):
@@ -79,8 +87,8 @@ def test_packed_forward_equals_per_sample(family, attn, packed):
     with torch.no_grad():
         logits = model(**model_inputs(batch, model.config._attn_implementation)).logits
     for (lg, ls), rlg, rls in zip(_split_rows(batch, logits), ref_logits, ref_losses):
-        torch.testing.assert_close(lg, rlg, atol=TOL, rtol=0)
-        torch.testing.assert_close(ls, rls, atol=TOL, rtol=0)
+        torch.testing.assert_close(lg, rlg, atol=_tol(ref_logits), rtol=0)
+        torch.testing.assert_close(ls, rls, atol=_tol(ref_losses), rtol=0)
 
 
 def test_weighted_loss_and_gradients_match_per_sample():
@@ -102,18 +110,21 @@ def test_weighted_loss_and_gradients_match_per_sample():
                               reduction="none")
     packed_total = (per_tok * batch["target_weights"].view(-1)).sum()
     packed_total.backward()
-    torch.testing.assert_close(packed_total, total, atol=TOL, rtol=0)
+    torch.testing.assert_close(packed_total, total, atol=_tol([total]), rtol=0)  # a sum of positive terms
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        # forward + backward chain of the tiny decoder, scaled by the tensor's largest gradient
+        tol = fp_tol(torch.float32, p.grad.abs().max(), k=2 * TINY_DECODER_K)
+        torch.testing.assert_close(q.grad, p.grad, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def _max_leak(model, batch, **kwargs):
-    """Largest logit difference between a variant forward and the per-sample reference, samples 2+."""
+    """(largest logit difference between a variant forward and the per-sample reference over samples 2+,
+    the logits' tolerance)."""
     ref_logits, _ = _per_sample_reference(model, _samples())
     with torch.no_grad():
         logits = model(**kwargs).logits
     parts = _split_rows(batch, logits)
-    return max((lg - rlg).abs().max().item() for (lg, _), rlg in list(zip(parts, ref_logits))[1:])
+    return max((lg - rlg).abs().max().item() for (lg, _), rlg in list(zip(parts, ref_logits))[1:]), _tol(ref_logits)
 
 
 def test_leaky_mask_would_be_detected():
@@ -122,9 +133,9 @@ def test_leaky_mask_would_be_detected():
     model = _tiny("qwen3", "sdpa")
     batch = PackingCollator()(_samples())
     whole_row_causal = torch.ones(1, 1, *batch["input_ids"].shape[-1:] * 2, dtype=torch.bool).tril_()
-    leak = _max_leak(model, batch, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     attention_mask=whole_row_causal, use_cache=False)
-    assert leak > 100 * TOL
+    leak, tol = _max_leak(model, batch, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          attention_mask=whole_row_causal, use_cache=False)
+    assert leak > 1000 * tol
 
 
 def test_hf_implicit_packing_detection_needs_use_cache_false():
@@ -136,9 +147,11 @@ def test_hf_implicit_packing_detection_needs_use_cache_false():
     model = _tiny("qwen3", "sdpa")
     batch = PackingCollator()(_samples())
     implicit = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None)
-    assert _max_leak(model, batch, use_cache=False, **implicit) < TOL
+    leak, tol = _max_leak(model, batch, use_cache=False, **implicit)
+    assert leak < tol
     assert model.config.use_cache is True
-    assert _max_leak(model, batch, **implicit) > 100 * TOL
+    leak, tol = _max_leak(model, batch, **implicit)
+    assert leak > 1000 * tol
 
 
 def test_real_encoded_samples_through_sampler_loader_and_model():
@@ -164,7 +177,7 @@ def test_real_encoded_samples_through_sampler_loader_and_model():
             for i in range(batch["num_samples"]):
                 where = batch["segment_ids"] == i
                 ref = model(input_ids=batch["input_ids"][where][None]).logits[0]
-                torch.testing.assert_close(logits[where], ref, atol=TOL, rtol=0)
+                torch.testing.assert_close(logits[where], ref, atol=_tol([ref]), rtol=0)
         seen += batch["num_samples"]
     assert seen == len(samples) == 12
 
@@ -207,11 +220,11 @@ def test_flash_varlen_kwargs_delimit_samples(packed):
     with torch.no_grad():
         logits = model(**kwargs).logits
     for (lg, ls), rlg, rls in zip(_split_rows(batch, logits), ref_logits, ref_losses):
-        torch.testing.assert_close(lg, rlg, atol=TOL, rtol=0)
-        torch.testing.assert_close(ls, rls, atol=TOL, rtol=0)
-    # and without the cu_seq_lens kwargs the same kernel leaks across the packed row
+        torch.testing.assert_close(lg, rlg, atol=_tol(ref_logits), rtol=0)
+        torch.testing.assert_close(ls, rls, atol=_tol(ref_losses), rtol=0)
+    # and without the cu_seq_lens kwargs the same kernel leaks across the packed row, far beyond the tolerance
     if packed:
         leaky = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
         with torch.no_grad():
             logits = model(**leaky).logits
-        assert (logits[batch["segment_ids"] == 1] - ref_logits[1]).abs().max() > 100 * TOL
+        assert (logits[batch["segment_ids"] == 1] - ref_logits[1]).abs().max() > 1000 * _tol(ref_logits)

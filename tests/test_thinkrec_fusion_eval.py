@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from _tolerance import fp_tol
 from _train_utils import ROOT, env
-from test_thinkrec_stage3 import _write_adapter
+from test_thinkrec_stage3 import EVAL_K, _write_adapter
 
 LIMIT = 12
 
@@ -97,8 +98,10 @@ def test_rec_eval_fusion_three_modes_and_branch_counts(stage3, tmp_path):
                  limit=LIMIT, scores_out=str(plain_scores))
     ref = pd.read_parquet(plain_scores).sort_values("sample_index")
     assert np.array_equal(ref["sample_index"].to_numpy(), df["sample_index"].to_numpy())
-    np.testing.assert_allclose(df["score_global"].to_numpy(), ref["score"].to_numpy(), atol=1e-5)
-    assert m["auc"] == pytest.approx(res["llm_global"]["auc"])
+    # two fp32 routes (MoLoRA with the global gate, plain peft) to the same logits, in other processes and batches
+    tol = fp_tol(torch.float32, np.abs(ref["score"].to_numpy()).max(), k=EVAL_K)
+    np.testing.assert_allclose(df["score_global"].to_numpy(), ref["score"].to_numpy(), rtol=0, atol=tol)
+    assert m["auc"] == pytest.approx(res["llm_global"]["auc"])  # counts of ordered pairs: equal unless 2 scores swap
 
     # hard only == one-hot gates computed here from the group table (dict lookup; unknown users -> global)
     table = pd.read_parquet(groups / "user_groups.parquet")
@@ -113,6 +116,9 @@ def test_rec_eval_fusion_three_modes_and_branch_counts(stage3, tmp_path):
     r, n = score_split_fusion(load_config("configs/thinkrec/stage3_smoke.yaml", overrides), split,
                               export=str(export), limit=LIMIT, gates_fn=independent)
     order = np.argsort(r["idx"])
-    np.testing.assert_allclose(r["fusion"][order], df["score_hard"].to_numpy(), atol=1e-5)
-    np.testing.assert_allclose(r["hard"][order], df["score_hard"].to_numpy(), atol=1e-6)
+    # the same route in this process and in the CLI's (OMP_NUM_THREADS=1): the BLAS may split the work otherwise
+    hard = df["score_hard"].to_numpy()
+    tol = fp_tol(torch.float32, np.abs(hard).max(), k=EVAL_K)
+    np.testing.assert_allclose(r["fusion"][order], hard, rtol=0, atol=tol)
+    np.testing.assert_allclose(r["hard"][order], hard, rtol=0, atol=tol)
     assert hard_gate(torch.tensor([0, -1]), 2).tolist() == [[1, 0, 0], [0, 0, 1]]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _tolerance import run_metric_tol
 from _train_utils import ROOT, env, free_port, launch, metrics
 
 
@@ -42,8 +43,10 @@ def test_lm_and_rec_are_each_normalised_globally(tmp_path, prepared):
     ref = run("r1_m4_ga1", 1, 4, 1)
     for label, other in (("1x1x4", run("r1_m1_ga4", 1, 1, 4)), ("2x1x2", run("r2_m1_ga2", 2, 1, 2))):
         for a, b in zip(ref, other, strict=True):
-            for key in ("loss_lm", "loss_rec", "grad_norm"):
-                assert abs(a[key] - b[key]) <= 1e-5 * (1 + abs(a[key])), (label, a["step"], key, a[key], b[key])
+            for key in ("loss_lm", "loss_rec", "grad_norm"):  # fp32 sums over the step's tokens, other order
+                assert abs(a[key] - b[key]) <= run_metric_tol(a[key], a["tokens"]), (label, a["step"], key, a[key],
+                                                                                    b[key])
+    # the logged loss is this very float64 sum: rel=1e-6 only spares a rounding, a missing term is O(1)
     assert ref[0]["loss"] == pytest.approx(ref[0]["loss_lm"] + ref[0]["loss_rec"], rel=1e-6)
 
 
@@ -75,7 +78,7 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
     scores = pd.read_parquet(tmp_path / "s.parquet")
     assert len(scores) == 30 and scores["sample_index"].tolist() == list(range(30))
     two = _eval(args, nproc=2)
-    for key in ("auc", "uauc", "ndcg@5", "hr@1"):
+    for key in ("auc", "uauc", "ndcg@5", "hr@1"):  # ratios of counts of ordered scores: equal unless 2 scores swap
         assert one["llm"][key] == pytest.approx(two["llm"][key], abs=1e-9, nan_ok=True)
     assert one["llm"]["n"] == two["llm"]["n"] == 30 and "cf" in one
 

@@ -9,7 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from _tolerance import TINY_DECODER_K, fp_tol
 from _train_utils import launch, metrics
+
+# eval prompts are rows of up to data.max_length = 1024 tokens: the attention sums of the tiny decoder are longer
+EVAL_K = 18 * 1024
 
 R, ALPHA = 4, 8
 
@@ -150,7 +154,7 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float32)
     x = torch.randint(0, 100, (1, 12))
-    peft = PeftModel.from_pretrained(base, str(mdir / "expert_1"))
+    peft = PeftModel.from_pretrained(base, str(mdir / "expert_1")).double()  # the float64 reference
     with torch.no_grad():
         ref = peft(input_ids=x).logits
     from distthink.tasks.thinkrec.gate import load_molora
@@ -159,7 +163,7 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
     assert gate is not None and gate.num_experts == 3
     with torch.no_grad(), molora_gates(mol, hard_gate(torch.tensor([1]), 3)):
         got = mol(input_ids=x).logits
-    assert torch.allclose(got, ref, atol=1e-5)
+    assert (got.double() - ref).abs().max() <= fp_tol(torch.float32, ref.abs().max(), k=TINY_DECODER_K)  # 12 tokens
 
 
 @pytest.mark.slow
@@ -228,4 +232,7 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     ref = pd.read_parquet(tmp_path / "plain.parquet").sort_values("sample_index")
     order = np.argsort(r["idx"])
     assert n == 6 and r["idx"][order].tolist() == ref["sample_index"].tolist()
-    np.testing.assert_allclose(r["global"][order], ref["score"].to_numpy(), atol=1e-5)
+    # two fp32 routes (MoLoRA with the global gate, plain peft) to the same logits
+    want = ref["score"].to_numpy()
+    np.testing.assert_allclose(r["global"][order], want, rtol=0,
+                               atol=fp_tol(torch.float32, np.abs(want).max(), k=EVAL_K))

@@ -1,6 +1,7 @@
 """Exact global loss normalisation: the step loss is sum(w * CE) over every micro-batch of every rank
 divided by the global weight total of the step. Same data + seed must give the same loss and grad-norm
-trajectories (fp32, CPU, 1e-5) whatever the split into ranks x samples per micro-batch x GA.
+trajectories (fp32, CPU, within run_metric_tol: ~3e-5 relative) whatever the split into ranks x samples per
+micro-batch x GA.
 
 A per-micro-batch mean (or a per-rank mean averaged) fails this: micro-batches hold different numbers
 of learned tokens and different weights (the bundled data has loss_weight and reasoning weights).
@@ -11,6 +12,7 @@ import math
 
 import pytest
 
+from _tolerance import run_metric_tol
 from _train_utils import FAST, launch, metrics
 
 pytestmark = pytest.mark.slow
@@ -34,12 +36,13 @@ def _run(tmp_path, name, nproc, micro, ga, extra=()):
 def _assert_same(ref, other, label):
     for a, b in zip(ref, other):
         assert a["learned_tokens"] == b["learned_tokens"], (label, a, b)  # same samples in the step
+        # sums of the data's weights (1 and 0.5): exact in float in any order; abs=1e-6 is only float slack
         assert a["weight_sum"] == pytest.approx(b["weight_sum"], abs=1e-6), label
         if a["step"] == NAN_STEP:  # skipped everywhere: no update, schedule not advanced
             assert math.isnan(a["loss"]) and math.isnan(b["loss"]) and a["lr"] == b["lr"], (label, a, b)
             continue
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (label, a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (label, a["step"], a["grad_norm"], b["grad_norm"])
+        for key in ("loss", "grad_norm"):  # fp32 sums over the step's tokens, reduced in another order
+            assert abs(a[key] - b[key]) <= run_metric_tol(a[key], a["tokens"]), (label, a["step"], key, a[key], b[key])
 
 
 def test_loss_and_grad_norm_invariant_to_ranks_micro_and_ga_with_a_skipped_step(tmp_path):
@@ -80,8 +83,10 @@ def test_finite_loss_with_non_finite_gradients_is_skipped_under_deepspeed_too(tm
         other = run(cfg, 2, [f"distributed.deepspeed=ds_configs/{cfg}.json"])
         for a, b in zip(ref, other):
             assert a["lr"] == b["lr"], (cfg, a, b)
-            assert abs(a["loss"] - b["loss"]) < 1e-5, (cfg, a["step"], a["loss"], b["loss"])
+            assert abs(a["loss"] - b["loss"]) <= run_metric_tol(a["loss"], a["tokens"]), (cfg, a["step"], a["loss"],
+                                                                                          b["loss"])
             if a["step"] == inf_step:
                 assert not math.isfinite(b["grad_norm"]), (cfg, b)
             else:
-                assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (cfg, a["step"], a["grad_norm"], b["grad_norm"])
+                assert abs(a["grad_norm"] - b["grad_norm"]) <= run_metric_tol(a["grad_norm"], a["tokens"]), \
+                    (cfg, a["step"], a["grad_norm"], b["grad_norm"])

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from _tolerance import TINY_DECODER_K, fp_tol
 from _train_utils import FAST, ROOT, command, env, launch, metrics, summary
 
 from distthink.engine.lm_loss import LMHeadLoss, micro_batch_scale, weighted_ce_sum
@@ -31,8 +32,9 @@ def test_weighted_ce_matches_naive_reference():
     targets = torch.randint(0, 37, (50,), generator=g)
     targets[::7] = -100
     weights = torch.rand(50, generator=g) * (targets != -100)
-    assert torch.allclose(weighted_ce_sum(logits, targets, weights), naive_weighted_ce_sum(logits, targets, weights),
-                          atol=1e-5)
+    ref = naive_weighted_ce_sum(logits, targets, weights)  # float64, rounded to fp32 once
+    # fp32: a sum of 50 positive weighted CE terms, each with a 37-class lse
+    assert (weighted_ce_sum(logits, targets, weights) - ref).abs() <= fp_tol(torch.float32, ref, k=50 + 37)
 
 
 def test_loss_wrapper_fused_equals_hf_and_reference():
@@ -60,8 +62,12 @@ def test_loss_wrapper_fused_equals_hf_and_reference():
         grads[impl] = model.model.embed_tokens.weight.grad.clone()
     logits = model(**kw).logits[0]
     ref = naive_weighted_ce_sum(logits.detach(), batch["targets"][0], batch["target_weights"][0])
-    assert torch.allclose(losses["hf"], ref, atol=1e-4) and torch.allclose(losses["fused"], ref, atol=1e-4)
-    assert torch.allclose(grads["hf"], grads["fused"], atol=1e-5)
+    # the weighted sum (no cancellation) of CE terms from one fp32 tiny-decoder forward
+    tol = fp_tol(torch.float32, ref, k=TINY_DECODER_K)
+    assert (losses["hf"] - ref).abs() <= tol and (losses["fused"] - ref).abs() <= tol
+    # the two loss paths' gradients go back through the decoder: forward + backward chain
+    assert (grads["hf"] - grads["fused"]).abs().max() <= fp_tol(torch.float32, grads["hf"].abs().max(),
+                                                                  k=2 * TINY_DECODER_K)
 
 
 def test_micro_batch_scale():
@@ -110,9 +116,11 @@ def test_gradient_checkpointing_with_lora_gives_the_same_loss_and_grads():
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         assert grads and all(v.abs().sum() > 0 for k, v in grads.items() if "lora_B" in k)  # A is 0-grad at B=0
         out[gc] = (loss.detach(), grads)
-    assert torch.allclose(out[False][0], out[True][0], atol=1e-6)
+    # the recomputation may take other kernels: the tiny decoder's fp32 forward (loss) / forward + backward chain
+    assert (out[False][0] - out[True][0]).abs() <= fp_tol(torch.float32, out[False][0], k=TINY_DECODER_K)
     for name, grad in out[False][1].items():
-        assert torch.allclose(grad, out[True][1][name], atol=1e-6), name
+        tol = fp_tol(torch.float32, grad.abs().max(), k=2 * TINY_DECODER_K)
+        assert (grad - out[True][1][name]).abs().max() <= tol, name
 
 
 @pytest.mark.slow

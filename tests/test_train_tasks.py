@@ -4,6 +4,7 @@ per-rank normalisation of either term would break this)."""
 
 import pytest
 
+from _tolerance import run_metric_tol
 from _train_utils import FAST, ROOT, launch, metrics
 
 from distthink.config import load_config
@@ -33,10 +34,12 @@ def _run(tmp_path, name, nproc, micro, ga):
 def test_two_objectives_are_each_normalised_globally(tmp_path):
     ref = _run(tmp_path, "r1_m4_ga1", 1, 4, 1)
     for row in ref:
+        # the logged loss is this very float64 sum: rel=1e-6 only spares a rounding, a missing term is O(1)
         assert row["loss"] == pytest.approx(row["loss_even"] + row["loss_odd"], rel=1e-6)
     for label, other in (("1x1x4", _run(tmp_path, "r1_m1_ga4", 1, 1, 4)),
                          ("2x1x2", _run(tmp_path, "r2_m1_ga2", 2, 1, 2))):
         for a, b in zip(ref, other, strict=True):
-            for key in ("loss_even", "loss_odd", "grad_norm"):
-                assert abs(a[key] - b[key]) < 1e-5, (label, a["step"], key, a[key], b[key])
+            for key in ("loss_even", "loss_odd", "grad_norm"):  # fp32 sums over the step's tokens, other order
+                assert abs(a[key] - b[key]) <= run_metric_tol(a[key], a["tokens"]), (label, a["step"], key, a[key],
+                                                                                    b[key])
     assert ref[-1]["loss"] < ref[0]["loss"]
