@@ -135,6 +135,9 @@ class CheckpointConfig:
                              "(consolidated 16-bit safetensors; a LoRA run is merged into the base weights) or "
                              "`none`.", ("auto", "adapter", "full", "none"))
     export_dtype: str = _f("bfloat16", "dtype of the exported full model.", ("bfloat16", "float16", "float32"))
+    allow_config_change: bool = _f(False, "Resume a checkpoint even though the run's meaning changed (model, LoRA "
+                                          "shape, task, data sources or their bytes, encoding, seed). By default "
+                                          "such a relaunch is refused at start-up.")
 
 
 @dataclass

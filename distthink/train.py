@@ -56,6 +56,7 @@ from distthink.engine.report import (
     tracker_config,
     write_history,
 )
+from distthink.engine.resume_guard import check_resume, data_digests
 from distthink.engine.schedule import lr_lambda
 from distthink.engine.task import make_task
 from distthink.errors import DistthinkError
@@ -80,6 +81,10 @@ def run(cfg: Config) -> int:
     train_data.chat_policy(cfg)  # data.policy
     if cfg.distributed.deepspeed:
         deepspeed_config(cfg, world_size_of_launch())  # batch fields, stage vs offload
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, str(out_dir))
+    if resume_from is not None:
+        check_resume(cfg, resume_from)  # a relaunch with another model / data / seed must not resume silently
+    digests = data_digests(cfg)
     preempt = PreemptionFlag()
 
     # 1. Process group first: under ZeRO-3 the DeepSpeed config must exist before the model is built.
@@ -122,12 +127,15 @@ def run(cfg: Config) -> int:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
         attn_impl = attn_implementation_of(model)
         if trackers:
-            accelerator.init_trackers("tb", config=tracker_config(cfg))
+            # The hyperparameters are stored once, at the run's first launch: TensorBoard writes them into a new
+            # timestamped folder each time, and a resumed run is the same run.
+            accelerator.init_trackers("tb", config=None if resume_from else tracker_config(cfg))
 
         # 4. Resume (model, optimizer, RNG of every rank, data position, schedule, counters).
-        step, epoch, micro_index, nan_streak, history, learned_total = 0, 0, 0, 0, [], 0
+        step, epoch, micro_index, nan_streak, history = 0, 0, 0, 0, []
+        # whole-run counters, kept in the trainer state so that a resumed run reports the whole run
+        run_totals = {"learned_tokens": 0, "tokens": 0, "train_time_s": 0.0}
         metrics_path = out_dir / "metrics.jsonl"
-        resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, str(out_dir))
         if resume_from is not None:
             state = ckpt.load_checkpoint(accelerator, resume_from)
             if state.get("world_size") != world or state.get("grad_accumulation") != ga:
@@ -135,7 +143,8 @@ def run(cfg: Config) -> int:
                             "but will not equal an uninterrupted run", world, ga, state.get("world_size"),
                             state.get("grad_accumulation"))
             step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
-            nan_streak, learned_total = state.get("nan_streak", 0), state.get("learned_tokens_total", 0)
+            nan_streak = state.get("nan_streak", 0)
+            run_totals.update(state.get("run_totals") or {"learned_tokens": state.get("learned_tokens_total", 0)})
             scheduler.load_state_dict(state["scheduler"])
             if is_main:  # the metrics history lives in metrics.jsonl, not the checkpoint
                 history = read_history(metrics_path, step)
@@ -144,8 +153,8 @@ def run(cfg: Config) -> int:
 
         def trainer_state() -> dict:
             return {"step": step, "epoch": epoch, "micro_index": micro_index, "nan_streak": nan_streak,
-                    "scheduler": scheduler.state_dict(), "learned_tokens_total": learned_tokens,
-                    "world_size": world, "grad_accumulation": ga, "sampler_seed": cfg.train.seed}
+                    "scheduler": scheduler.state_dict(), "run_totals": dict(run_totals), "world_size": world,
+                    "grad_accumulation": ga, "sampler_seed": cfg.train.seed, "data_digests": digests}
 
         def save() -> Path:
             return ckpt.save_checkpoint(accelerator, str(out_dir), step, trainer_state(), cfg.to_dict(),
@@ -176,8 +185,8 @@ def run(cfg: Config) -> int:
 
         bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
-        learned_tokens = learned_total
-        tokens_seen, train_time = 0, 0.0  # of this launch (throughput figures)
+        launch = {"learned_tokens": 0, "tokens": 0, "train_time_s": 0.0}  # this launch only
+        first_step = step
         last_ckpt: Path | None = resume_from
         exit_code = 0
         wrapped.train()
@@ -239,8 +248,8 @@ def run(cfg: Config) -> int:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
-            *totals, bad = dist.all_reduce_sum(local_sums + [local_bad], device)
-            parts = {k: _ratio(t, n) for k, t, n in zip(keys, totals, norms)}
+            *loss_totals, bad = dist.all_reduce_sum(local_sums + [local_bad], device)
+            parts = {k: _ratio(t, n) for k, t, n in zip(keys, loss_totals, norms)}
             loss = sum(parts.values())
             finite = bad == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
             lr_used = scheduler.get_last_lr()[0]
@@ -261,9 +270,10 @@ def run(cfg: Config) -> int:
             step += 1
             micro_index += ga
             dt = time.time() - t0
-            train_time += dt
-            learned_tokens += int(N)
-            tokens_seen += int(ntok)
+            for counters in (launch, run_totals):
+                counters["learned_tokens"] += int(N)
+                counters["tokens"] += int(ntok)
+                counters["train_time_s"] += dt
             record = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
                       **({f"loss_{k}": v for k, v in parts.items()} if len(keys) > 1 else {}),
                       "lr": lr_used, "learned_tokens": int(N), "weight_sum": norms[0],
@@ -293,6 +303,8 @@ def run(cfg: Config) -> int:
             eval_loss = evaluate()
             if history and eval_loss is not None:
                 history[-1]["eval_loss"] = eval_loss
+                if trackers:  # the final evaluation belongs in TensorBoard too, at the last step
+                    accelerator.log({"eval_loss": eval_loss}, step=step)
             if step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
                 last_ckpt = save()
             export_path = None
@@ -312,10 +324,10 @@ def run(cfg: Config) -> int:
                     plot_losses(history, out_dir / "loss.png")
                 summary = {
                     "steps": step, "final_loss": history[-1]["loss"] if history else None,
-                    "eval_loss": eval_loss, "learned_tokens": learned_tokens,
-                    "learned_tokens_per_s": learned_tokens / train_time if train_time > 0 else None,
-                    "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
-                    "train_time_s": round(train_time, 3), "peak_memory_mb": peak_mb,
+                    "eval_loss": eval_loss, **throughput(**run_totals),
+                    "this_launch": {"steps": step - first_step, **throughput(**launch),
+                                    "resumed_from": str(resume_from) if resume_from else None},
+                    "peak_memory_mb": peak_mb,
                     "world_size": world, "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
@@ -329,6 +341,13 @@ def run(cfg: Config) -> int:
         return exit_code
     finally:
         dist.teardown(accelerator)
+
+
+def throughput(learned_tokens: int, tokens: int, train_time_s: float) -> dict:
+    """Token counts, training time and rates (None when no step ran)."""
+    return {"learned_tokens": learned_tokens, "tokens": tokens, "train_time_s": round(train_time_s, 3),
+            "learned_tokens_per_s": learned_tokens / train_time_s if train_time_s > 0 else None,
+            "tokens_per_s": tokens / train_time_s if train_time_s > 0 else None}
 
 
 def _ratio(total: float, norm: float) -> float:
