@@ -45,6 +45,7 @@ from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
 from distthink.engine import faults
+from distthink.engine.exit_status import report_error, write_status
 from distthink.engine.export import export_model
 from distthink.engine.lm_loss import micro_batch_scale
 from distthink.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -338,6 +339,9 @@ def run(cfg: Config) -> int:
             # Leave together: a rank that tears down while rank 0 still writes the summary has been seen to
             # abort at exit ("terminate called without an active exception") after a stage-3 export.
             dist.barrier()
+        if is_main:
+            write_status(out_dir, exit_code, {0: "done", REQUEUE_EXIT_CODE: "preempted: saved, requeue to resume",
+                                              NAN_STOP_EXIT_CODE: "stopped by the NaN/Inf guard"}[exit_code], step)
         return exit_code
     finally:
         dist.teardown(accelerator)
@@ -358,11 +362,14 @@ def _ratio(total: float, norm: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distthink.train", description=__doc__.split("\n")[0])
     args = add_run_arguments(parser).parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg)
     except DistthinkError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if cfg is not None and os.environ.get("RANK", "0") == "0":
+            write_status(cfg.train.output_dir, 2, str(err))
+        report_error(f"error: {err}")  # the last line the user sees, once per launch (engine/exit_status.py)
         return 2
 
 

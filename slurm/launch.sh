@@ -157,6 +157,8 @@ echo "[distthink node $SLURM_NODEID] ${launch[*]}"
 # --signals_to_handle, which overwrites TORCHELASTIC_SIGNALS_TO_HANDLE in recent torch).
 export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT" PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT"
 trap '' TERM USR1
+status_file="$DISTTHINK_OUTPUT_DIR/exit_status.json"
+rm -f "$status_file" 2>/dev/null  # what the ranks write this time (distthink.engine.exit_status)
 "${launch[@]}" &
 agent=$!
 preempted=0
@@ -169,9 +171,13 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done
 wait "$agent"; rc=$?
-# The agent reports any failed worker as 1; after a USR1 the workers saved and exited 75 (requeue).
+# The agent reports any failed worker as 1: the ranks' own exit code is what rank 0 wrote in exit_status.json
+# (75 = saved after a preemption request: requeue; 2 = user error; 3 = NaN stop). Without the file (a rank
+# died before writing it), a USR1 we forwarded still means preempted.
 # A TERM is not a preemption request here: srun sends it to the other nodes when one task fails.
-if [ "$preempted" = 1 ] && [ "$rc" -ne 0 ]; then rc=75; fi
+written=$(sed -n 's/.*"exit_code": *\([0-9]*\).*/\1/p' "$status_file" 2>/dev/null)
+if [ "$rc" -ne 0 ] && [ -n "$written" ] && [ "$written" -ne 0 ]; then rc=$written; fi
+if [ "$preempted" = 1 ] && [ "$rc" -ne 0 ] && [ -z "$written" ]; then rc=75; fi
 echo "[distthink node $SLURM_NODEID] training processes ended with exit code $rc"
 exit "$rc"
 NODE_SCRIPT

@@ -20,6 +20,7 @@ at the previous complete checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,27 @@ from distthink.errors import CheckpointError
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
+
+class _TiedHeadNote(logging.Filter):
+    """accelerate warns "Removed shared tensor {...lm_head.weight} while saving ... check ..." at every save of a
+    model whose LM head is tied to its embeddings. That is the expected way to store tied weights (transformers
+    does the same; loading re-ties them): replace the warning with one info line per process."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        names = message[message.find("{") + 1:message.find("}")].replace("'", "").split(", ")
+        if "Removed shared tensor" not in message or not all(n.endswith("lm_head.weight") for n in names):
+            return True
+        if not _TiedHeadNote.said:
+            _TiedHeadNote.said = True
+            log.info("checkpoints store the tied LM head once, with the embeddings (as transformers does; loading "
+                     "re-ties it)")
+        return False
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNote())
 
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
