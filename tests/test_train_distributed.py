@@ -25,9 +25,8 @@ def test_zero3_offload_full_finetune_accelerate_launch(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "terminate called" not in proc.stderr
-    # ranks are distinct (the gloo trap): each process reports its own index
-    assert "process 0/2 on cpu (gloo backend, DeepSpeed ZeRO-3)" in proc.stderr
-    assert "process 1/2 on cpu (gloo backend, DeepSpeed ZeRO-3)" in proc.stderr
+    # ranks are distinct (the gloo trap): rank 0 gathered every rank's index, and says so once
+    assert proc.stderr.count("2 process(es) on cpu (gloo backend, DeepSpeed ZeRO-3), ranks [0, 1] distinct") == 1
     s = summary(out)
     assert s["zero_stage"] == 3 and s["zero3_partitioned"] and s["steps"] == 8
     rows = metrics(out)

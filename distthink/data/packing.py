@@ -4,7 +4,7 @@ bin-packing batch sampler.
 Three pieces, each usable on its own:
 
 1. ``PackingCollator`` turns a list of :class:`EncodedSample` into one micro-batch following the batch
-   contract (HELPERS.md): one row of concatenated samples whose ``position_ids`` restart at 0 at each
+   contract: one row of concatenated samples whose ``position_ids`` restart at 0 at each
    sample, with the next-token ``targets``/``target_weights`` shifted *within* each sample so that no
    target ever crosses into the neighbouring sample. ``packed=False`` gives the classic padded batch
    (one sample per row) with the same keys, for comparisons and benchmarks.

@@ -78,10 +78,10 @@ def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | Non
     elif device == "cpu":
         kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)
-    _check_distinct_ranks(accelerator)
-    log.info("process %d/%d on %s (%s backend%s)", accelerator.process_index, accelerator.num_processes,
-             accelerator.device, backend,
-             f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if cfg.distributed.deepspeed else "")
+    ranks = _check_distinct_ranks(accelerator)
+    log.info("%d process(es) on %s (%s backend%s)%s", accelerator.num_processes, accelerator.device.type, backend,
+             f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if cfg.distributed.deepspeed else "",
+             f", ranks {ranks} distinct" if len(ranks) > 1 else "")
     return accelerator
 
 
@@ -100,16 +100,16 @@ def single_process_rendezvous() -> None:
     log.info("DeepSpeed in a single process: env:// rendezvous on 127.0.0.1:%s (what torchrun would set)", port)
 
 
-def _check_distinct_ranks(accelerator) -> None:
-    """Every rank must know a different index, or all ranks would train on the same shard."""
+def _check_distinct_ranks(accelerator) -> list[int]:
+    """Every rank must know a different index, or all ranks would train on the same shard. Returns the ranks."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world > 1 and accelerator.num_processes != env_world:
         raise RuntimeError(f"launched {env_world} processes but accelerate sees {accelerator.num_processes}: the "
                            "process group was not created (on CPU the backend must be gloo)")
-    if accelerator.num_processes > 1:
-        ranks = all_gather_object(accelerator.process_index)
-        if sorted(ranks) != list(range(accelerator.num_processes)):
-            raise RuntimeError(f"ranks are not distinct across processes: {ranks}")
+    ranks = all_gather_object(accelerator.process_index) if accelerator.num_processes > 1 else [0]
+    if sorted(ranks) != list(range(accelerator.num_processes)):
+        raise RuntimeError(f"ranks are not distinct across processes: {ranks}")
+    return ranks
 
 
 def all_gather_object(obj) -> list:
