@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-
 from _tolerance import eps, fp_tol
+from references.flce import naive_fused_linear_cross_entropy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distthink.errors import ConfigError, DataError, DistthinkError
 from distthink.ops import auto_chunk_size, fused_linear_cross_entropy, gathered_lm_head
-from references.flce import naive_fused_linear_cross_entropy
 
 # fp32, relative to the largest magnitude of the compared tensor: the longest reduction of these cases is over the
 # 512-word vocabulary (lse, grad_hidden); the tokens (<= 60, grad_weight) and h (<= 64, logits) are shorter
@@ -250,28 +250,33 @@ def test_bf16_on_cpu_within_documented_tolerance():
         assert err_ours <= 2 * err_naive + 1e-6  # a ratio of two bf16 errors; 1e-6 only covers err_naive == 0
 
 
+class LargestNewTensor(TorchDispatchMode):
+    """Records the numel of the largest tensor any op returns; skip_views=True leaves out outputs that share an
+    input's storage (views and in-place results), i.e. counts only fresh allocations."""
+
+    def __init__(self, skip_views: bool = False):
+        super().__init__()
+        self.skip_views, self.biggest = skip_views, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)} if self.skip_views else set()
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.biggest = max(self.biggest, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("strategy", ["rows", "vocab"])
 def test_never_materialises_n_by_v(strategy):
     """The largest tensor any op allocates is a chunk, not N x V (checked with a dispatch mode)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if torch.is_tensor(t):
-                    Largest.biggest = max(Largest.biggest, t.numel())
-            return out
-
     n, v = 1024, 4096
     hidden, weight, _, target, _ = make(n=n, h=16, v=v)
-    with Largest():
+    with LargestNewTensor() as largest:
         loss = fused_linear_cross_entropy(hidden, weight, target, strategy=strategy)
         loss.backward()
     # default: at most an eighth of the rows per chunk / of the vocabulary per tile
-    assert n * v // 16 < Largest.biggest <= n * v // 8 + 1
+    assert n * v // 16 < largest.biggest <= n * v // 8 + 1
 
 
 def test_auto_chunk_size_policy():
@@ -335,21 +340,8 @@ def test_autocast_does_not_change_the_computation():
 @pytest.mark.parametrize("strategy", ["rows", "vocab"])
 def test_no_grad_does_no_gradient_work(strategy):
     """Under torch.no_grad() (evaluation) only the logits GEMM runs: no (V, H) gradient is allocated."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Biggest(TorchDispatchMode):
-        seen = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:  # not a view/in-place
-                    Biggest.seen = max(Biggest.seen, t.numel())
-            return out
-
     hidden, weight, _, target, _ = make(n=8, h=64, v=4096)
-    with torch.no_grad(), Biggest():
+    with torch.no_grad(), LargestNewTensor(skip_views=True) as largest:
         loss = fused_linear_cross_entropy(hidden, weight, target, strategy=strategy)
-    assert Biggest.seen < weight.numel()
+    assert largest.biggest < weight.numel()
     close(loss, naive_fused_linear_cross_entropy(hidden, weight, target)[0], fp_tol(torch.float32, 1.0, k=4096))  # V

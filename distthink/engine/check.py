@@ -53,7 +53,7 @@ def check_path(path: str | os.PathLike, generate: bool = True) -> list[str]:
             problems.append(f"{p}: no model weights found")
         if not problems:
             state = json.loads((p / STATE_FILE).read_text())
-            for key in ("step", "epoch", "micro_index", "scheduler", "learned_tokens_total"):
+            for key in ("step", "epoch", "micro_index", "scheduler", "run_totals"):
                 if key not in state:
                     problems.append(f"{p / STATE_FILE}: missing '{key}'")
         export = p.parent.parent / "export"
