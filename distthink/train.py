@@ -344,6 +344,7 @@ def run(cfg: Config) -> int:
                                               NAN_STOP_EXIT_CODE: "stopped by the NaN/Inf guard"}[exit_code], step)
         return exit_code
     finally:
+        preempt.close()
         dist.teardown(accelerator)
 
 
