@@ -66,6 +66,7 @@ def test_full_export_lists_every_check_then_ok(tmp_path, capsys):
 
 def test_adapter_export_checks_the_adapter_tensors(tmp_path, capsys):
     path = adapter_export(tmp_path / "export")
+    save_file({"proj.weight": torch.ones(4, 2)}, str(path / "projector.safetensors"))  # a task's file beside it
     code, out, lines = run_check(capsys, path, "--no-generate")
     assert code == 0, out
     adapter = load_file(str(path / "adapter_model.safetensors"))
@@ -76,6 +77,7 @@ def test_adapter_export_checks_the_adapter_tensors(tmp_path, capsys):
     assert f"{len(adapter)} tensors, all non-empty" in lines["adapter"]
     assert f"{nonzero} of {n_b} lora_B non-zero" in lines["adapter"]
     assert "base_model/" in lines["base"] and lines["generation"] == "skipped (--no-generate)"
+    assert lines["tensors"].startswith(f"{len(adapter) + 1} tensors in 2 files")
 
 
 def test_a_tensor_missing_from_the_export_is_a_problem(tmp_path, capsys):

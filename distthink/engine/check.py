@@ -25,6 +25,7 @@ log = get_logger(__name__)
 # Validation (`distthink check`).
 # ----------------------------------------------------------------------------------------------------
 
+ADAPTER_FILE = "adapter_model.safetensors"  # what PeftModel.save_pretrained writes (safe_serialization)
 GENERATE_TOKENS = 4  # the generation smoke: a few greedy tokens prove the loaded model runs end to end
 
 
@@ -273,10 +274,10 @@ def _load_adapter(p: Path, report: CheckReport):
         return None
     model = PeftModel.from_pretrained(base, str(p))
     got = get_peft_model_state_dict(model)
-    want: dict[str, torch.Tensor] = {}
-    for f in sorted(p.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            want.update({k: fh.get_tensor(k) for k in fh.keys()})
+    # peft's own file; other safetensors next to it belong to the task (projector.safetensors of ThinkRec,
+    # graph_prefix.safetensors of the molecule task) and were counted in the tensors line
+    with safe_open(str(p / ADAPTER_FILE), "pt") as fh:
+        want = {k: fh.get_tensor(k) for k in fh.keys()}
     if set(got) != set(want):
         extra, lost = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         report.problems.append(f"{p}: the adapter file and the loaded model disagree: "
