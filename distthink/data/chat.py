@@ -183,10 +183,13 @@ def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
         log.warning("the chat template writes nothing after an assistant turn's content (no end-of-turn "
                     "marker): the model will not learn to stop. Fix: use a template that ends assistant turns "
                     "with the eos/end-of-turn token or an end marker")
-    elif any(m.strip() and not any(sp in m for sp in special_token_texts(tokenizer)) for m in (eot, eot_last)):
-        log.info("the chat template ends assistant turns with the plain-text marker %r (no special token): it is "
-                 "learned as part of each trained turn; stop generation on that text at inference",
-                 (eot or eot_last).strip())
+    else:
+        text_markers = [m.strip() for m in (eot, eot_last)
+                        if m.strip() and not any(sp in m for sp in special_token_texts(tokenizer))]
+        if text_markers:
+            log.info("the chat template ends assistant turns with the plain-text marker %r (no special token): it "
+                     "is learned as part of each trained turn; stop generation on that text at inference",
+                     text_markers[0])
     info = TemplateInfo(gen_prompt=gen, header=header, eot=eot, eot_last=eot_last,
                         renders_reasoning=_PROBE_R in probe)
     _INFO_CACHE[key] = info
