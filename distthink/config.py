@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 import yaml
 
+from distthink.data.types import ON_ERROR_CHOICES, ON_ERROR_DEFAULT
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.optional import has_flash_attn
@@ -75,7 +76,8 @@ class DataConfig:
     train: str = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with distthink.")
     eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
     max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
-    on_error: str = _f("skip", "Malformed samples: `skip` (counted and reported) or `raise`.", ("skip", "raise"))
+    on_error: str = _f(ON_ERROR_DEFAULT, "Malformed samples: `skip` (counted and reported) or `raise`.",
+                       ON_ERROR_CHOICES)
     max_train_samples: int = _f(0, "Use only the first N records of the train split (0 = all). For smoke runs.")
     max_eval_samples: int = _f(0, "Use only the first N records of the eval split (0 = all).")
     policy: dict = _f({}, "Keyword arguments of distthink.data.chat.ChatPolicy (think, think_weight, "

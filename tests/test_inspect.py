@@ -11,6 +11,7 @@ import pytest
 
 from distthink.cli import main
 from distthink.commands.inspect import dataset_stats, render_sample, token_runs
+from distthink.config import DataConfig
 from distthink.data.types import EncodedSample
 from distthink.models.tiny import tiny_tokenizer
 
@@ -111,9 +112,35 @@ def test_inspect_skip_reports_counts(tmp_path, capsys):
 
 def test_inspect_raise_names_the_line(tmp_path, capsys):
     path = _bad_file(tmp_path)
-    assert main(["inspect", "--data", str(path)]) == 2
+    assert main(["inspect", "--data", str(path), "--on-error", "raise"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "bad.jsonl" in err and "line 2" in err
+
+
+def test_inspect_skips_by_default_like_training(tmp_path, capsys):
+    """One default for malformed rows: `distthink inspect` does what training (data.on_error) does."""
+    assert DataConfig().on_error == "skip"
+    path = _bad_file(tmp_path)
+    assert main(["inspect", "--data", str(path), "-n", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 2 " in out and "skipped: 4 (" in out
+    assert "bad.jsonl, line 2, field 'messages[0].role'" in out  # the first reason of each kind, located
+
+
+@pytest.mark.parametrize("rows", [[], ["", "   "], ['{"messages": []}', "{not json"]],
+                         ids=["empty", "blank_lines", "all_rows_bad"])
+def test_inspect_of_nothing_is_an_error(tmp_path, capsys, rows):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    assert main(["inspect", "--data", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "samples: 0" not in captured.out
+    err = captured.err.strip()
+    assert err.startswith("error:") and "data.jsonl" in err and "Fix:" in err
+    if rows and rows[0].startswith("{"):
+        assert "all 2 records were skipped" in err and "empty_conversation" in err and "invalid_json" in err
+    else:
+        assert "no records" in err
 
 
 def test_inspect_help_explains_every_flag(capsys):

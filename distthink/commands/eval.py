@@ -12,7 +12,8 @@ def register(subparsers) -> None:
                                    "when both files have ids, else by line order (docs/molecules.md).")
     c.add_argument("--generations", required=True, help="JSONL from `distthink generate`")
     c.add_argument("--references", default="demo", help="JSONL with the reference field; `demo` = demo test split")
-    c.add_argument("--ref-field", default="description")
+    c.add_argument("--ref-field", default="description",
+                   help="field of each --references row that holds the reference caption (default description)")
     c.add_argument("--out", default=None, help="per-sample Parquet")
     c.set_defaults(func=_captions)
 

@@ -16,16 +16,26 @@ def register(subparsers) -> None:
     p.add_argument("--thinking", action=argparse_bool(), default=None,
                    help="enable_thinking on/off (default: the run's think_mode, off for plain chats)")
     p.add_argument("--sample", action="store_true", help="sample (default greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --sample: divide the logits by T before sampling; < 1 sharper, > 1 flatter "
+                        "(default 1.0; must be > 0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="with --sample: nucleus sampling, draw from the smallest set of tokens whose probability "
+                        "adds up to P (default 1.0 = all tokens)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="with --sample: draw only from the K most likely tokens (default 0 = no limit)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens generated per row, reasoning included (default 256); a row that reaches it "
+                        "gets finish_reason=length")
     p.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget; </think> forced after it")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows generated together in one batch (default 8); lower it if memory runs out")
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of --sample, so sampled generations repeat (default 0)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, or cuda:N for one GPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal only)")
     p.set_defaults(func=_run)
 
 

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distthink.data.types import IGNORE_INDEX
-from distthink.errors import ConfigError
+from distthink.data.types import IGNORE_INDEX, ON_ERROR_CHOICES, ON_ERROR_DEFAULT
+from distthink.errors import ConfigError, DataError
 from distthink.resources import ASSETS
 
 BUNDLED_DATA = ASSETS / "sample_sft.jsonl"
@@ -36,7 +36,7 @@ how learned spans are shown:
 examples:
   distthink inspect
   distthink inspect --data train.jsonl --tokenizer ./Qwen3-8B --think mask -n 5 --budget 8192
-  distthink inspect --data messy.jsonl --on-error skip | less
+  distthink inspect --data messy.jsonl --on-error raise   # stop at the first bad row, with its line
 """
 
 
@@ -71,9 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--truncation", choices=["truncate_left", "truncate_right", "drop"], default=None,
                    help="what --max-length does to a longer sample: cut the start, cut the end, or drop the "
                         "sample (counted as too_long). Default: truncate_right")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="raise: stop at the first bad row with file/line/field/fix (default); "
-                        "skip: skip bad rows and report counts by reason")
+    p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default=ON_ERROR_DEFAULT,
+                   help=f"skip: skip malformed rows, count them by reason and show the first example of each; "
+                        f"raise: stop at the first one with file/line/field/fix. Default: {ON_ERROR_DEFAULT}, "
+                        f"as in training (data.on_error)")
     p.add_argument("-n", "--num-samples", type=int, default=3, metavar="N",
                    help="how many samples to print (default 3; 0 prints only the stats)")
     p.add_argument("--start", type=int, default=0, metavar="I",
@@ -248,6 +249,19 @@ def format_stats(stats: dict[str, Any], report, budget: int) -> str:
 
 # ------------------------------------------------------------------------------------------ command
 
+def _nothing_to_inspect(data: str, report) -> DataError:
+    """An empty dataset is an error, as in training: there is nothing to show and nothing to train."""
+    if not report.records:
+        return DataError("no records", source=str(data), reason="empty_dataset",
+                         fix="point --data at a file with one JSON object per line (JSONL), a JSON list or a "
+                             "Parquet file with rows")
+    reasons = "; ".join(f"{n} x {r}, e.g. {report.examples[r]}"
+                        for r, n in sorted(report.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return DataError(f"all {report.records} records were skipped ({reasons})", source=str(data),
+                     reason="empty_dataset", fix="correct the rows as each example says; --on-error raise stops at "
+                                                 "the first one with its line")
+
+
 def _use_color(choice: str) -> bool:
     if choice == "always":
         return True
@@ -276,6 +290,8 @@ def _run(args: argparse.Namespace) -> int:
     policy = ChatPolicy(**policy_kwargs(args))
     # The label audit runs below, as a warning: inspect is where a user looks *why* training would refuse.
     samples, report = build_sft_dataset(args.data, tokenizer, policy, on_error=args.on_error, audit=False)
+    if not samples:
+        raise _nothing_to_inspect(args.data, report)
     color = _use_color(args.color)
 
     print(f"data: {args.data}\ntokenizer: {getattr(tokenizer, 'name_or_path', args.tokenizer)}\n"

@@ -17,6 +17,7 @@ from typing import Any
 from distthink.cli import add_run_arguments
 from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError
+from distthink.launch import model_configs
 from distthink.launch.hardware import CANDIDATES, GPUS
 
 _EPILOG = """\
@@ -62,6 +63,11 @@ def register(subparsers) -> None:
     p.add_argument("--molora-adapters", type=int, default=0,
                    help="plan MoLoRA (distthink.models.molora) with E adapters per target (K group experts + 1 "
                         "global), rank lora.r on lora.target_modules; 0 = plain LoRA (default)")
+    p.add_argument("--model-config", default=None, metavar="NAME_OR_PATH",
+                   help="architecture config to plan with instead of looking up model.name_or_path: a config.json, "
+                        f"a directory holding one, or a config shipped with distthink "
+                        f"({', '.join(model_configs.names())}). Without it a hub model is read from the local "
+                        "cache, then the hub, and from the shipped config when the hub is offline or unreachable")
     p.add_argument("--candidates", default=",".join(CANDIDATES),
                    help=f"comma-separated subset of {','.join(CANDIDATES)}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -87,10 +93,19 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
 
     from distthink.data.dataset import build_sft_dataset, iter_records
     from distthink.engine import batching as train_data
+    from distthink.launch.plan import hub_reachable
     from distthink.models.load import load_tokenizer
 
     path = train_data.resolve_path(cfg.data.train, "train")
-    tokenizer = load_tokenizer(cfg)
+    offline = not hub_reachable()
+    try:
+        tokenizer = load_tokenizer(cfg, local_files_only=offline)  # offline: the cache only, no retries
+    except ConfigError:
+        if not offline:
+            raise
+        return {"error": f"the tokenizer '{cfg.model.tokenizer or cfg.model.name_or_path}' is not in the local "
+                         "cache and the hub is offline or unreachable, so the dataset cannot be measured. Fix: "
+                         "--dataset-tokens N, or model.tokenizer=<a local tokenizer directory>"}
     records = [rec for _src, _line, rec in islice(iter_records(str(path)), sample_records)]
     samples, _report = build_sft_dataset(records, tokenizer, train_data.chat_policy(cfg), on_error="skip",
                                          audit=False)
@@ -116,7 +131,14 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
 def build_plan(args) -> dict[str, Any]:
     from distthink.config import load_config
     from distthink.launch.hardware import CANDIDATES, DESCRIPTIONS, GPUS
-    from distthink.launch.plan import estimate, model_shape_from_config, recommend, run_shape_from_config
+    from distthink.launch.plan import (
+        ModelShape,
+        configured_candidate,
+        estimate,
+        recommend,
+        resolve_model_config,
+        run_shape_from_config,
+    )
 
     cfg = load_config(args.config, args.overrides)
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -127,7 +149,8 @@ def build_plan(args) -> dict[str, Any]:
     unknown = [c for c in candidates if c not in CANDIDATES]
     if unknown:
         raise ConfigError(f"--candidates {unknown} unknown. Fix: use some of {','.join(CANDIDATES)}")
-    shape = model_shape_from_config(cfg)
+    model_config, model_source = resolve_model_config(cfg, args.model_config)
+    shape = ModelShape.from_hf_config(model_config)
     data: dict[str, Any] = {}
     if args.dataset_tokens is None:
         try:
@@ -153,11 +176,14 @@ def build_plan(args) -> dict[str, Any]:
                           max_steps=cfg.train.max_steps or None)
                  for c in candidates]
     best, message = recommend(estimates)
+    configured = configured_candidate(cfg)
+    if best is not None and configured != best.candidate:
+        message += "\n" + _configured_line(cfg, configured, estimates, best)
     lora = None if run.full else shape.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     return {
         "model": {"params": shape.num_params, "trainable": lora or shape.num_params, "layers": shape.num_layers,
                   "hidden": shape.hidden_size, "vocab": shape.vocab_size,
-                  "source": cfg.model.name_or_path or cfg.model.from_config},
+                  "source": model_source},
         "run": {**run.__dict__, "global_tokens_per_step": run.tokens_per_micro_batch * run.grad_accum * n,
                 "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs},
         "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": args.gpu,
@@ -165,8 +191,24 @@ def build_plan(args) -> dict[str, Any]:
         "dataset": {**data, "dataset_tokens_used": dataset_tokens},
         "candidates": [{**e.as_dict(), "description": DESCRIPTIONS[e.candidate]} for e in estimates],
         "recommended": best.candidate if best else None,
+        "configured": configured,
         "message": message,
     }
+
+
+def _configured_line(cfg, configured: str | None, estimates, best) -> str:
+    """How the run's own distributed setting compares with the recommendation."""
+    if configured is None:
+        return (f"this config: distributed.deepspeed={cfg.distributed.deepspeed} matches no candidate "
+                "(its ZeRO stage or offloads could not be read)")
+    mine = next((e for e in estimates if e.candidate == configured), None)
+    if mine is None:
+        return f"this config uses {configured}, which --candidates left out"
+    speed = mine.tokens_per_s / best.tokens_per_s
+    return (f"this config uses {configured}: {'fits' if mine.fits else 'does NOT fit'}, "
+            f"{mine.total_bytes / 2**30:.2f} GiB per GPU vs {best.total_bytes / 2**30:.2f}, {speed:.2f}x the "
+            f"recommended tokens/s, {mine.comm_bytes / 1e9:.1f} GB vs {best.comm_bytes / 1e9:.1f} GB moved per GPU "
+            "and step")
 
 
 _UNIT = {"name": "GiB", "div": 2**30}

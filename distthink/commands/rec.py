@@ -1,14 +1,7 @@
 """`distthink rec ...`: recommendation data and collaborative encoders for the ThinkRec recipe.
 
-    distthink rec synth     --out DIR [--users 300 --items 200 --personas 4 --seed 0 --format csv|parquet]
-    distthink rec prepare   --input PATH --format movielens|amazon|yelp|generic|pickle [--items PATH]
-                            --out DIR [--threshold 4 --history-len 10 --train-frac 0.8 --valid-frac 0.1
-                            --reasons none|template --output-format parquet|jsonl --trust-pickle]
-    distthink rec train-cf  --data PREPARED_DIR --model mf|lightgcn|sasrec --out DIR [--dim 64 ...]
-    distthink rec group     --cf CF_EXPORT_DIR --out DIR [--n-groups auto|K --method kmeans|ward
-                            --data PREPARED_DIR]
-
-Each action is a small function taking the parsed args; heavy imports happen inside it.
+The text users see is DESCRIPTION and each option's help. Each action is a small function taking the parsed
+args; heavy imports happen inside it.
 """
 
 from __future__ import annotations
@@ -21,23 +14,41 @@ _PICKLE_HELP = ("allow --format pickle. Unpickling executes arbitrary code embed
                 "it on files you created yourself or fully trust; prefer converting them to Parquet/CSV")
 
 
+DESCRIPTION = """\
+Recommendation data, collaborative-filtering encoders and user groups for the ThinkRec recipe
+(docs/thinkrec.md). A typical pipeline:
+
+  distthink rec synth      --out data/synth --format parquet        # or real data: MovieLens, Amazon, Yelp, CSV
+  distthink rec prepare    --input data/synth/interactions.parquet --items data/synth/items.parquet \\
+                           --out data/prep --reasons template
+  distthink rec train-cf   --data data/prep --model mf --out runs/cf_mf
+  distthink rec group      --cf runs/cf_mf --out runs/groups --data data/prep
+  distthink rec eval       --config STAGE.yaml --export RUN/export --split data/prep/test.parquet
+  distthink rec synthesize --split data/prep/train.parquet --out reasons.jsonl    # needs a teacher endpoint
+
+`distthink rec ACTION --help` explains the options of each action."""
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("rec", help="recommendation data, CF encoders and user groups (ThinkRec)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="rec_command", metavar="ACTION")
 
     s = sub.add_parser("synth", help="write the synthetic movie world (generic CSV/Parquet + ground truth)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--users", type=int, default=300)
-    s.add_argument("--items", type=int, default=200)
-    s.add_argument("--min-per-user", type=int, default=20)
-    s.add_argument("--max-per-user", type=int, default=60)
+    s.add_argument("--users", type=int, default=300, help="number of users (default 300)")
+    s.add_argument("--items", type=int, default=200, help="number of movies (default 200)")
+    s.add_argument("--min-per-user", type=int, default=20,
+                   help="fewest ratings a user gives (default 20; each user draws a count in min..max)")
+    s.add_argument("--max-per-user", type=int, default=60,
+                   help="most ratings a user gives (default 60; at most --items)")
     s.add_argument("--personas", type=int, default=4, help="planted user taste groups (0: every user independent)")
     s.add_argument("--latent-scale", type=float, default=1.0, help="strength of the hidden CF-only term")
     s.add_argument("--user-bias", type=float, default=0.0,
                    help="std of a per-user rating leniency (0: none); it shows in the labels of a user's history")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed and sizes give the same world")
+    s.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="file format of the written tables (default csv)")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("prepare", help="labels, chronological splits, histories, cold flags, id maps")
@@ -50,37 +61,42 @@ def register(subparsers) -> None:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=4.0, help="label = rating >= threshold (default 4)")
     s.add_argument("--history-len", type=int, default=10, help="history items per sample (default 10)")
-    s.add_argument("--train-frac", type=float, default=0.8)
-    s.add_argument("--valid-frac", type=float, default=0.1)
+    s.add_argument("--train-frac", type=float, default=0.8,
+                   help="share of the log, in time order over all users, that goes to train (default 0.8)")
+    s.add_argument("--valid-frac", type=float, default=0.1,
+                   help="share that goes to valid after train (default 0.1); the rest is test")
     s.add_argument("--reasons", choices=("none", "template"), default="none",
                    help="template: add a 'reason' column from item genres (synthetic/ML-1M style data)")
-    s.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet")
+    s.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet",
+                   help="file format of the written splits (default parquet)")
     s.add_argument("--trust-pickle", action="store_true", help=_PICKLE_HELP)
     s.add_argument("--seed", type=int, default=0, help="seed for --input synthetic")
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec and export embeddings (safetensors)")
     s.add_argument("--data", required=True, help="folder written by `distthink rec prepare`")
-    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec"), default="mf")
+    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec"), default="mf",
+                   help="mf: matrix factorisation; lightgcn: graph propagation over the user-item graph; sasrec: "
+                        "self-attention over the user's history (default mf)")
     s.add_argument("--out", required=True, help="export folder")
-    s.add_argument("--dim", type=int, default=64)
+    s.add_argument("--dim", type=int, default=64, help="embedding size of users and items (default 64)")
     s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks")
     s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec 3e-3")
     s.add_argument("--weight-decay", type=float, default=1e-2,
                    help="MF/LightGCN: L2 on the batch rows; SASRec: AdamW decay")
-    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=512, help="training rows per step (default 512)")
     s.add_argument("--epochs", type=int, default=50, help="maximum epochs")
     s.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a valid-AUC gain")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="random seed of initialisation and shuffling (default 0)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_train_cf)
 
     s = sub.add_parser("group", help="K-means / ward user groups on standardised CF user vectors")
     s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-groups", default="auto", help="'auto' (k in --k-min..--k-max by silhouette) or an integer")
-    s.add_argument("--k-min", type=int, default=2)
-    s.add_argument("--k-max", type=int, default=10)
+    s.add_argument("--k-min", type=int, default=2, help="fewest groups tried by --n-groups auto (default 2)")
+    s.add_argument("--k-max", type=int, default=10, help="most groups tried by --n-groups auto (default 10)")
     s.add_argument("--method", choices=("kmeans", "ward"), default="kmeans",
                    help="ward (agglomerative) is O(n^2) memory: small user sets only")
     s.add_argument("--sample", type=int, default=10000, help="users sampled (seeded) for the silhouette score")
@@ -88,8 +104,9 @@ def register(subparsers) -> None:
     s.add_argument("--include-cold-users", action="store_true",
                    help="also fit on users without train interactions (by default they are only assigned to "
                    "the nearest centroid, since their CF vectors are untrained)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-plots", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="random seed of K-means and of the sampled users (default 0)")
+    s.add_argument("--no-plots", action="store_true",
+                   help="do not write user_map.png (users in 2-D, coloured by group) and silhouette.png")
     s.set_defaults(func=_group)
 
     s = sub.add_parser("eval", help="score a ThinkRec LLM export on a split: AUC/UAUC/HR/NDCG/MAP, scores to Parquet")
@@ -102,7 +119,7 @@ def register(subparsers) -> None:
     s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
                    "model.safetensors holding the trained projector (not needed with --export of the stage: the "
                    "export holds projector.safetensors)")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8, help="prompts scored together (default 8)")
     s.add_argument("--fusion", action="store_true", help="--export is a stage-3 export (export/ + export/molora): "
                    "report entropy-gated fusion, global-adapter-only and hard-routing-only metrics + gate branches")
     s.add_argument("overrides", nargs="*", help="dotted config overrides")
@@ -112,11 +129,13 @@ def register(subparsers) -> None:
     s.add_argument("--out", required=True, help="JSONL of records (resumable: existing keys are skipped)")
     s.add_argument("--scores", default=None, help="`rec eval --scores` Parquet: only rows the model gets wrong")
     s.add_argument("--threshold", type=float, default=0.0, help="score > threshold predicts Yes (with --scores)")
-    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--limit", type=int, default=None, help="only the first N rows of the split")
     s.add_argument("--base-url", default=None, help="default: $OPENAI_BASE_URL")
     s.add_argument("--model", default=None, help="default: $DISTTHINK_TEACHER_MODEL")
-    s.add_argument("--max-rounds", type=int, default=3)
-    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--max-rounds", type=int, default=3,
+                   help="rounds per row: while the teacher's verdict is wrong, the conversation continues with a "
+                        "hint giving the right label, up to N rounds (default 3)")
+    s.add_argument("--concurrency", type=int, default=4, help="requests to the teacher in flight at once (default 4)")
     s.add_argument("--write-split", default=None, help="also write the split with the new reasons (Parquet)")
     s.set_defaults(func=_synthesize)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -12,11 +12,16 @@ Method (template-agnostic, see docs/data.md "How labels are computed"):
    is absent from S (Qwen3 dropping history reasoning), it is absent from C too and nothing is located.
    Alignment failure is an error, never a silent guess.
 4. Per trained message, the learned character region runs from the end of the assistant header (the
-   template's own generation prompt, found by a probe render) through the content and the end-of-turn
-   token (found by a probe render: the first special token after the assistant content).
+   template's own generation prompt, found by a probe render) through the content and everything the
+   template writes after it up to and including its end marker (found by probe renders, see _end_of_turn:
+   the first special token after the content, or else a plain-text marker such as "### End" that ends at
+   the last non-whitespace character before the next turn's header).
 5. Tokenise C once with offsets; a token is learned iff it overlaps a learned character; its weight is the
-   largest weight among the learned characters it overlaps (tokens straddling a header/content boundary
-   are learned, so no content character is ever unlearned).
+   largest weight among the learned characters it overlaps. So turns are learned in full tokens at both
+   ends: a token straddling the header/content boundary is learned (no content character is unlearned),
+   and so is the token holding the end marker's last character, together with whatever it merges with
+   (usually the separating whitespace, as in Qwen's ">" + newlines token; text of the next header is warned
+   about). Tokens after it are not learned.
 
 Why not the two common shortcuts: sentinel-wrapping the content changes what `strip`/`trim` in the template
 removes (the markers shield the whitespace), and rendering prefixes messages[:i] and diffing breaks on
@@ -26,6 +31,7 @@ query). tests/test_encode_chat_methods.py shows both failing where this method i
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field, fields
@@ -119,12 +125,16 @@ class ChatPolicy:
 class TemplateInfo:
     gen_prompt: str          # what add_generation_prompt appends: the assistant header as seen at inference
     header: str              # gen_prompt cut before any <think> it opens
-    eot: str                 # text that ends an assistant turn right after its content ("" if none)
+    eot: str                 # text that ends an assistant turn that another message follows, from right after
+                             # its content through its end marker ("" if none; see _end_of_turn)
+    eot_last: str            # the same for the final turn of a conversation (differs when e.g. eos is written
+                             # only at the very end)
     renders_reasoning: bool  # does the template render reasoning_content on the last turn?
 
 
 _PROBE_A = "7301946285"   # digits survive case-changing filters (upper, title, ...)
 _PROBE_R = "5820193746"
+_PROBE_U = "zqxjprobefollowup"
 _INFO_CACHE: dict[tuple, TemplateInfo] = {}
 
 
@@ -168,22 +178,56 @@ def template_info(tokenizer, kwargs: dict[str, Any]) -> TemplateInfo:
                                             "reasoning_content": _PROBE_R}], kwargs)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"the chat template cannot render a user/assistant exchange: {e}") from None
-    # End of turn: whatever the template writes after the (last) assistant content up to and including the
-    # first special token there (usually just that token: <|im_end|>, <|eot_id|>, eos).
-    eot = ""
-    j = full.rfind(_PROBE_A)
-    if j >= 0:
-        rest = full[j + len(_PROBE_A):]
-        hits = [(rest.find(sp), -len(sp), sp) for sp in special_token_texts(tokenizer) if sp in rest]
-        if hits:
-            k, _, sp = min(hits)
-            eot = rest[:k + len(sp)]
-    if not eot:
-        log.warning("chat template ends assistant turns with no special token: the model will not learn to "
-                    "stop. Consider a template that appends the eos/end-of-turn token.")
-    info = TemplateInfo(gen_prompt=gen, header=header, eot=eot, renders_reasoning=_PROBE_R in probe)
+    eot, eot_last = _end_of_turn(tokenizer, kwargs, user, full)
+    if not eot.strip() and not eot_last.strip():
+        log.warning("the chat template writes nothing after an assistant turn's content (no end-of-turn "
+                    "marker): the model will not learn to stop. Fix: use a template that ends assistant turns "
+                    "with the eos/end-of-turn token or an end marker")
+    else:
+        text_markers = [m.strip() for m in (eot, eot_last)
+                        if m.strip() and not any(sp in m for sp in special_token_texts(tokenizer))]
+        if text_markers:
+            log.info("the chat template ends assistant turns with the plain-text marker %r (no special token): it "
+                     "is learned as part of each trained turn; stop generation on that text at inference",
+                     text_markers[0])
+    info = TemplateInfo(gen_prompt=gen, header=header, eot=eot, eot_last=eot_last,
+                        renders_reasoning=_PROBE_R in probe)
     _INFO_CACHE[key] = info
     return info
+
+
+def _end_of_turn(tokenizer, kwargs: dict[str, Any], user: list[dict[str, Any]], full: str) -> tuple[str, str]:
+    """(eot, eot_last): what ends an assistant turn that another message follows, and what ends the final one.
+    Each is the text the template writes after the assistant content, up to and including its end marker
+    ("" when it writes none).
+
+    The tail of a final turn is what `full` has after the assistant content. The tail of a turn that another
+    message follows is where that and a render with a following user message agree (their common prefix), so
+    that neither the next turn's header nor a footer written once at the end of a conversation counts. Within
+    a tail, the marker ends at the first special token (<|im_end|>, <|eot_id|>, eos, ...) when there is one;
+    otherwise it is a plain-text marker ("### End", or "</s>" that the tokenizer holds as ordinary text) and
+    ends at the tail's last non-whitespace character. Whitespace after the marker separates turns."""
+    j = full.rfind(_PROBE_A)
+    if j < 0:
+        return "", ""
+    last = full[j + len(_PROBE_A):]
+    try:
+        follow = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_A},
+                                            {"role": "user", "content": _PROBE_U}], kwargs)
+    except Exception:  # noqa: BLE001 - a template refusing this exchange: the final turn's tail decides alone
+        follow = ""
+    a, u = follow.find(_PROBE_A), follow.rfind(_PROBE_U)
+    middle = os.path.commonprefix([last, follow[a + len(_PROBE_A):u]]) if 0 <= a < u else last
+    specials = special_token_texts(tokenizer)
+
+    def marker(tail: str) -> str:
+        hits = [(tail.find(sp), -len(sp), sp) for sp in specials if sp in tail]
+        if hits:
+            k, _, sp = min(hits)
+            return tail[:k + len(sp)]
+        return tail.rstrip()
+
+    return marker(middle), marker(last)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,9 +381,9 @@ _WS_CLOSE = re.compile(r"\s*</think>\s*")
 
 
 def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Field], spans, info: TemplateInfo,
-                     policy: ChatPolicy, specials: list[str]) -> tuple[list[tuple[int, int, float]], list, int]:
-    """Character regions [(start, end, weight)] that are learned, the think regions [(start, end)], and the
-    number of trained messages that were located."""
+                     policy: ChatPolicy, specials: list[str]) -> tuple[list[tuple[int, int, float]], list, int, list]:
+    """Character regions [(start, end, weight)] that are learned, the think regions [(start, end)], the
+    number of trained messages that were located, and where each learned assistant end marker ends."""
     by_msg: dict[int, list[tuple[int, int, str]]] = {}
     counts: dict[int, int] = {}
     for fid, s, e in spans:
@@ -348,6 +392,7 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
     ends_sorted = sorted(e for _, _, e in spans)
     regions: list[tuple[int, int, float]] = []
     think_regions: list[tuple[int, int]] = []
+    marker_ends: list[int] = []
     located = 0
     for i, m in enumerate(msgs):
         if not m.get("train") or m.get("loss_weight", 1.0) <= 0:
@@ -387,6 +432,8 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
             text = canonical[a0:a1]
             think_end = a0 + (len(text) - len(text.lstrip()))
         end = _turn_end(canonical, body_end, i, m["role"], spans, flds, info)
+        if m["role"] == "assistant" and end > body_end:
+            marker_ends.append(end)
         w = float(m.get("loss_weight", 1.0))
         if has_think and think_end > start:
             think_regions.append((start, think_end))
@@ -396,7 +443,7 @@ def _learned_regions(canonical: str, msgs: list[dict[str, Any]], flds: list[_Fie
                 regions.append((think_end, end, w))
         elif end > start:
             regions.append((start, end, w))
-    return regions, think_regions, located
+    return regions, think_regions, located, marker_ends
 
 
 def _fieldless_turn(c: str, msg: int, by_msg: dict, info: TemplateInfo) -> tuple[int, int] | None:
@@ -405,7 +452,7 @@ def _fieldless_turn(c: str, msg: int, by_msg: dict, info: TemplateInfo) -> tuple
     an end-of-turn token. Otherwise the turn cannot be placed without guessing and is left unlearned."""
     lo = max((e for j, sp in by_msg.items() if j < msg for _, e, _ in sp), default=0)
     hi = min((s for j, sp in by_msg.items() if j > msg for s, _, _ in sp), default=len(c))
-    gap, core = c[lo:hi], info.eot.strip()
+    gap, core = c[lo:hi], (info.eot if hi < len(c) else info.eot_last).strip()
     for header in (info.gen_prompt, info.header):
         if header and core and gap.count(header) == 1:
             start = lo + gap.index(header) + len(header)
@@ -415,19 +462,21 @@ def _fieldless_turn(c: str, msg: int, by_msg: dict, info: TemplateInfo) -> tuple
 
 
 def _turn_end(c: str, body_end: int, msg: int, role: str, spans, flds: list[_Field], info: TemplateInfo) -> int:
-    """End of a trained message's learned region: through its end-of-turn token.
+    """End of a trained message's learned region: through its end-of-turn marker (a special token or
+    plain text, see _end_of_turn).
 
-    Assistant: everything the template writes after the content up to the first end-of-turn token is what the
-    model generates before stopping (e.g. Qwen3's rendered tool calls), so it is learned, as long as that stays
-    before the next message's text and does not contain an assistant header. Other roles (unmask): only an
-    end-of-turn token that directly follows the content (whitespace allowed)."""
-    core = info.eot.strip()
+    Assistant: everything the template writes after the content up to and including the end marker is what the
+    model generates before stopping (e.g. Qwen3's rendered tool calls, the blank line before "### End"), so it
+    is learned, as long as that stays before the next message's text and does not contain an assistant header.
+    The final turn of the render uses the final-turn marker. Other roles (unmask): only an end marker that
+    directly follows the content (whitespace allowed)."""
+    nxt = min((s for fid, s, _ in spans if s >= body_end and flds[fid].msg != msg), default=len(c))
+    core = (info.eot if nxt < len(c) or role != "assistant" else info.eot_last).strip()
     if not core:
         return body_end
     if role != "assistant":
         k = len(c[body_end:]) - len(c[body_end:].lstrip())
         return body_end + k + len(core) if c.startswith(core, body_end + k) else body_end
-    nxt = min((s for fid, s, _ in spans if s >= body_end and flds[fid].msg != msg), default=len(c))
     j = c.find(core, body_end, nxt)
     if j < 0:
         return body_end
@@ -613,7 +662,8 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
                     "remove them from the sample", sample)
     try:
         flds, spans = locate_fields(tokenizer, tmsgs, kwargs, canonical, (THINK_OPEN, THINK_CLOSE, *specials))
-        regions, think_regions, located = _learned_regions(canonical, prepared, flds, spans, info, policy, specials)
+        regions, think_regions, located, marker_ends = _learned_regions(canonical, prepared, flds, spans, info,
+                                                                       policy, specials)
     except ValueError as e:
         raise _fail("template_unaligned", f"cannot map the chat template's render back to the messages: {e}",
                     "the template alters message text in a way distthink cannot follow; please report it "
@@ -623,6 +673,7 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
         raise _fail("tokenizer_offsets", "the tokenizer's offset mapping does not cover the text",
                     "use a fast tokenizer with trim_offsets=false", sample)
     labels, weights = _label(ids, offs, regions)
+    _warn_marker_merged(tokenizer, canonical, offs, marker_ends)
     if id(tokenizer) not in _WARNED_ROUNDTRIP and tokenizer.decode(ids) != canonical:
         # Some (legacy SentencePiece) tokenizers do not reproduce text around special tokens on decode. The ids
         # are still those of the canonical render (what apply_chat_template(tokenize=True) gives), so labels
@@ -647,6 +698,27 @@ def _encode_messages(tokenizer, msgs: list[dict[str, Any]], policy: ChatPolicy, 
 
 _WARNED_REASONING: set[int] = set()
 _WARNED_ROUNDTRIP: set[int] = set()
+_WARNED_MERGED: set[int] = set()
+
+
+def _warn_marker_merged(tokenizer, canonical: str, offs: np.ndarray, marker_ends: list[int]) -> None:
+    """Warn (once per tokenizer) when the token holding the last character of an end marker also holds text
+    of what follows that is not whitespace (the next turn's header): that token is learned, because without
+    it the marker is never written, so the model also learns to begin the next header. Tokenizers that split
+    words from punctuation and whitespace (byte-level BPE with a pre-tokenizer: Qwen, Llama-3, GPT-2) never
+    do this; it takes a template without any separator after its marker and a tokenizer that merges across."""
+    if id(tokenizer) in _WARNED_MERGED:
+        return
+    for e in marker_ends:
+        t = int(np.searchsorted(offs[:, 1], e, side="left"))  # the first token ending at or after e holds e - 1
+        if t < len(offs) and offs[t, 0] < e < offs[t, 1] and canonical[e:offs[t, 1]].strip():
+            _WARNED_MERGED.add(id(tokenizer))
+            log.warning("%s writes the end of an assistant turn's end marker and the start of the next turn (%r) "
+                        "as one token, %r: it is learned so that the marker is, and the model learns to begin "
+                        "the next turn's header too. Fix: a template with whitespace or a special token after "
+                        "its end marker", getattr(tokenizer, "name_or_path", "the tokenizer"),
+                        canonical[e:offs[t, 1]], canonical[offs[t, 0]:offs[t, 1]])
+            return
 
 
 def _final_reasoning_lost(original, prepared, flds: list[_Field], spans) -> bool:

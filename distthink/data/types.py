@@ -8,6 +8,11 @@ from typing import Any
 #: The label / target of a token that is not learned (the value PyTorch's cross-entropy skips by default).
 IGNORE_INDEX = -100
 
+#: What becomes of a malformed record: "skip" (counted by reason, the first reasons reported) or "raise" (stop
+#: at the first one). One default for training (`data.on_error`) and `distthink inspect`.
+ON_ERROR_CHOICES = ("skip", "raise")
+ON_ERROR_DEFAULT = "skip"
+
 
 @dataclass
 class EncodedSample:

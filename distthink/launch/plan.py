@@ -23,16 +23,23 @@ over the slowest link a GPU uses, partly hidden behind compute; offload over PCI
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import get_session
 from transformers import AutoConfig
 
 from distthink.errors import ConfigError
+from distthink.launch import model_configs
 from distthink.launch.hardware import CANDIDATES, DESCRIPTIONS, GiB, GpuSpec
+from distthink.logging_utils import get_logger
 from distthink.models.load import build_model_config, load_tokenizer
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -519,26 +526,105 @@ def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
 # From a distthink training config (distthink.config.Config) to the shapes above.
 # ----------------------------------------------------------------------------------------------------
 
-def hf_config_from_config(cfg) -> Any:
-    """The transformers config of the run's model, without weights (AutoConfig / the tiny configs)."""
-    if cfg.model.name_or_path:
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False in offline mode (HF_HUB_OFFLINE=1) or when one request to the hub endpoint gets no answer (no
+    network, no DNS). One request, no retries: the hub client's own lookups retry for ~25 s before failing."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(hf_constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - any transport failure means: do not ask the hub
+        return False
+    return True
+
+
+def _config_from_dict(d: dict) -> Any:
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def resolve_model_config(cfg, model_config: str | None = None) -> tuple[Any, str]:
+    """(transformers config of the run's model, where it came from), without weights.
+
+    model_config: a shipped name (`model_configs.names()`), a config.json or a directory holding one; it
+    replaces the lookup of model.name_or_path. Otherwise a local directory is read as is; a hub id is read
+    from the local cache, then from the hub when it answers, and from the config shipped with distthink when
+    the hub is offline, unreachable or refuses (a gated repository), so planning needs no network."""
+    if model_config:
+        path = Path(model_config)
+        path = path / "config.json" if path.is_dir() else path
+        shipped = None if path.is_file() else model_configs.load(model_config)
+        if path.is_file():
+            mcfg, source = _config_from_dict(json.loads(path.read_text())), str(path)
+        elif shipped is not None:
+            mcfg, source = _config_from_dict(shipped), f"{model_config} (config.json shipped with distthink)"
+        else:
+            raise ConfigError(f"--model-config {model_config!r} is neither a config.json, a directory with one, nor "
+                              f"a shipped config. Fix: use one of {model_configs.names()} or a path")
+    elif cfg.model.name_or_path:
+        mcfg, source = _hub_or_shipped_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(cfg) if str(cfg.model.from_config).startswith("tiny-") else None
+        return build_model_config(cfg, tokenizer), str(cfg.model.from_config)
+    for key, value in cfg.model.config_overrides.items():
+        setattr(mcfg, key, value)
+    return mcfg, source
+
+
+def _hub_or_shipped_config(name: str, trust_remote_code: bool) -> tuple[Any, str]:
+    fix = (f"Fix: give a local directory with config.json, --model-config with a path or one of "
+           f"{model_configs.names()}, or network access (only config.json is fetched, no weights)")
+    if Path(name).is_dir():
         try:
-            mcfg = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), name
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': its config cannot be read ({err}). "
-                              "Fix: give a local directory with config.json, or a hub name with network "
-                              "access (only config.json is fetched, no weights)") from None
-        for key, value in cfg.model.config_overrides.items():
-            setattr(mcfg, key, value)
-        return mcfg
-    tokenizer = None
-    if str(cfg.model.from_config).startswith("tiny-"):
-        tokenizer = load_tokenizer(cfg)
-    return build_model_config(cfg, tokenizer)
+            raise ConfigError(f"model.name_or_path='{name}': its config cannot be read ({err}). {fix}") from None
+    try:  # the local cache: no network
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True), name
+    except (OSError, ValueError):
+        pass
+    shipped = model_configs.load(name)
+    why = "the hub is offline (HF_HUB_OFFLINE)" if hf_constants.HF_HUB_OFFLINE else "the hub does not answer"
+    if hub_reachable():
+        try:
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), name
+        except (OSError, ValueError) as err:
+            if shipped is None:
+                raise ConfigError(f"model.name_or_path='{name}': its config cannot be read ({err}). {fix}") from None
+            why = f"the hub refused it ({type(err).__name__})"
+    elif shipped is None:
+        raise ConfigError(f"model.name_or_path='{name}': {why} and its config.json is not in the local cache. "
+                          f"{fix}")
+    log.info("model.name_or_path='%s': %s; using the config.json shipped with distthink", name, why)
+    return _config_from_dict(shipped), f"{name} (config.json shipped with distthink: {why})"
 
 
-def model_shape_from_config(cfg) -> ModelShape:
-    return ModelShape.from_hf_config(hf_config_from_config(cfg))
+def hf_config_from_config(cfg, model_config: str | None = None) -> Any:
+    """The transformers config of the run's model, without weights (see resolve_model_config)."""
+    return resolve_model_config(cfg, model_config)[0]
+
+
+def model_shape_from_config(cfg, model_config: str | None = None) -> ModelShape:
+    return ModelShape.from_hf_config(hf_config_from_config(cfg, model_config))
+
+
+def configured_candidate(cfg) -> str | None:
+    """Which planner candidate the run's own distributed settings are: `ddp` without DeepSpeed, else from the
+    DeepSpeed JSON's ZeRO stage and offloads; None when the JSON cannot be read or matches no candidate."""
+    if not cfg.distributed.deepspeed:
+        return "ddp"
+    try:
+        zero = json.loads(Path(cfg.distributed.deepspeed).read_text()).get("zero_optimization", {})
+    except (OSError, ValueError):
+        return None
+    stage = int(zero.get("stage", 0))
+    offloaded = (lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None))
+    if stage == 3:
+        if offloaded("offload_param"):
+            return "zero3_offload_params"
+        return "zero3_offload_optimizer" if offloaded("offload_optimizer") else "zero3"
+    return "zero2" if stage == 2 and not offloaded("offload_optimizer") else None
 
 
 def run_shape_from_config(cfg, *, tokens_per_micro_batch: int | None = None, device: str = "cuda",

@@ -25,14 +25,16 @@ from distthink.zero3 import full_numel, gathered, is_partitioned
 log = get_logger(__name__)
 
 
-def load_tokenizer(cfg: Config):
-    """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer)."""
+def load_tokenizer(cfg: Config, local_files_only: bool = False):
+    """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer).
+    local_files_only: a hub name is read from the local cache only (no network)."""
     name = cfg.model.tokenizer or cfg.model.name_or_path or "tiny"
     if name == "tiny":
         return tiny_tokenizer("qwen3")
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                            local_files_only=local_files_only)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.tokenizer='{name}' cannot be loaded ({err}). Fix: point it at a directory with "
                           "tokenizer.json / tokenizer_config.json, or use `tiny`") from None
