@@ -108,7 +108,7 @@ def test_nan_in_checkpoint_weights_is_a_problem(tmp_path, capsys):
     for name in ("COMPLETE", "config.yaml", "random_states_0.pkl"):
         (step / name).write_text("")
     (step / "trainer_state.json").write_text(json.dumps({"step": 3, "epoch": 0, "micro_index": 6, "scheduler": {},
-                                                          "learned_tokens_total": 10}))
+                                                          "run_totals": {"learned_tokens": 10}}))
     weights = {"w": torch.ones(4, 2), "b": torch.zeros(4)}
     save_file(weights, str(step / "model.safetensors"))
     code, out, lines = run_check(capsys, tmp_path)
