@@ -88,25 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load_tokenizer(name: str):
-    """'tiny' / 'tiny:FAMILY' -> offline test tokenizer; otherwise AutoTokenizer (local dir or hub)."""
-    if name == "tiny" or name.startswith("tiny:"):
-        from distthink.models.tiny import tiny_tokenizer
-
-        return tiny_tokenizer(name.split(":", 1)[1] if ":" in name else "qwen3")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # noqa: BLE001 - turned into an actionable message
-        raise ConfigError(f"cannot load tokenizer '{name}': {type(err).__name__}: {err}. Fix: pass a local "
-                          "tokenizer directory, a reachable hub name, or 'tiny'") from err
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"tokenizer '{name}' has no chat template. Fix: use a chat/instruct tokenizer, or "
-                          "add a chat_template to its tokenizer_config.json")
-    return tok
-
-
 def policy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The chat policy from the flags; unset flags are left to the encoder's defaults."""
     kw: dict[str, Any] = {"think": args.think}
@@ -283,10 +264,11 @@ def _run(args: argparse.Namespace) -> int:
     from distthink.data.chat import ChatPolicy
     from distthink.data.dataset import audit_labels, build_sft_dataset
     from distthink.errors import LabelAuditError
+    from distthink.models.load import tokenizer_by_name
 
     if args.budget <= 0:
         raise ConfigError(f"--budget must be positive, got {args.budget}")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = tokenizer_by_name(args.tokenizer, option="--tokenizer", require_chat_template=True)
     policy = ChatPolicy(**policy_kwargs(args))
     # The label audit runs below, as a warning: inspect is where a user looks *why* training would refuse.
     samples, report = build_sft_dataset(args.data, tokenizer, policy, on_error=args.on_error, audit=False)

@@ -25,22 +25,31 @@ from distthink.zero3 import full_numel, gathered, is_partitioned
 log = get_logger(__name__)
 
 
-def load_tokenizer(cfg: Config, local_files_only: bool = False):
-    """The tokenizer named by model.tokenizer (`tiny` = the offline tiny Qwen3-style tokenizer).
-    local_files_only: a hub name is read from the local cache only (no network)."""
-    name = cfg.model.tokenizer or cfg.model.name_or_path or "tiny"
-    if name == "tiny":
-        return tiny_tokenizer("qwen3")
-
+def tokenizer_by_name(name: str, *, option: str = "model.tokenizer", trust_remote_code: bool = False,
+                      local_files_only: bool = False, require_chat_template: bool = False):
+    """A tokenizer by name: `tiny` / `tiny:FAMILY` = an offline tiny tokenizer (distthink.models.tiny), else a local
+    directory or hub name (local_files_only: the local cache only, no network). A pad token is set to eos when the
+    tokenizer has none. `option` names the setting in error messages."""
+    if name == "tiny" or name.startswith("tiny:"):
+        return tiny_tokenizer(name.split(":", 1)[1] if ":" in name else "qwen3")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
                                             local_files_only=local_files_only)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.tokenizer='{name}' cannot be loaded ({err}). Fix: point it at a directory with "
-                          "tokenizer.json / tokenizer_config.json, or use `tiny`") from None
+        raise ConfigError(f"{option}='{name}' cannot be loaded ({err}). Fix: point it at a directory with "
+                          "tokenizer.json / tokenizer_config.json, a reachable hub name, or `tiny`") from None
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{option}='{name}' has no chat template. Fix: use a chat/instruct tokenizer, or add a "
+                          "chat_template to its tokenizer_config.json")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_tokenizer(cfg: Config, local_files_only: bool = False):
+    """The run's tokenizer: model.tokenizer, else model.name_or_path, else the offline tiny one."""
+    return tokenizer_by_name(cfg.model.tokenizer or cfg.model.name_or_path or "tiny",
+                             trust_remote_code=cfg.model.trust_remote_code, local_files_only=local_files_only)
 
 
 def build_model_config(cfg: Config, tokenizer):
