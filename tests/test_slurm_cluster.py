@@ -320,8 +320,14 @@ def test_time_limit_signal_saves_and_requeues(slurm_cluster, workdir):  # noqa: 
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", "--time=1",
                           "--signal=B:USR1@45", DISTTHINK_OVERRIDES="train.max_steps=100000")
     deadline = time.monotonic() + 200
-    while not (slurm_cluster.job(job).restarts >= 1 and "restart 1 on 2 node(s)" in
-               "".join(p.read_text() for p in workdir.glob(f"*-{job}.out"))):
+
+    def restarted_and_logged_its_resume() -> bool:
+        # The batch script logs "restart 1" first and its resume point a few seconds later (after the
+        # rendezvous set-up): cancelling in between would cut the line this test checks.
+        text = "".join(p.read_text() for p in workdir.glob(f"*-{job}.out"))
+        return "resuming from:" in text.partition("restart 1 on 2 node(s)")[2]
+
+    while not (slurm_cluster.job(job).restarts >= 1 and restarted_and_logged_its_resume()):
         assert time.monotonic() < deadline, describe(slurm_cluster, workdir, job, out)
         time.sleep(1)
     slurm_cluster.run("scancel", str(job))
