@@ -231,17 +231,101 @@ def shard(batch: dict, lay: Layout | None) -> dict:
 # The think state across shards.
 # ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class ShardThink:
+    """One shard's learned rows and what the think rule needs of them (all 1-D over those rows, in flat order)."""
+
+    rows: torch.Tensor   # (M,) flat indices into the shard's B*T_local positions
+    key: torch.Tensor    # (M,) sample id = row * n_seg + segment (segments are numbered over the whole row)
+    pos: torch.Tensor    # (M,) float64 position in the whole row: shards are consecutive
+    hit: torch.Tensor    # (M,) bool: the model's argmax is </think>
+    z: torch.Tensor      # (M,) float64 </think> logit (the soft mode's)
+    n_keys: int
+
+    def stats(self) -> torch.Tensor:
+        """(3 * n_keys,) float64: per sample, the first hit position (inf: none), max z (-inf: no row here) and
+        sum exp(z - max z) over this shard's rows."""
+        dev = self.z.device
+        first = torch.full((self.n_keys,), math.inf, dtype=torch.float64, device=dev)
+        first.scatter_reduce_(0, self.key[self.hit], self.pos[self.hit], reduce="amin")
+        zmax = torch.full((self.n_keys,), -math.inf, dtype=torch.float64, device=dev)
+        zmax.scatter_reduce_(0, self.key, self.z, reduce="amax")
+        sumexp = torch.zeros(self.n_keys, dtype=torch.float64, device=dev)
+        sumexp.index_add_(0, self.key, torch.exp(self.z - zmax[self.key]))
+        return torch.cat([first, zmax, sumexp])
+
+
+@torch.no_grad()
+def shard_think_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                     target_weights: torch.Tensor, segment_ids: torch.Tensor, think_end_id: int, chunk: int,
+                     sp_rank: int, n_seg: int) -> ShardThink:
+    """The argmax and `</think>` logit of this shard's learned rows (an extra logits pass over them, no backward).
+
+    hidden (B, T_local, H), weight (V, H) (bias (V,)) in the dtype the loss runs in; targets, target_weights,
+    segment_ids (B, T_local); n_seg: segments per row over the whole SP group (the max over its shards)."""
+    b, t_local = targets.shape
+    learned = (targets.reshape(-1) != IGNORE_INDEX) & (target_weights.reshape(-1) > 0)  # flce's learned rows
+    rows = learned.nonzero().squeeze(1)
+    n_seg = max(n_seg, 1)
+    key = (torch.div(rows, t_local, rounding_mode="floor") * n_seg + segment_ids.reshape(-1)[rows].clamp_min(0))
+    pos = (sp_rank * t_local + rows % t_local).double()
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    hit = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    z = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
+    w_think = weight[think_end_id].float()
+    step = max(chunk, 1)
+    for a in range(0, rows.numel(), step):
+        x = flat_h.index_select(0, rows[a:a + step])
+        logits = x @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        hit[a:a + step] = torch.max(logits, dim=1).indices == think_end_id  # as the row kernel takes it
+        z[a:a + step] = x.float() @ w_think  # as flce's _soft_multiplier: a float32 product, float64 after
+    if bias is not None:
+        z += float(bias[think_end_id])
+    return ShardThink(rows=rows, key=key, pos=pos, hit=hit, z=z, n_keys=b * n_seg)
+
+
+def think_multiplier(shard_rows: ShardThink, group_stats: torch.Tensor, sp_rank: int, mode: str) -> torch.Tensor:
+    """(M,) float64 multiplier of one shard's learned rows from the (size, 3 * n_keys) stats of the SP group.
+
+    argmax: 0 up to and including the sample's first hit on any shard, 1 after; soft: softmax of z over the
+    sample's rows on all shards, cumulated in row order (earlier shards' mass + this shard's running sum);
+    1 for a sample with no hit on any shard. The rule of distthink.ops.flce / tests/references/flce.py."""
+    k, n = shard_rows.key, shard_rows.n_keys
+    firsts, zmaxs, sums = group_stats[:, :n], group_stats[:, n:2 * n], group_stats[:, 2 * n:]
+    g_first = firsts.min(0).values[k]
+    has_hit = torch.isfinite(g_first)
+    if mode == "argmax":
+        return torch.where(has_hit & (shard_rows.pos <= g_first), 0.0, 1.0).double()
+    if mode != "soft":
+        raise ConfigError(f"dynamic={mode!r}. Fix: argmax or soft")
+    g_max = zmaxs.max(0).values
+    present = torch.isfinite(zmaxs)  # a shard holding none of a sample's rows adds nothing (and no NaN)
+    mass = torch.where(present, sums * torch.exp(torch.where(present, zmaxs - g_max, 0.0)), 0.0)
+    total, before = mass.sum(0), mass[:sp_rank].sum(0)
+    p = torch.exp(shard_rows.z - g_max[k]) / total[k]
+    # a sample's rows are consecutive here and in position order: its running sum restarts at its first row
+    starts = torch.ones_like(k, dtype=torch.bool)
+    starts[1:] = k[1:] != k[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1
+    first_rows = starts.nonzero().squeeze(1)
+    cs = torch.cumsum(p, 0)
+    cdf = cs - (cs[first_rows] - p[first_rows])[run] + before[k] / total[k]
+    return torch.where(has_hit, cdf.clamp(0.0, 1.0), torch.ones_like(cdf))
+
+
 class ThinkState:
     """The SP group's agreement on the dynamic "after </think>" multipliers (see the module docstring).
 
     Attached to the LM-head loss part (`LMHeadLoss.sequence_parallel`); `dynamic_weights` is collective over the
-    group (two small collectives per micro-batch)."""
+    group: one extra logits pass over the shard's learned rows and two small collectives per micro-batch."""
 
     def __init__(self, group, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """(K,) float64 -> (size, K), in SP-rank order."""
+        """(K,) -> (size, K), in SP-rank order."""
         if self.size == 1:
             return local[None]
         out = [torch.empty_like(local) for _ in range(self.size)]
@@ -259,65 +343,15 @@ class ThinkState:
     def dynamic_weights(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, target_weights: torch.Tensor, segment_ids: torch.Tensor, mode: str,
                         think_end_id: int, chunk: int) -> torch.Tensor:
-        """(B*T_local,) float32 static weight x dynamic multiplier of this shard's rows (a constant).
-
-        hidden (B, T_local, H), weight (V, H) (bias (V,)) in the dtype the loss runs in; targets, target_weights,
-        segment_ids (B, T_local): this shard of rows whose segments are numbered over the whole row."""
-        b, t_local = targets.shape
-        flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1).float()
-        learned = (flat_t != IGNORE_INDEX) & (flat_w > 0)
-        rows = learned.nonzero().squeeze(1)
+        """(B*T_local,) float32 static weight x dynamic multiplier of this shard's positions (a constant), for
+        the shard's fused loss to run without its own dynamic rule."""
         n_seg = self.max_over_group(int(segment_ids.max()) + 1 if segment_ids.numel() else 0, hidden.device)
-        key = (torch.arange(b, device=rows.device).repeat_interleave(t_local) * max(n_seg, 1)
-               + segment_ids.reshape(-1).clamp_min(0))[rows]  # sample = (row, segment); -1 is never learned
-        n_keys = b * max(n_seg, 1)
-        # Global position of each learned row within its row: shards are consecutive, so (rank, column) orders them.
-        pos = (self.rank * t_local + rows % t_local).double()
-        flat_h = hidden.reshape(-1, hidden.shape[-1])
-        hit = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-        z = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
-        w_think = weight[think_end_id]
-        for a in range(0, rows.numel(), max(chunk, 1)):
-            x = flat_h.index_select(0, rows[a:a + chunk])
-            logits = x @ weight.t()
-            if bias is not None:
-                logits = logits + bias
-            hit[a:a + chunk] = torch.max(logits, dim=1).indices == think_end_id  # the row kernel's argmax
-            z[a:a + chunk] = x.float() @ w_think.float()  # the soft mode's logit, as flce's _soft_multiplier
-        if bias is not None:
-            z += float(bias[think_end_id])
-        first = torch.full((n_keys,), math.inf, dtype=torch.float64, device=rows.device)
-        first.scatter_reduce_(0, key[hit], pos[hit], reduce="amin")
-        zmax = torch.full((n_keys,), -math.inf, dtype=torch.float64, device=rows.device)
-        zmax.scatter_reduce_(0, key, z, reduce="amax")
-        sumexp = torch.zeros(n_keys, dtype=torch.float64, device=rows.device)
-        sumexp.index_add_(0, key, torch.exp(z - zmax[key]))
-        stats = self.gather(torch.cat([first, zmax, sumexp]))  # (size, 3 * n_keys)
-        firsts, zmaxs, sums = stats[:, :n_keys], stats[:, n_keys:2 * n_keys], stats[:, 2 * n_keys:]
-        g_first = firsts.min(0).values
-        g_max = zmaxs.max(0).values
-        scaled = torch.where(torch.isfinite(zmaxs), sums * torch.exp(zmaxs - g_max), torch.zeros_like(sums))
-        total = scaled.sum(0)
-        before = scaled[:self.rank].sum(0)  # exclusive prefix: the earlier shards' share of the softmax
-        has_hit = torch.isfinite(g_first[key])
-        if mode == "argmax":
-            mult = torch.where(has_hit & (pos <= g_first[key]), 0.0, 1.0)
-        elif mode == "soft":
-            # Learned rows come in flat order, so a sample's rows are consecutive and in position order (as in
-            # flce's _soft_multiplier): its cumsum is the running sum minus what preceded its first row here.
-            p = torch.exp(z - g_max[key]) / total[key]
-            starts = torch.ones_like(key, dtype=torch.bool)
-            starts[1:] = key[1:] != key[:-1]
-            run = torch.cumsum(starts.long(), 0) - 1
-            firsts_here = starts.nonzero().squeeze(1)
-            cs = torch.cumsum(p, 0)
-            base = cs[firsts_here] - p[firsts_here]
-            cdf = cs - base[run] + before[key] / total[key]
-            mult = torch.where(has_hit, cdf.clamp(0.0, 1.0), torch.ones_like(cdf))
-        else:
-            raise ConfigError(f"dynamic={mode!r}. Fix: argmax or soft")
+        rows = shard_think_rows(hidden, weight, bias, targets, target_weights, segment_ids, think_end_id, chunk,
+                                self.rank, n_seg)
+        mult = think_multiplier(rows, self.gather(rows.stats()), self.rank, mode)
+        flat_w = target_weights.reshape(-1).float()
         out = torch.zeros_like(flat_w)
-        out[rows] = flat_w[rows] * mult.float()
+        out[rows.rows] = flat_w[rows.rows] * mult.float()
         return out
 
 
