@@ -350,7 +350,8 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
     t = run.local_tokens
     targets = None if run.full else list(run.lora_targets)
     adapters_fp32 = candidate == "ddp"  # peft's fp32 adapters; DeepSpeed's bf16 engine casts them to bf16
-    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t * run.sequence_parallel, targets,
+    row = t * run.sequence_parallel
+    per_layer = model.activation_bytes_per_token_layer(b, run.attention, row * run.sequence_parallel, targets,
                                                        run.lora_dropout, autocast, adapters_fp32)
     final = t * model.hidden_size * (4 + b)  # final norm (fp32 copy + output), the hidden states
     # Tiled MLP (sequence_tiled_compute): a layer keeps only the MLP's input for backward; the MLP's own
