@@ -56,6 +56,7 @@ def one_rank(tmp_path_factory):
     ("ZeRO-3", [Z3, SP2]),
     ("ZeRO-2", [Z2, SP2]),
     ("ZeRO-3 + tiled MLP", [Z3, SP2, "model.tiled_mlp=3"]),
+    ("ZeRO-3 + optimizer and parameter offload", ["distributed.deepspeed=ds_configs/zero3_offload.json", SP2]),
 ])
 def test_sp2_equals_one_rank(tmp_path, one_rank, label, extra):
     rows = _run(tmp_path, "sp", 2, extra)
@@ -98,3 +99,16 @@ def test_shipped_long_context_config_runs_as_a_tiny_cpu_analogue(tmp_path):
     s = summary(out)
     assert s["steps"] == 2 and s["sequence_parallel"] == 2 and s["zero_stage"] == 3 and s["zero3_partitioned"]
     assert math.isfinite(s["final_loss"])
+
+
+def test_sp2_run_killed_and_resumed_continues_exactly(tmp_path, one_rank):
+    """A checkpoint taken under SP 2 (DeepSpeed's SP groups in place) resumes at SP 2 onto the same trajectory.
+    (Resuming onto another SP degree or world size is not covered here.)"""
+    out = tmp_path / "killed"
+    extra = [Z3, SP2, f"train.output_dir={out}", "checkpoint.every_steps=2", "checkpoint.resume=auto"]
+    first = launch(COMMON + extra, nproc=2, check=False, DISTTHINK_FAULT_KILL_AT_STEP="3:1")
+    assert first.returncode != 0 and (out / "checkpoints" / "step-00000002").exists()
+    launch(COMMON + extra, nproc=2)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert not _differences(one_rank, rows), _differences(one_rank, rows)
