@@ -3,6 +3,7 @@
     python benchmarks/long_context.py --quick     # CPU, 2 gloo ranks: ~4 min on 2 busy cores
     python benchmarks/long_context.py             # CPU, a wider model and more steps
     python benchmarks/long_context.py --gpu       # one CUDA GPU, SP 1: Qwen3-1.7B-shaped rows of 32k and 64k tokens
+    python benchmarks/long_context.py --gpu --dry-run   # the GPU mode's code on CPU, tiny: does it start?
 
 CPU (two measurements, each once at SP 1 in one process and once at SP 2 on two gloo processes, with the
 attention all-to-alls of DeepSpeed's UlyssesSPAttentionHF around distthink's packed core, as the trainer runs it):
@@ -231,47 +232,53 @@ def gpu_benchmark(args) -> dict:
     from distthink.launch.hardware import GPUS
     from distthink.launch.plan import ModelShape, RunShape, model_flops_per_token
 
-    if not torch.cuda.is_available():
+    dry = args.dry_run  # the same code on CPU with the quick model and short rows: does the GPU mode start?
+    if not dry and not torch.cuda.is_available():
         return {"benchmark": "long_context", "mode": "gpu", "error": "no CUDA device"}
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    model = build_model(QWEN3_1_7B, torch.bfloat16, "cuda", tiled_mlp=args.tiles if args.gpu_tiled else 0)
+    dev = torch.device("cpu" if dry else "cuda")
+    name = "cpu (dry run)" if dry else torch.cuda.get_device_name(dev)
+    shape_cfg = {**CPU_MODELS["quick"], "tie_word_embeddings": True} if dry else QWEN3_1_7B
+    model = build_model(shape_cfg, torch.float32 if dry else torch.bfloat16, dev.type,
+                        tiled_mlp=args.tiles if args.gpu_tiled else 0)
     loss_part = LMHeadLoss(model, impl="fused", chunk_size=4096)
     params = [p for p in loss_part.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
-    shape = ModelShape.from_hf_config({**QWEN3_1_7B, "model_type": "qwen3"})
+    shape = ModelShape.from_hf_config({**shape_cfg, "model_type": "qwen3"})
     peak_flops = next((g.bf16_flops for k, g in GPUS.items() if k in name.lower()), None)
+    sync = torch.cuda.synchronize if not dry else (lambda: None)
     rows = []
-    for tokens in [int(x) for x in args.gpu_lengths.split(",")]:
-        batch = batch_to(one_sample_row(tokens, QWEN3_1_7B["vocab_size"]), dev)
+    for tokens in [int(x) for x in ("256,512" if dry else args.gpu_lengths).split(",")]:
+        batch = batch_to(one_sample_row(tokens, shape_cfg["vocab_size"]), dev)
         kw = model_inputs(batch, "ulysses_sp(sdpa)")  # one-sample row: no mask, causal (sdpa's flash kernel)
-        torch.cuda.reset_peak_memory_stats(dev)
+        if not dry:
+            torch.cuda.reset_peak_memory_stats(dev)
         times = []
         try:
             for i in range(args.steps + 1):
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 loss = loss_part(targets=batch["targets"], target_weights=batch["target_weights"], **kw)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
+                sync()
                 if i:
                     times.append(time.perf_counter() - t0)
             step = statistics.median(times)
             flops = model_flops_per_token(shape, RunShape(tokens_per_micro_batch=tokens, seq_len=tokens,
                                                           lora_rank=None), recompute=False)
             rows.append({"tokens": tokens, "step_s": round(step, 3), "tokens_per_s": round(tokens / step, 1),
-                         "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2),
+                         "peak_mem_gib": None if dry else round(torch.cuda.max_memory_allocated(dev) / 2**30, 2),
                          "mfu": round(tokens / step * flops / peak_flops, 3) if peak_flops else None,
                          "loss": float(loss.detach())})
         except torch.cuda.OutOfMemoryError as err:
             rows.append({"tokens": tokens, "error": f"out of memory: {str(err)[:200]}"})
         del batch, kw
-        torch.cuda.empty_cache()
+        if not dry:
+            torch.cuda.empty_cache()
     return {"benchmark": "long_context", "mode": "gpu", "device": name, "torch": torch.__version__,
-            "model": "Qwen3-1.7B shape (random init), bf16, sdpa causal, gradient checkpointing, fused loss, "
-                     "full fine-tuning, torch AdamW", "tiled_mlp": args.tiles if args.gpu_tiled else 0,
+            "model": ("quick CPU model, fp32 (dry run)" if dry else "Qwen3-1.7B shape (random init), bf16")
+                     + ", sdpa causal, gradient checkpointing, fused loss, full fine-tuning, torch AdamW", "tiled_mlp": args.tiles if args.gpu_tiled else 0,
             "sequence_parallel": 1, "rows": rows}
 
 
@@ -285,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="GPU mode: Qwen3-1.7B-shaped rows on one CUDA GPU, SP 1")
     ap.add_argument("--gpu-lengths", default="32768,65536", help="row lengths of the GPU mode (default 32768,65536)")
     ap.add_argument("--gpu-tiled", action="store_true", help="GPU mode with the MLPs tiled (--tiles)")
+    ap.add_argument("--dry-run", action="store_true", help="with --gpu: run the GPU mode's code on CPU with the "
+                                                             "quick model and 256/512-token rows (seconds)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps after one warm-up (default 3 quick/GPU, 5)")
     ap.add_argument("--time-tokens", type=int, default=0, help="CPU row length of the step-time comparison")
     ap.add_argument("--cap-mib", type=float, default=0, help="CPU memory cap per rank for the longest-row search")
