@@ -191,8 +191,8 @@ def launch_cpu(nproc: int, opts: dict, workdir: Path, timeout: float) -> dict:
     me = str(Path(__file__).resolve())
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
            "--master_addr=127.0.0.1", me, "--worker", str(out), json.dumps(opts)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -278,7 +278,8 @@ def gpu_benchmark(args) -> dict:
             torch.cuda.empty_cache()
     return {"benchmark": "long_context", "mode": "gpu", "device": name, "torch": torch.__version__,
             "model": ("quick CPU model, fp32 (dry run)" if dry else "Qwen3-1.7B shape (random init), bf16")
-                     + ", sdpa causal, gradient checkpointing, fused loss, full fine-tuning, torch AdamW", "tiled_mlp": args.tiles if args.gpu_tiled else 0,
+                     + ", sdpa causal, gradient checkpointing, fused loss, full fine-tuning, torch AdamW",
+            "tiled_mlp": args.tiles if args.gpu_tiled else 0,
             "sequence_parallel": 1, "rows": rows}
 
 

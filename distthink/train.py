@@ -16,7 +16,8 @@ One optimizer step:
      the preemption flag, so that every rank stops at the same step boundary;
   3. for each micro-batch: sums_k = sum w*loss (inside the engine forward), backward(sum_k sums_k * world*GA/W_k);
      accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
-     L = global sum / W (see distthink/engine/lm_loss.py);
+     L = global sum / W (see distthink/engine/lm_loss.py; with sequence parallelism the rows are sharded and
+     DeepSpeed's divisor depends on the ZeRO stage: distthink/engine/sequence_parallel.py);
   4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
 
 Exit codes: 0 done; 2 user error (config/data/checkpoint, message says the fix); 3 stopped by the
@@ -132,6 +133,7 @@ def run(cfg: Config) -> int:
         # Different dropout streams per rank, reproducible per (seed, rank); restored exactly on resume.
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
         attn_impl = seqpar.after_prepare(sp, wrapped, attn_implementation_of(model))
+        grad_divisor = seqpar.gradient_divisor(cfg, sp)  # what DeepSpeed/DDP divide the summed gradients by
         if trackers:
             # The hyperparameters are stored once, at the run's first launch: TensorBoard writes them into a new
             # timestamped folder each time, and a resumed run is the same run.
@@ -222,7 +224,7 @@ def run(cfg: Config) -> int:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             # Each objective k is normalised by its own global total (distthink/engine/task.py).
-            scales = [micro_batch_scale(n, seqpar.gradient_divisor(cfg, sp), ga) for n in norms]
+            scales = [micro_batch_scale(n, grad_divisor, ga) for n in norms]
             local_sums, local_bad, ds_skipped = [0.0] * len(keys), 0.0, False
             for m in micro:
                 mb = batch_to(m, device)
@@ -334,7 +336,8 @@ def run(cfg: Config) -> int:
                     "this_launch": {"steps": step - first_step, **throughput(**launch),
                                     "resumed_from": str(resume_from) if resume_from else None},
                     "peak_memory_mb": peak_mb,
-                    "world_size": world, "sequence_parallel": sp.size, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                    "world_size": world, "sequence_parallel": sp.size,
+                    "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
                     "zero_stage": dist.zero_stage(accelerator), "zero3_partitioned": partitioned,

@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DeepSpeedSequenceParallelConfig, ParallelismConfig
 from transformers import AutoConfig
 
 from distthink.config import Config, resolve_attention, zero_stage_of
@@ -167,8 +168,6 @@ def parallelism_config(cfg: Config, world: int, device: str, compute_dtype: torc
     n = cfg.distributed.sequence_parallel
     if n == 1:
         return None
-    from accelerate.utils import DeepSpeedSequenceParallelConfig, ParallelismConfig  # only SP runs need them
-
     impl = resolve_attention(cfg.model.attn_implementation, device, compute_dtype)
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=impl,
                                               sp_disable_in_eval=False)
