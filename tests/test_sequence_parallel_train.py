@@ -112,3 +112,15 @@ def test_sp2_run_killed_and_resumed_continues_exactly(tmp_path, one_rank):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert not _differences(one_rank, rows), _differences(one_rank, rows)
+
+
+def test_evaluation_under_sp_equals_one_rank(tmp_path):
+    """Eval batches are sharded like training ones (accelerate's sp_disable_in_eval is off): the same eval loss."""
+    ev = ["train.max_steps=2", "data.eval=bundled", "data.max_eval_samples=20"]
+    losses = []
+    for name, nproc, extra in (("ref", 1, []), ("sp", 2, [Z3, SP2])):
+        out = tmp_path / name
+        launch(COMMON + [f"train.output_dir={out}", *ev, *extra], nproc=nproc)
+        losses.append(summary(out)["eval_loss"])
+    tol = run_metric_tol(losses[0], 20 * 50)  # 20 eval samples of ~50 tokens
+    assert math.isfinite(losses[0]) and abs(losses[0] - losses[1]) <= tol, losses
