@@ -55,13 +55,21 @@ def one_rank(tmp_path_factory):
 @pytest.mark.parametrize("label, extra", [
     ("ZeRO-3", [Z3, SP2]),
     ("ZeRO-2", [Z2, SP2]),
-    ("ZeRO-3 + tiled MLP", [Z3, SP2, "model.tiled_mlp=3"]),
     ("ZeRO-3 + optimizer and parameter offload", ["distributed.deepspeed=ds_configs/zero3_offload.json", SP2]),
 ])
 def test_sp2_equals_one_rank(tmp_path, one_rank, label, extra):
     rows = _run(tmp_path, "sp", 2, extra)
     assert not _differences(one_rank, rows), (label, _differences(one_rank, rows))
     assert one_rank[-1]["loss"] < one_rank[0]["loss"]  # and the run learns
+
+
+def test_sp2_tiled_mlp_equals_one_rank_untiled(tmp_path):
+    """model.tiled_mlp under ZeRO-3 with MLP weights above stage3_param_persistence_threshold (64 x 256 > 1e4), so
+    every tile's recomputation gathers them: the same trajectory as the untiled MLP on one rank."""
+    wide = ["model.config_overrides={intermediate_size: 256}"]
+    ref = _run(tmp_path, "ref_wide", 1, wide)
+    rows = _run(tmp_path, "sp_tiled", 2, [Z3, SP2, "model.tiled_mlp=3", *wide])
+    assert not _differences(ref, rows), _differences(ref, rows)
 
 
 def test_sp2_with_lora_equals_one_rank_lora(tmp_path):
