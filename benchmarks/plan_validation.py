@@ -209,6 +209,7 @@ SMALL = ["model.config_overrides={hidden_size: 512, num_hidden_layers: 8, num_at
          "num_key_value_heads: 4, head_dim: 64, intermediate_size: 1536, vocab_size: 16384, "
          "layer_types: [" + ", ".join(["full_attention"] * 8) + "]}"]
 TINY: list[str] = []  # the default tiny-qwen3 (hidden 64, 2 layers)
+LONG = ["batch.max_tokens=2048", "data.max_length=2048"]  # rows of ~37 bundled samples
 
 COMMON = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false", "eval.every_steps=0",
           "data.eval=null", "checkpoint.export=none", "checkpoint.resume=never", "checkpoint.every_steps=0", "model.dtype=float32",
@@ -232,6 +233,15 @@ CASES: dict[str, tuple[int, list[str]]] = {
                                              "distributed.deepspeed=ds_configs/zero3.json"]),
     "small_2r_zero2_lora_bf16": (2, SMALL + ["lora.enabled=true", "lora.dropout=0.05", "model.dtype=bfloat16",
                                              "distributed.deepspeed=ds_configs/zero2.json"]),
+    # Sequence parallelism: one 2048-token packed row on 2 ranks, as 2 data-parallel rows (SP 1) or shared by
+    # both ranks (SP 2: half the per-token activations, the sdpa mask of the whole row on each), and with the
+    # MLP tiled. Same ZeRO-3 states in all three, so the difference is the activation estimate's.
+    "small_2r_zero3_full_long": (2, SMALL + LONG + ["lora.enabled=false", "distributed.deepspeed=ds_configs/zero3.json"]),
+    "small_2r_zero3_full_long_sp2": (2, SMALL + LONG + ["lora.enabled=false", "distributed.sequence_parallel=2",
+                                                         "distributed.deepspeed=ds_configs/zero3.json"]),
+    "small_2r_zero3_full_long_sp2_tiled": (2, SMALL + LONG + ["lora.enabled=false", "distributed.sequence_parallel=2",
+                                                               "model.tiled_mlp=4",
+                                                               "distributed.deepspeed=ds_configs/zero3.json"]),
 }
 QUICK = ["small_1r_plain_lora"]  # one real run: about 30 s on 2 cores (the process start dominates)
 

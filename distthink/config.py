@@ -59,6 +59,10 @@ class ModelConfig:
     attn_implementation: str = _f("auto", "`auto` = flash_attention_2 when flash-attn and a GPU are present, else sdpa.",
                                   ("auto", "sdpa", "flash_attention_2", "eager"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    tiled_mlp: int = _f(0, "Run each decoder MLP over this many consecutive tiles of the row (DeepSpeed ALST's "
+                           "sequence-tiled compute): the (tokens x intermediate) activations exist for one tile at "
+                           "a time, and the MLP is recomputed in backward. For very long rows; 0 = off. ALST uses "
+                           "about (tokens per rank) / hidden_size tiles.")
     trust_remote_code: bool = _f(False, "Passed to transformers when loading `name_or_path`.")
 
 
@@ -147,6 +151,13 @@ class DistributedConfig:
     deepspeed: str | None = _f(None, "DeepSpeed JSON (e.g. ds_configs/zero3.json). null = plain DDP / single process.")
     backend: str = _f("auto", "Process-group backend: `auto` = nccl on GPU, gloo on CPU.", ("auto", "gloo", "nccl"))
     timeout_s: int = _f(1800, "Process-group timeout in seconds.")
+    sequence_parallel: int = _f(1, "Ulysses sequence parallelism (DeepSpeed ALST): each packed row is split into this "
+                                   "many shards on as many ranks, which exchange heads for sequence in every "
+                                   "attention layer; the loss, its normalisation and the think modes stay exact. "
+                                   "1 = off. Needs DeepSpeed ZeRO-2/3, batch.packing, loss.impl=fused, sdpa or "
+                                   "flash-attn, a task that supports it (sft), and N dividing the launched processes "
+                                   "and the attention heads. Data parallelism is over world / N groups. See "
+                                   "docs/training.md, 'Long sequences'.")
 
 
 @dataclass
@@ -368,6 +379,7 @@ def validate(cfg: Config) -> None:
                 "batch.max_tokens": cfg.batch.max_tokens, "batch.samples_per_micro": cfg.batch.samples_per_micro,
                 "batch.gradient_accumulation": cfg.batch.gradient_accumulation,
                 "loss.chunk_size": cfg.loss.chunk_size, "distributed.timeout_s": cfg.distributed.timeout_s,
+                "distributed.sequence_parallel": cfg.distributed.sequence_parallel,
                 "logging.every_steps": cfg.logging.every_steps,
                 "train.nan_max_consecutive": cfg.train.nan_max_consecutive}
     for key, value in positive.items():
@@ -379,7 +391,7 @@ def validate(cfg: Config) -> None:
               "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
               "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs,
               "train.cpu_threads": cfg.train.cpu_threads, "data.max_train_samples": cfg.data.max_train_samples,
-              "data.max_eval_samples": cfg.data.max_eval_samples}
+              "data.max_eval_samples": cfg.data.max_eval_samples, "model.tiled_mlp": cfg.model.tiled_mlp}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")
@@ -412,6 +424,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError("distributed.backend=nccl with train.device=cpu. Fix: use backend gloo or auto")
     if cfg.distributed.backend == "nccl" and cfg.train.device == "cpu":
         raise ConfigError("distributed.backend=nccl needs GPUs but train.device=cpu. Fix: use gloo or auto")
+    if cfg.distributed.sequence_parallel > 1:
+        _validate_sequence_parallel(cfg)
     if cfg.logging.wandb:
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logging.wandb=true but wandb is not installed. Fix: pip install wandb (and "
@@ -420,6 +434,35 @@ def validate(cfg: Config) -> None:
     if res not in ("auto", "never") and not Path(res).exists():
         raise ConfigError(f"checkpoint.resume='{res}' does not exist. Fix: use auto, never, or an existing "
                           "checkpoint directory")
+
+
+def _validate_sequence_parallel(cfg: Config) -> None:
+    """What distributed.sequence_parallel > 1 needs from the config alone (the launch, task and model shape are
+    checked at start-up by distthink.engine.sequence_parallel.check_run)."""
+    n = cfg.distributed.sequence_parallel
+    key = f"distributed.sequence_parallel={n}"
+    if not cfg.distributed.deepspeed:
+        raise ConfigError(f"{key} runs on DeepSpeed (Ulysses/ALST). Fix: set distributed.deepspeed to "
+                          "ds_configs/zero3.json (or zero2.json)")
+    stage = zero_stage_of(cfg)
+    if stage not in (2, 3):
+        raise ConfigError(f"{key} with ZeRO stage {stage}: sequence parallelism is supported with ZeRO-2 and "
+                          "ZeRO-3 (DeepSpeed reduces its gradients over the sequence-data-parallel group there). "
+                          "Fix: use ds_configs/zero2.json or ds_configs/zero3.json")
+    zero = read_deepspeed_json(cfg.distributed.deepspeed).get("zero_optimization", {})
+    if stage == 3 and zero.get("reduce_scatter", True) is False:
+        raise ConfigError(f"{key} with ZeRO-3 and reduce_scatter=false: DeepSpeed then averages some gradient "
+                          "buckets over the data-parallel ranks and others over all ranks, and no loss scale is exact. "
+                          "Fix: remove reduce_scatter from the JSON (it defaults to true)")
+    if not cfg.batch.packing:
+        raise ConfigError(f"{key} needs batch.packing=true: Ulysses shards one row per micro-batch. Fix: set "
+                          "batch.packing=true")
+    if cfg.loss.impl != "fused":
+        raise ConfigError(f"{key} needs loss.impl=fused (the hf loss materialises the logits of the whole shard "
+                          "and has no cross-shard think state). Fix: set loss.impl=fused")
+    if cfg.model.attn_implementation == "eager":
+        raise ConfigError(f"{key} cannot run eager attention (Ulysses hands the core attention no mask). Fix: set "
+                          "model.attn_implementation to auto, sdpa or flash_attention_2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -524,16 +567,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
     One packed row per micro-batch (the token budget, not the row count, sizes a micro-batch), so
     train_micro_batch_size_per_gpu = 1, gradient_accumulation_steps = batch.gradient_accumulation and
-    train_batch_size = world_size x GA. A number that disagrees, or a ZeRO stage that cannot do the offload the
+    train_batch_size = (world_size / distributed.sequence_parallel) x GA (the ranks of a sequence-parallel group
+    share one row). A number that disagrees, or a ZeRO stage that cannot do the offload the
     JSON asks for, is a ConfigError with the fix, raised before any process group or model exists."""
     path = cfg.distributed.deepspeed
     ds = copy.deepcopy(read_deepspeed_json(path))
     ga = cfg.batch.gradient_accumulation
+    sp = cfg.distributed.sequence_parallel
+    dp = max(world_size // sp, 1)
     fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ga,
-            "train_batch_size": world_size * ga, "gradient_clipping": cfg.train.max_grad_norm}
+            "train_batch_size": dp * ga, "gradient_clipping": cfg.train.max_grad_norm}
     meaning = {"train_micro_batch_size_per_gpu": "one packed row per micro-batch (batch.max_tokens sizes it)",
                "gradient_accumulation_steps": f"batch.gradient_accumulation={ga}",
-               "train_batch_size": f"{world_size} rank(s) x 1 row x {ga} micro-batches (GA)",
+               "train_batch_size": f"{dp} data-parallel rank(s) x 1 row x {ga} micro-batches (GA)"
+                                   + (f" (sequence_parallel={sp} ranks share a row)" if sp > 1 else ""),
                "gradient_clipping": f"train.max_grad_norm={cfg.train.max_grad_norm}"}
     for key, value in fill.items():
         given = ds.get(key, "auto")
@@ -563,6 +610,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     for key, value in ZERO_AUTO_BUCKETS.items():
         if zero.get(key) == "auto":
             zero[key] = value
+    if sp > 1:
+        # zero.Init builds its DeepSpeedConfig before any SP group exists: this key is how it learns that the
+        # batch fields above count data-parallel ranks (world / N), as the engine's own config will with the mpu.
+        ds["sequence_parallel_size"] = sp
     # We build our own torch optimizer/scheduler (also with CPU offload): DeepSpeed must not insist on
     # its C++ CPU-Adam, which needs a compiler at run time.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)

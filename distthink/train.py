@@ -16,7 +16,8 @@ One optimizer step:
      the preemption flag, so that every rank stops at the same step boundary;
   3. for each micro-batch: sums_k = sum w*loss (inside the engine forward), backward(sum_k sums_k * world*GA/W_k);
      accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
-     L = global sum / W (see distthink/engine/lm_loss.py);
+     L = global sum / W (see distthink/engine/lm_loss.py; with sequence parallelism the rows are sharded and
+     DeepSpeed's divisor depends on the ZeRO stage: distthink/engine/sequence_parallel.py);
   4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
 
 Exit codes: 0 done; 2 user error (config/data/checkpoint, message says the fix); 3 stopped by the
@@ -45,6 +46,7 @@ from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
 from distthink.engine import faults
+from distthink.engine import sequence_parallel as seqpar
 from distthink.engine.exit_status import report_error, write_status
 from distthink.engine.export import export_model
 from distthink.engine.lm_loss import micro_batch_scale
@@ -103,12 +105,15 @@ def run(cfg: Config) -> int:
         tokenizer = load_tokenizer(cfg)
         keys = task.loss_keys
         task.prepare_tokenizer(tokenizer)
+        # Sequence parallelism (distributed.sequence_parallel): ranks of one SP group share each micro-batch.
+        sp = seqpar.run_layout(cfg, task, tokenizer, world, rank)
         train_set = task.load_split("train", tokenizer)
         eval_set = task.load_split("eval", tokenizer) if cfg.data.eval else []
-        sampler = train_data.make_sampler(cfg, train_set, world=world, rank=rank, grad_accumulation=ga,
+        sampler = train_data.make_sampler(cfg, train_set, world=sp.dp_size, rank=sp.dp_rank, grad_accumulation=ga,
                                           shuffle=cfg.batch.shuffle)
-        eval_sampler = (train_data.make_sampler(cfg, eval_set, world=world, rank=rank, grad_accumulation=1,
-                                                shuffle=False) if len(eval_set) >= world else None)
+        eval_sampler = (train_data.make_sampler(cfg, eval_set, world=sp.dp_size, rank=sp.dp_rank,
+                                                grad_accumulation=1, shuffle=False)
+                        if len(eval_set) >= sp.dp_size else None)
         collate = task.collator(tokenizer)
         steps_per_epoch = len(sampler.rank_batches(0)) // ga
         total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -123,10 +128,12 @@ def run(cfg: Config) -> int:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        seqpar.before_prepare(sp, wrapped)
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         # Different dropout streams per rank, reproducible per (seed, rank); restored exactly on resume.
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-        attn_impl = attn_implementation_of(model)
+        attn_impl = seqpar.after_prepare(sp, wrapped, attn_implementation_of(model))
+        grad_divisor = seqpar.gradient_divisor(cfg, sp)  # what DeepSpeed/DDP divide the summed gradients by
         if trackers:
             # The hyperparameters are stored once, at the run's first launch: TensorBoard writes them into a new
             # timestamped folder each time, and a resumed run is the same run.
@@ -171,7 +178,7 @@ def run(cfg: Config) -> int:
             sums, norms = [0.0] * len(keys), [0.0] * len(keys)
             with torch.no_grad():
                 for b in batches:
-                    mb = batch_to(collate([eval_set[i] for i in b]), device)
+                    mb = batch_to(seqpar.shard(collate([eval_set[i] for i in b]), sp), device)
                     out, mb_norms = task.forward(wrapped, mb, attn_impl, dtype), task.norms(mb)
                     for i, k in enumerate(keys):
                         sums[i] += float(out[k])
@@ -203,7 +210,7 @@ def run(cfg: Config) -> int:
             if hasattr(task, "on_step_start"):  # optional hook: on-policy tasks refresh this step's samples
                 task.on_step_start(step, accelerator.unwrap_model(wrapped), train_set,
                                    [i for b in step_batches for i in b])
-            micro = [collate([train_set[i] for i in b]) for b in step_batches]
+            micro = [seqpar.shard(collate([train_set[i] for i in b]), sp) for b in step_batches]
             local_norms = [sum(task.norms(m)[k] for m in micro) for k in keys]
             local_n = sum(m["num_target_tokens"] for m in micro)
             local_tok = sum(int((m["segment_ids"] >= 0).sum()) for m in micro)  # real (non-pad) tokens
@@ -217,7 +224,7 @@ def run(cfg: Config) -> int:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             # Each objective k is normalised by its own global total (distthink/engine/task.py).
-            scales = [micro_batch_scale(n, world, ga) for n in norms]
+            scales = [micro_batch_scale(n, grad_divisor, ga) for n in norms]
             local_sums, local_bad, ds_skipped = [0.0] * len(keys), 0.0, False
             for m in micro:
                 mb = batch_to(m, device)
@@ -329,7 +336,8 @@ def run(cfg: Config) -> int:
                     "this_launch": {"steps": step - first_step, **throughput(**launch),
                                     "resumed_from": str(resume_from) if resume_from else None},
                     "peak_memory_mb": peak_mb,
-                    "world_size": world, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                    "world_size": world, "sequence_parallel": sp.size,
+                    "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
                     "zero_stage": dist.zero_stage(accelerator), "zero3_partitioned": partitioned,

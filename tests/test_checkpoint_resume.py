@@ -7,10 +7,8 @@
    uninterrupted run's exactly (same topology, data order, RNG and thread count: LoRA dropout is on).
 """
 
-import json
 
 import pytest
-import torch
 
 from _train_utils import FAST, launch, metrics, summary
 

@@ -15,10 +15,10 @@ import yaml
 from _tolerance import run_metric_tol
 from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
-from distthink.config import load_config, param_dtype
+from distthink.config import load_config
 from distthink.errors import ConfigError, DataError
 from distthink.tasks.molecule.model import load_prefix
-from distthink.tasks.molecule.options import GRAPH_TOKEN, MoleculeOptions
+from distthink.tasks.molecule.options import GRAPH_TOKEN
 from distthink.tasks.molecule.task import MoleculeTask
 from distthink.models.tiny import tiny_tokenizer
 

@@ -1,7 +1,6 @@
 """The planner's parameter and FLOP arithmetic against real models built from config (the reference)."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from distthink.errors import ConfigError

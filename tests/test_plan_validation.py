@@ -40,7 +40,9 @@ def test_tracker_counts_live_storages_once_and_their_peak():
     assert tracker.peak == pytest.approx(12_000_000, abs=100_000)
 
 
-CASES = ["tiny_1r_plain_full", "small_1r_plain_full_bf16", "small_2r_zero2_lora_bf16", "small_2r_zero3_full"]
+CASES = ["tiny_1r_plain_full", "small_1r_plain_full_bf16", "small_2r_zero2_lora_bf16", "small_2r_zero3_full",
+         # sequence parallelism: the same 2048-token packed rows at SP 1 and SP 2 (the activation estimate)
+         "small_2r_zero3_full_long", "small_2r_zero3_full_long_sp2"]
 
 
 @pytest.mark.slow

@@ -135,9 +135,11 @@ def build_plan(args) -> dict[str, Any]:
         ModelShape,
         configured_candidate,
         estimate,
+        plan_sequence_parallel,
         recommend,
         resolve_model_config,
         run_shape_from_config,
+        sequence_parallel_advice,
     )
 
     cfg = load_config(args.config, args.overrides)
@@ -149,6 +151,8 @@ def build_plan(args) -> dict[str, Any]:
     unknown = [c for c in candidates if c not in CANDIDATES]
     if unknown:
         raise ConfigError(f"--candidates {unknown} unknown. Fix: use some of {','.join(CANDIDATES)}")
+    if cfg.distributed.sequence_parallel > 1:  # Ulysses runs on DeepSpeed only
+        candidates = [c for c in candidates if c != "ddp"]
     model_config, model_source = resolve_model_config(cfg, args.model_config)
     shape = ModelShape.from_hf_config(model_config)
     data: dict[str, Any] = {}
@@ -179,12 +183,22 @@ def build_plan(args) -> dict[str, Any]:
     configured = configured_candidate(cfg)
     if best is not None and configured != best.candidate:
         message += "\n" + _configured_line(cfg, configured, estimates, best)
+    # Sequence parallelism: the SP degrees the model and GPU count allow, each with its cheapest fitting setting;
+    # when the configured degree fits nothing, say which degree would.
+    sp_rows = plan_sequence_parallel(shape, run, candidates, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                     gpu=gpu, gpu_mem_bytes=mem, hfu=args.hfu, comm_overlap=args.comm_overlap,
+                                     dataset_tokens=dataset_tokens, epochs=cfg.train.epochs,
+                                     max_steps=cfg.train.max_steps or None)
+    sp_degree, sp_message = sequence_parallel_advice(sp_rows)
+    if best is None or sp_degree != run.sequence_parallel or "offload" in best.candidate:
+        message += "\n" + sp_message
     lora = None if run.full else shape.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     return {
         "model": {"params": shape.num_params, "trainable": lora or shape.num_params, "layers": shape.num_layers,
                   "hidden": shape.hidden_size, "vocab": shape.vocab_size,
                   "source": model_source},
-        "run": {**run.__dict__, "global_tokens_per_step": run.tokens_per_micro_batch * run.grad_accum * n,
+        "run": {**run.__dict__,
+                "global_tokens_per_step": run.tokens_per_micro_batch * run.grad_accum * (n // run.sequence_parallel),
                 "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs},
         "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": args.gpu,
                     "gpu_mem_bytes": mem, "hfu": args.hfu, "comm_overlap": args.comm_overlap},
@@ -192,6 +206,13 @@ def build_plan(args) -> dict[str, Any]:
         "candidates": [{**e.as_dict(), "description": DESCRIPTIONS[e.candidate]} for e in estimates],
         "recommended": best.candidate if best else None,
         "configured": configured,
+        "recommended_sequence_parallel": sp_degree,
+        "sequence_parallel_options": [
+            {"sequence_parallel": r["sequence_parallel"], "dp_size": r["dp_size"],
+             "recommended": r["best"].candidate if r["best"] else None,
+             "total_bytes": (r["best"] or r["smallest"]).total_bytes,
+             "tokens_per_s": (r["best"] or r["smallest"]).tokens_per_s,
+             "sp_comm_bytes": (r["best"] or r["smallest"]).sp_comm_bytes} for r in sp_rows],
         "message": message,
     }
 
@@ -267,10 +288,14 @@ def render(plan: dict[str, Any]) -> str:
         f"model   {m['source']}: {m['params'] / 1e9:.3f} B params, {m['layers']} layers, hidden {m['hidden']}, "
         f"vocab {m['vocab']}; {method} "
         f"({m['trainable'] / 1e6:.2f} M trainable)",
-        f"run     {r['tokens_per_micro_batch']} tokens per micro-batch x GA {r['grad_accum']} x {n} GPUs = "
+        f"run     {r['tokens_per_micro_batch']} tokens per micro-batch x GA {r['grad_accum']} x "
+        f"{n // r['sequence_parallel']} data-parallel GPU group(s) = "
         f"{r['global_tokens_per_step']:,} tokens per step; {'bf16' if r['dtype_bytes'] == 2 else 'fp32'}, "
         f"{r['attention']} attention, checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, "
-        f"{'fused loss (chunk ' + str(r['fused_chunk_tokens']) + ')' if r['fused_loss'] else 'plain logits loss'}",
+        f"{'fused loss (chunk ' + str(r['fused_chunk_tokens']) + ')' if r['fused_loss'] else 'plain logits loss'}"
+        + (f"; sequence parallel {r['sequence_parallel']} ({r['tokens_per_micro_batch'] // r['sequence_parallel']} "
+           f"tokens per GPU, {n // r['sequence_parallel']} data-parallel group(s))" if r["sequence_parallel"] > 1
+           else "") + (f"; tiled MLP x{r['tiled_mlp']}" if r["tiled_mlp"] > 1 else ""),
         f"cluster {c['nodes']} node(s) x {c['gpus_per_node']} {c['gpu']}, {_gib(c['gpu_mem_bytes'])} GiB per GPU, "
         f"assumed HFU {c['hfu']:.2f}",
         "",
@@ -285,6 +310,7 @@ def render(plan: dict[str, Any]) -> str:
     lines += ["", "time per optimizer step".ljust(30) + "".join(short[e["candidate"]].rjust(12) for e in est)]
     rows = [("compute (s)", lambda e: f"{e['compute_seconds']:.3g}"),
             ("comm volume per GPU (GB)", lambda e: f"{e['comm_bytes'] / 1e9:.2f}"),
+            ("  of which Ulysses all-to-all (GB)", lambda e: f"{e['sp_comm_bytes'] / 1e9:.2f}"),
             ("comm time (s)", lambda e: f"{e['comm_seconds']:.3g}"),
             ("offload time (s)", lambda e: f"{e['offload_seconds']:.3g}"),
             ("step (s)", lambda e: f"{e['step_seconds']:.3g}"),
@@ -306,6 +332,14 @@ def render(plan: dict[str, Any]) -> str:
                      "micro-batches below the budget, so real runs take somewhat longer")
     else:
         lines.append(f"ETA: unknown (pass --dataset-tokens){'; ' + d['error'] if d.get('error') else ''}")
+    if len(plan["sequence_parallel_options"]) > 1:
+        lines += ["", "sequence parallel N".ljust(30) + "".join(str(o["sequence_parallel"]).rjust(12)
+                                                              for o in plan["sequence_parallel_options"])]
+        for label, fmt in (("best setting", lambda o: _SHORT.get(o["recommended"], "none")),
+                           ("GiB per GPU", lambda o: f"{o['total_bytes'] / 2**30:.1f}"),
+                           ("tokens/s (job)", lambda o: _si(o["tokens_per_s"])),
+                           ("all-to-all per GPU-step (GB)", lambda o: f"{o['sp_comm_bytes'] / 1e9:.2f}")):
+            lines.append(label.ljust(30) + "".join(fmt(o).rjust(12) for o in plan["sequence_parallel_options"]))
     lines.append(plan["message"])
     return "\n".join(lines)
 

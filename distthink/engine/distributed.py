@@ -33,6 +33,7 @@ from distthink.config import (
     uses_autocast,
     world_size_of_launch,
 )
+from distthink.engine.sequence_parallel import parallelism_config
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -75,6 +76,8 @@ def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | Non
     if cfg.distributed.deepspeed:
         ds = deepspeed_config(cfg, world)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=True)
+        # distributed.sequence_parallel > 1: accelerate registers DeepSpeed's Ulysses attention at prepare()
+        kwargs["parallelism_config"] = parallelism_config(cfg, world, device, resolve_dtype(cfg, device))
     elif device == "cpu":
         kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)

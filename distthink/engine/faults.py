@@ -9,6 +9,10 @@ real multi-process runs, not mocks. Unset, each hook is a no-op.
                                         (the case DeepSpeed sees only inside its own step);
 - DISTTHINK_FAULT_SAVE_SLEEP_AT=S:SEC   rank 0 sleeps SEC seconds inside the save of step S, after every rank
                                         wrote its state and before the checkpoint is made complete.
+- DISTTHINK_FAULT_SP_LEAK=KIND          a sequence-parallel run is wrong on purpose, for the tests that show the
+                                        equality tests can fail: `normaliser` keeps each shard's normaliser at the
+                                        whole row's (W counts a token N times), `think_state` does not pass the
+                                        `</think>` state across shards, `scale` divides by world instead of DP.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def sleep_inside_save(step: int, name: str) -> None:
     if spec and int(spec.split(":")[0]) == step:
         log.info("DISTTHINK_FAULT_SAVE_SLEEP_AT: sleeping %ss inside the save of %s", spec.split(":")[1], name)
         time.sleep(float(spec.split(":")[1]))
+
+
+def sp_leak(kind: str) -> bool:
+    """DISTTHINK_FAULT_SP_LEAK: leave out one piece of sequence parallelism's exactness (tests only)."""
+    return os.environ.get("DISTTHINK_FAULT_SP_LEAK", "") == kind
 
 
 class InfGradient(torch.autograd.Function):

@@ -69,6 +69,9 @@ class LMHeadLoss(torch.nn.Module):
     after the position where the model itself predicts `</think>`); needs impl="fused".
     """
 
+    # distthink.engine.sequence_parallel.ThinkState when the rows are sharded (set by the trainer), else None
+    sequence_parallel = None
+
     def __init__(self, model: torch.nn.Module, *, impl: str = "fused", chunk_size: int = 1024,
                  dynamic: str | None = None, think_end_id: int | None = None):
         super().__init__()
@@ -119,7 +122,10 @@ class LMHeadLoss(torch.nn.Module):
         if bias is not None and bias.dtype != hidden.dtype:
             bias = bias.to(hidden.dtype)
         extra = {}
-        if self.dynamic:
+        if self.dynamic and self.sequence_parallel is not None:  # </think> may lie on another rank's shard
+            flat_w = self.sequence_parallel.dynamic_weights(hidden, weight, bias, targets, target_weights, segment_ids,
+                                                            self.dynamic, self.think_end_id, self.chunk_size)
+        elif self.dynamic:
             extra = dict(dynamic=self.dynamic, think_end_id=self.think_end_id,
                          segment_ids=segment_ids.reshape(-1), position_ids=position_ids.reshape(-1))
         if want_stats:

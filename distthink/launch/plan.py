@@ -176,6 +176,19 @@ class ModelShape:
             n += norm_elem * (q + kv) + 4 * (self.num_heads + self.num_kv_heads)
         return n
 
+    def mlp_bytes_per_token(self, dtype_bytes: int, lora_targets: list[str] | None = None, lora_dropout: float = 0.0,
+                            adapters_fp32: bool = True) -> float:
+        """The MLP's share of activation_bytes_per_token_layer (its input for gate/up, SwiGLU's gate, up and
+        silu(gate), silu(gate)*up for down_proj): what a tiled MLP keeps for one tile only."""
+        b, h, i = dtype_bytes, self.hidden_size, self.intermediate_size
+        full = lora_targets is None
+        shared = full or (lora_dropout == 0 and (b == 4 or not adapters_fp32))
+        trains = (lambda name: full or (shared and name in lora_targets))
+        n = 3 * b * i + (b * i if trains("down_proj") else 0)
+        if trains("gate_proj") or trains("up_proj"):
+            n += b * h
+        return n
+
     def lora_bytes_per_token_layer(self, dtype_bytes: int, rank: int, targets: list[str], dropout: float,
                                    adapters_fp32: bool = True, molora_adapters: int = 0) -> float:
         """What the LoRA branches keep, per token and layer. peft keeps adapter weights in fp32 (its default
@@ -223,10 +236,17 @@ class RunShape:
     reduce_bucket_elems: float = 5e7  # what distthink.engine.distributed fills for reduce_bucket_size "auto"
     prefetch_bucket_elems: float = 5e7  # stage3_prefetch_bucket_size
     zero2_overlap_comm: bool = True  # ds_configs/zero2.json: two reduce buckets
+    sequence_parallel: int = 1  # Ulysses SP degree N: the row is split over N GPUs (distributed.sequence_parallel)
+    tiled_mlp: int = 0  # model.tiled_mlp: MLP activations one sequence tile at a time (0 = off)
 
     @property
     def full(self) -> bool:
         return self.lora_rank is None
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens of the row one GPU holds: the row padded to a multiple of N, split in N shards."""
+        return -(-self.tokens_per_micro_batch // self.sequence_parallel)
 
 
 CUDA_CONTEXT_BYTES = 0.75 * GiB  # CUDA/NCCL context outside the torch allocator
@@ -249,6 +269,10 @@ class Estimate:
     tokens_per_s: float  # whole job
     mfu: float  # model FLOPs (no recomputation) / peak, the figure public reports quote
     eta_seconds: float | None
+    sequence_parallel: int = 1
+    dp_size: int = 1  # GPUs that see different rows: N_gpus / sequence_parallel
+    sp_comm_bytes: float = 0.0  # Ulysses all-to-alls per GPU per step (also in comm_bytes)
+    sp_comm_seconds: float = 0.0  # on the critical path: not hidden behind compute
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -327,15 +351,26 @@ def memory_terms(model: ModelShape, run: RunShape, *, n: int, candidate: str) ->
         m["buckets"] = run.reduce_bucket_elems * b
 
     # --- start of backward ---------------------------------------------------------------------
-    t = run.tokens_per_micro_batch
+    # Sequence parallelism: every per-token term counts this GPU's shard of the row (Ulysses attention holds
+    # the whole row for heads / N: the same bytes as the shard with all heads), except sdpa's packed mask,
+    # which covers the whole row (T x T) on every GPU: b T N per local token.
+    t = run.local_tokens
     targets = None if run.full else list(run.lora_targets)
     adapters_fp32 = candidate == "ddp"  # peft's fp32 adapters; DeepSpeed's bf16 engine casts them to bf16
-    per_layer = model.activation_bytes_per_token_layer(b, run.attention, t, targets, run.lora_dropout, autocast,
-                                                       adapters_fp32)
+    row = t * run.sequence_parallel
+    per_layer = model.activation_bytes_per_token_layer(b, run.attention, row * run.sequence_parallel, targets,
+                                                       run.lora_dropout, autocast, adapters_fp32)
     final = t * model.hidden_size * (4 + b)  # final norm (fp32 copy + output), the hidden states
-    m["activations_no_ckpt"] = t * model.num_layers * per_layer + final
+    # Tiled MLP (sequence_tiled_compute): a layer keeps only the MLP's input for backward; the MLP's own
+    # activations exist for one tile at a time (the recomputation in backward).
+    mlp_tile = 0.0
+    if run.tiled_mlp > 1:
+        mlp = model.mlp_bytes_per_token(b, targets, run.lora_dropout, adapters_fp32)
+        per_layer -= mlp - b * model.hidden_size
+        mlp_tile = mlp * -(-t // run.tiled_mlp)
+    m["activations_no_ckpt"] = t * model.num_layers * per_layer + final + mlp_tile
     # Checkpointing: each layer keeps only its input; one layer is recomputed whole during backward.
-    m["activations_ckpt"] = t * (model.num_layers * model.hidden_size * b + per_layer) + final
+    m["activations_ckpt"] = t * (model.num_layers * model.hidden_size * b + per_layer) + final + mlp_tile
     m["activations"] = m["activations_ckpt"] if run.gradient_checkpointing else m["activations_no_ckpt"]
     lora_act = 0.0
     if not run.full:
@@ -432,7 +467,11 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
     trainable = p if full else model.lora_params(run.lora_rank, run.lora_targets) * max(1, run.molora_adapters)
     b = run.dtype_bytes
     zero3 = candidate.startswith("zero3")
-    tokens_per_gpu_step = run.tokens_per_micro_batch * run.grad_accum
+    sp = run.sequence_parallel
+    if sp > 1 and (n % sp or model.num_heads % sp or (model.num_kv_heads % sp and sp % model.num_kv_heads)):
+        raise ConfigError(f"sequence_parallel={sp} must divide the {n} GPUs and the {model.num_heads} attention "
+                          f"heads, and divide or be divided by the {model.num_kv_heads} kv heads")
+    tokens_per_gpu_step = run.local_tokens * run.grad_accum  # SP: the GPUs of a group share each row
     flops_per_token = model_flops_per_token(model, run)
     # hfu: the fraction of peak reached on the arithmetic actually executed (recomputation included).
     compute = tokens_per_gpu_step * flops_per_token / (gpu.bf16_flops * hfu)
@@ -448,13 +487,23 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
         # DDP: all-reduce (= reduce-scatter + all-gather) of the grads once per step (no_sync in between).
         comm_bytes = 2 * trainable * b * ring
     comm = comm_bytes / bw if n > 1 else 0.0
+    # Ulysses: per layer, all-to-alls of q, k, v (k and v replicated up to N heads when N > kv heads) and the
+    # attention output, each moving (N-1)/N of the shard; again for their gradients, and once more when the
+    # layer is recomputed. Within the SP group: NVLink when it fits in a node. Not overlapped with compute.
+    sp_bytes = sp_seconds = 0.0
+    if sp > 1:
+        kv = max(model.num_kv_heads, sp) * model.head_dim
+        passes = 3 if run.gradient_checkpointing else 2
+        sp_bytes = (run.grad_accum * passes * model.num_layers * (sp - 1) / sp * run.local_tokens * b
+                    * (2 * model.q_dim + 2 * kv))
+        sp_seconds = sp_bytes / (gpu.intra_node_bw if sp <= gpus_per_node else gpu.inter_node_bw)
     offload = 0.0
     if candidate.startswith("zero3_offload"):
         # fp32 grads to host, bf16 params back, and the CPU Adam step on this rank's partition.
         offload += trainable / n * (4 + b) / gpu.pcie_bw + trainable / n / cpu_adam_params_per_s
     if candidate == "zero3_offload_params":
         offload += run.grad_accum * 2 * p * b / n / gpu.pcie_bw
-    step = compute + max(0.0, comm - comm_overlap * compute) + offload
+    step = compute + max(0.0, comm - comm_overlap * compute) + sp_seconds + offload
     tokens_per_s = tokens_per_gpu_step * n / step
     if max_steps:
         eta = max_steps * step
@@ -464,8 +513,9 @@ def estimate(model: ModelShape, run: RunShape, *, nodes: int, gpus_per_node: int
     mfu = model_flops / (gpu.bf16_flops * step)
     return Estimate(candidate=candidate, memory=mem, allocated_bytes=allocated, total_bytes=total,
                     capacity_bytes=capacity, fits=total <= capacity, step_seconds=step, compute_seconds=compute,
-                    comm_seconds=comm, offload_seconds=offload, comm_bytes=comm_bytes, tokens_per_s=tokens_per_s,
-                    mfu=mfu, eta_seconds=eta)
+                    comm_seconds=comm + sp_seconds, offload_seconds=offload, comm_bytes=comm_bytes + sp_bytes,
+                    tokens_per_s=tokens_per_s, mfu=mfu, eta_seconds=eta, sequence_parallel=sp, dp_size=n // sp,
+                    sp_comm_bytes=sp_bytes, sp_comm_seconds=sp_seconds)
 
 
 def model_flops_per_token(model: ModelShape, run: RunShape, *, recompute: bool | None = None) -> float:
@@ -520,6 +570,50 @@ def recommend(estimates: list[Estimate]) -> tuple[Estimate | None, str]:
     return None, (f"nothing fits: the smallest setting ({smallest.candidate}) needs "
                   f"{smallest.total_bytes / GiB:.1f} GiB per GPU of {smallest.capacity_bytes / GiB:.1f}, "
                   f"mostly {top} ({groups[top] / GiB:.1f} GiB). Fix: {advice}")
+
+
+def sequence_parallel_options(model: ModelShape, gpus: int) -> list[int]:
+    """The Ulysses degrees a model and a GPU count allow: N divides the GPUs and the attention heads, and N and
+    the kv heads divide one another (distthink.engine.sequence_parallel.check_heads)."""
+    return [d for d in range(1, gpus + 1) if gpus % d == 0 and model.num_heads % d == 0
+            and (model.num_kv_heads % d == 0 or d % model.num_kv_heads == 0)]
+
+
+def plan_sequence_parallel(model: ModelShape, run: RunShape, candidates: list[str], **kw: Any) -> list[dict]:
+    """For each allowed SP degree: the recommended candidate (None when nothing fits), and the smallest footprint.
+    Sequence parallelism runs on DeepSpeed only, so `ddp` is left out above N = 1."""
+    gpus = kw["nodes"] * kw["gpus_per_node"]
+    rows = []
+    for sp in sequence_parallel_options(model, gpus):
+        shaped = RunShape(**{**run.__dict__, "sequence_parallel": sp})
+        ests = [estimate(model, shaped, candidate=c, **kw) for c in candidates if sp == 1 or c != "ddp"]
+        if not ests:
+            continue
+        best, _ = recommend(ests)
+        smallest = min(ests, key=lambda e: e.total_bytes)
+        rows.append({"sequence_parallel": sp, "dp_size": gpus // sp, "best": best, "smallest": smallest})
+    return rows
+
+
+def sequence_parallel_advice(rows: list[dict]) -> tuple[int | None, str]:
+    """The SP degree to use: the smallest at which a setting fits without offloading (offload's cost is the
+    least certain part of the time model), else the smallest at which anything fits; and a line saying so."""
+    fitting = [r for r in rows if r["best"] is not None]
+    if not fitting:
+        return None, "sequence parallelism: no degree fits either"
+    no_offload = [r for r in fitting if "offload" not in r["best"].candidate]
+    chosen = (no_offload or fitting)[0]
+
+    def says(r):
+        e = r["best"]
+        return (f"distributed.sequence_parallel={r['sequence_parallel']} with {e.candidate} "
+                f"({e.total_bytes / GiB:.1f} GiB per GPU, {r['dp_size']} data-parallel group(s), "
+                f"{e.tokens_per_s:,.0f} tokens/s for the job)")
+
+    line = f"sequence parallelism: use {says(chosen)}"
+    if fitting[0] is not chosen:
+        line += f"; {says(fitting[0])} fits too, but only by offloading"
+    return chosen["sequence_parallel"], line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -671,6 +765,8 @@ def run_shape_from_config(cfg, *, tokens_per_micro_batch: int | None = None, dev
         reduce_bucket_elems=reduce_bucket,
         prefetch_bucket_elems=prefetch,
         zero2_overlap_comm=overlap,
+        sequence_parallel=cfg.distributed.sequence_parallel,
+        tiled_mlp=cfg.model.tiled_mlp,
     )
 
 

@@ -19,6 +19,7 @@ from transformers.integrations import deepspeed as hf_ds
 from distthink.config import Config, resolve_attention
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.tiled_mlp import tile_mlps
 from distthink.models.tiny import tiny_llama_config, tiny_qwen3_config, tiny_tokenizer
 from distthink.zero3 import full_numel, gathered, is_partitioned
 
@@ -104,6 +105,7 @@ def load_model(cfg: Config, tokenizer, device: str, dtype: torch.dtype, compute_
     model.config.use_cache = False  # training never needs a KV cache (and it defeats packed attention)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_mlps(model, cfg.model.tiled_mlp)  # model.tiled_mlp: long rows, MLP activations one tile at a time
     if cfg.lora.enabled:
         model = wrap_lora(model, cfg)
     n_train = sum(full_numel(p) for p in model.parameters() if p.requires_grad)

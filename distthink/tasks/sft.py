@@ -18,6 +18,7 @@ class SFTTask:
 
     name = "sft"
     loss_keys: tuple[str, ...] = ("lm",)
+    supports_sequence_parallel = True  # per-token batches only: a row may be cut anywhere
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
