@@ -80,6 +80,16 @@ class DataConfig:
     max_eval_samples: int = _f(0, "Use only the first N records of the eval split (0 = all).")
     policy: dict = _f({}, "Keyword arguments of distthink.data.chat.ChatPolicy (think, think_weight, "
                           "enable_thinking, ...). Checked against ChatPolicy at start-up.")
+    cache_dir: str = _f("auto", "Where encoded splits are cached (docs/data.md, large datasets), shared by every run "
+                                "that encodes the same data the same way. `auto` = $DISTTHINK_CACHE_DIR, else "
+                                "$XDG_CACHE_HOME/distthink/data, else ~/.cache/distthink/data. On a cluster, point it "
+                                "at a shared scratch filesystem (or a node-local disk with cache_scope=node).")
+    cache_scope: str = _f("global", "Which processes write a missing cache entry: `global` = rank 0 (cache_dir on a "
+                                    "filesystem all nodes share), `node` = local rank 0 of each node (node-local "
+                                    "disks). The others wait, then every rank reads the same files.",
+                          ("global", "node"))
+    num_proc: int = _f(0, "Processes that encode a split into the cache. 0 = the cores this process may use "
+                          "(os.sched_getaffinity).")
 
 
 @dataclass
@@ -374,7 +384,7 @@ def validate(cfg: Config) -> None:
               "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
               "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs,
               "train.cpu_threads": cfg.train.cpu_threads, "data.max_train_samples": cfg.data.max_train_samples,
-              "data.max_eval_samples": cfg.data.max_eval_samples}
+              "data.max_eval_samples": cfg.data.max_eval_samples, "data.num_proc": cfg.data.num_proc}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")
@@ -491,6 +501,24 @@ def resolve_attention(requested: str, device: str, compute_dtype: torch.dtype, *
     if requested != "auto":
         return requested
     return "sdpa" if blocker else "flash_attention_2"
+
+
+def resolve_cache_dir(cfg: Config) -> Path:
+    """data.cache_dir: `auto` = $DISTTHINK_CACHE_DIR, else $XDG_CACHE_HOME/distthink/data, else
+    ~/.cache/distthink/data."""
+    if cfg.data.cache_dir != "auto":
+        return Path(cfg.data.cache_dir).expanduser()
+    if os.environ.get("DISTTHINK_CACHE_DIR"):
+        return Path(os.environ["DISTTHINK_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "distthink" / "data"
+
+
+def resolve_num_proc(cfg: Config) -> int:
+    """data.num_proc: 0 = the cores this process may run on (its affinity mask: SLURM's --cpus-per-task, taskset)."""
+    if cfg.data.num_proc:
+        return cfg.data.num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def world_size_of_launch() -> int:

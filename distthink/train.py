@@ -93,12 +93,13 @@ def run(cfg: Config) -> int:
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
 
-        # 2. Data: the task encodes both splits; plan micro-batches per rank.
+        # 2. Data: both splits from the shared encoded-data cache (encoded once, by one writer, if missing);
+        #    the micro-batch plan per rank comes from the lengths alone, rows are read when collated.
         tokenizer = load_tokenizer(cfg)
         keys = task.loss_keys
         task.prepare_tokenizer(tokenizer)
-        train_set = task.load_split("train", tokenizer)
-        eval_set = task.load_split("eval", tokenizer) if cfg.data.eval else []
+        train_set = train_data.load_split(cfg, task, "train", tokenizer)
+        eval_set = train_data.load_split(cfg, task, "eval", tokenizer) if cfg.data.eval else []
         sampler = train_data.make_sampler(cfg, train_set, world=world, rank=rank, grad_accumulation=ga,
                                           shuffle=cfg.batch.shuffle)
         eval_sampler = (train_data.make_sampler(cfg, eval_set, world=world, rank=rank, grad_accumulation=1,

@@ -1,4 +1,8 @@
-"""Training data for the recipe: encode the splits, choose the micro-batch plan per rank.
+"""Training data for the recipe: encode the splits (once, into the shared cache), choose the micro-batch plan.
+
+`load_split` asks the task how a split is encoded (`Task.split_encoding`) and returns the split's cache entry
+(distthink/engine/shared_cache.py): a sequence of EncodedSamples read on demand, with a `lengths` array. The
+samplers read the lengths alone; the collator fetches the rows of a micro-batch when it builds it.
 
 Two batching modes (config `batch.mode`):
 - `tokens` (default): distthink.data.packing.PackedBatchSampler packs samples up to a token budget.
@@ -17,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from distthink.config import Config
+from distthink.config import Config, resolve_cache_dir, resolve_num_proc
 from distthink.data.chat import ChatPolicy
-from distthink.data.dataset import build_sft_dataset
+from distthink.data.dataset import ChatRecordEncoder, DatasetReport, check_label_audit, iter_records
 from distthink.data.packing import PackedBatchSampler, PackingCollator
-from distthink.errors import ConfigError
+from distthink.data.parallel_encode import SplitEncoding
+from distthink.engine.shared_cache import open_split, ranks
+from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
 from distthink.resources import ASSETS
 
@@ -55,17 +61,50 @@ def chat_policy(cfg: Config):
         raise ConfigError(f"data.policy: {err}") from None
 
 
-def load_split(cfg: Config, split: str, tokenizer, policy) -> list:
-    """Encode one split into EncodedSamples; malformed rows are skipped and counted (or raise)."""
-    spec = cfg.data.train if split == "train" else cfg.data.eval
-    path = resolve_path(spec, split)
-    samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error,
-                                        limit=split_limit(cfg, split))
-    log.info("%s split %s", split, report.summary())  # the summary starts with the source path
-    if not samples:
-        raise ConfigError(f"data.{split}='{spec}': no usable sample after encoding. Fix: check the file "
-                          f"(see the skip report above)")
-    return samples
+def chat_split_encoding(cfg: Config, split: str) -> SplitEncoding:
+    """The SFT encoding of a split: its records through encode_chat under data.policy (the `sft` task's)."""
+    path = str(resolve_path(cfg.data.train if split == "train" else cfg.data.eval, split))
+    return SplitEncoding(sources=[path], records=lambda: iter_records(path), encoder=ChatRecordEncoder(
+        chat_policy(cfg)), policy=chat_policy(cfg), limit=split_limit(cfg, split))
+
+
+def open_encoding(cfg: Config, enc: SplitEncoding, tokenizer, label: str, *, progress: bool | None = None):
+    """The cache entry of `enc` under this run's data.cache_* settings (built by the writing rank if missing),
+    with its report logged and checked: the label audit, and on_error=raise against skips stored by an earlier
+    on_error=skip encode. Collective under a process group."""
+    data = open_split(enc, tokenizer, cache_dir=resolve_cache_dir(cfg), num_proc=resolve_num_proc(cfg),
+                      scope=cfg.data.cache_scope, on_error=cfg.data.on_error, label=label,
+                      progress=cfg.logging.progress if progress is None else progress,
+                      stall_timeout_s=cfg.distributed.timeout_s)
+    report = DatasetReport.from_dict(data.meta["report"])
+    if ranks()[1] == 0:
+        log.info("%s %s", label, report.summary())  # the summary starts with the source path
+    if cfg.data.on_error == "raise" and report.num_skipped:
+        reason, example = next(iter(report.examples.items()))
+        raise DataError(f"{label}: the cached encoding skipped {report.num_skipped} record(s) (on_error=skip when it "
+                        f"was built), e.g. [{reason}] {example}", source=str(data.path), reason=reason,
+                        fix="correct those records, or set data.on_error=skip")
+    check_label_audit(report.full_sequence_samples, report.samples, enc.policy.allow_full_sequence_loss,
+                      report.source)
+    return data
+
+
+def load_split(cfg: Config, task, split: str, tokenizer):
+    """The task's split as a cached, lazily read sequence of EncodedSamples (see the module docstring)."""
+    label = f"data.{split}"
+    enc = task.split_encoding(split, tokenizer)
+    data = open_encoding(cfg, enc, tokenizer, label)
+    if not len(data):
+        spec = cfg.data.train if split == "train" else cfg.data.eval
+        raise ConfigError(f"{label}='{spec}': no usable sample after encoding. Fix: check the file (see the skip "
+                          "report above)")
+    return data
+
+
+def lengths_of(dataset) -> np.ndarray:
+    """Tokens per sample: the cache's lengths column, or len() of each in-memory sample."""
+    lengths = getattr(dataset, "lengths", None)
+    return np.asarray(lengths if lengths is not None else [len(s) for s in dataset], dtype=np.int64)
 
 
 class SampleCountBatchSampler:
@@ -99,12 +138,13 @@ class SampleCountBatchSampler:
         return self.global_plan(epoch)[self.rank::self.world]
 
 
-def make_sampler(cfg: Config, samples: list, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
+def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
+    """The micro-batch plan of a split, from its lengths alone (rows are never read here)."""
     if cfg.batch.mode == "samples":
         return SampleCountBatchSampler(len(samples), cfg.batch.samples_per_micro, num_replicas=world, rank=rank,
                                        seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
 
-    return PackedBatchSampler([len(s) for s in samples], cfg.batch.max_tokens, num_replicas=world, rank=rank,
+    return PackedBatchSampler(lengths_of(samples), cfg.batch.max_tokens, num_replicas=world, rank=rank,
                               seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
 
 
