@@ -78,6 +78,7 @@ class SplitEncoding:
     pack / unpack: meta -> storable meta (in the workers) and back (when a sample is read), for meta the column
               kinds cannot hold as they are (the molecule task's graphs). Picklable like `encoder`.
     stem:     readable start of the entry's directory name (default: the first source's file stem).
+    describe: optional (opened split) -> one line the engine logs after the report (e.g. counts of a column).
     """
 
     sources: list[str]
@@ -91,6 +92,7 @@ class SplitEncoding:
     pack: Callable[[dict], dict] | None = None
     unpack: Callable[[dict], dict] | None = None
     stem: str = ""
+    describe: Callable[[Any], str] | None = None
 
 
 def _modules_of(*objs) -> tuple[str, ...]:
@@ -248,7 +250,8 @@ def build_split(enc: SplitEncoding, tokenizer, cache_dir: Path, name: str, *, in
                                  "elapsed_s": round(last - t0, 1)})
         seconds = time.time() - t0
         meta = {"key": fingerprint(inputs), "inputs": inputs, "label": label,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "encode_s": round(seconds, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "created_unix": time.time(),
+                "encode_s": round(seconds, 3),
                 "num_proc": max(1, num_proc), "report": report.to_dict(with_examples=True)}
         path = writer.publish(final, meta)
     except BaseException:

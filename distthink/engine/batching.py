@@ -79,6 +79,8 @@ def open_encoding(cfg: Config, enc: SplitEncoding, tokenizer, label: str, *, pro
     report = DatasetReport.from_dict(data.meta["report"])
     if ranks()[1] == 0:
         log.info("%s %s", label, report.summary())  # the summary starts with the source path
+        if enc.describe is not None:
+            log.info("%s: %s", label, enc.describe(data))
     if cfg.data.on_error == "raise" and report.num_skipped:
         reason, example = next(iter(report.examples.items()))
         raise DataError(f"{label}: the cached encoding skipped {report.num_skipped} record(s) (on_error=skip when it "
