@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 import yaml
 
+from distthink.data.mixture import parse_sources
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.optional import has_flash_attn
@@ -72,7 +73,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with distthink.")
+    train: str | list = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with "
+                                      "distthink. A list of sources is a mixture drawn in proportion to their "
+                                      "weights: `[{path: a.jsonl, weight: 0.2}, {path: b.jsonl, weight: 0.8}]` "
+                                      "(docs/data.md, Mixtures).")
     eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
     max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
     on_error: str = _f("skip", "Malformed samples: `skip` (counted and reported) or `raise`.", ("skip", "raise"))
@@ -394,6 +398,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.max_steps and train.epochs are both 0: nothing to train. Fix: set one of them")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas must have two numbers, got {cfg.train.betas}")
+    parse_sources(cfg.data.train)  # a mixture's structure (paths, weights > 0, distinct names)
     if cfg.batch.mode == "tokens" and cfg.batch.max_tokens < cfg.data.max_length:
         raise ConfigError(f"batch.max_tokens ({cfg.batch.max_tokens}) < data.max_length ({cfg.data.max_length}): "
                           "a full-length sample could never fit in a micro-batch. Fix: raise batch.max_tokens or "

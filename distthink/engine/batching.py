@@ -20,12 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from distthink.config import Config, resolve_cache_dir, resolve_num_proc
 from distthink.data.chat import ChatPolicy
 from distthink.data.dataset import ChatRecordEncoder, DatasetReport, check_label_audit, iter_records
-from distthink.data.packing import PackedBatchSampler, PackingCollator
+from distthink.data.mixture import MixedSplit, is_mixture, parse_sources
+from distthink.data.packing import PackedBatchSampler, PackingCollator, plan_bins
 from distthink.data.parallel_encode import SplitEncoding
+from distthink.data.types import IGNORE_INDEX
 from distthink.engine.shared_cache import open_split, ranks
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
@@ -61,9 +64,10 @@ def chat_policy(cfg: Config):
         raise ConfigError(f"data.policy: {err}") from None
 
 
-def chat_split_encoding(cfg: Config, split: str) -> SplitEncoding:
-    """The SFT encoding of a split: its records through encode_chat under data.policy (the `sft` task's)."""
-    path = str(resolve_path(cfg.data.train if split == "train" else cfg.data.eval, split))
+def chat_split_encoding(cfg: Config, split: str, source: str | None = None) -> SplitEncoding:
+    """The SFT encoding of a split (or of one `source` of a mixture): its records through encode_chat under
+    data.policy (the `sft` task's)."""
+    path = str(resolve_path(source or (cfg.data.train if split == "train" else cfg.data.eval), split))
     return SplitEncoding(sources=[path], records=lambda: iter_records(path), encoder=ChatRecordEncoder(
         chat_policy(cfg)), policy=chat_policy(cfg), limit=split_limit(cfg, split))
 
@@ -92,14 +96,26 @@ def open_encoding(cfg: Config, enc: SplitEncoding, tokenizer, label: str, *, pro
 
 
 def load_split(cfg: Config, task, split: str, tokenizer):
-    """The task's split as a cached, lazily read sequence of EncodedSamples (see the module docstring)."""
-    label = f"data.{split}"
-    enc = task.split_encoding(split, tokenizer)
+    """The task's split as a cached, lazily read sequence of EncodedSamples (see the module docstring). A mixture
+    (`data.train` as a list of sources) is a MixedSplit of one cached split per source."""
+    spec = cfg.data.train if split == "train" else cfg.data.eval
+    if split == "train" and is_mixture(spec):
+        sources = parse_sources(spec)
+        parts = [_load_one(cfg, task, split, tokenizer, f"data.train[{s.name}]", s.path) for s in sources]
+        data = MixedSplit(parts, sources)
+        if ranks()[1] == 0:
+            log.info("data.train: a mixture of %s", ", ".join(f"{s.name} ({len(p)} samples, weight {s.weight:.3g})"
+                                                            for s, p in zip(sources, parts)))
+        return data
+    return _load_one(cfg, task, split, tokenizer, f"data.{split}", None)
+
+
+def _load_one(cfg: Config, task, split: str, tokenizer, label: str, source: str | None):
+    enc = task.split_encoding(split, tokenizer, source)
     data = open_encoding(cfg, enc, tokenizer, label)
     if not len(data):
-        spec = cfg.data.train if split == "train" else cfg.data.eval
-        raise ConfigError(f"{label}='{spec}': no usable sample after encoding. Fix: check the file (see the skip "
-                          "report above)")
+        raise ConfigError(f"{label}='{source or enc.sources[0]}': no usable sample after encoding. Fix: check the "
+                          "file (see the skip report above)")
     return data
 
 
@@ -140,8 +156,57 @@ class SampleCountBatchSampler:
         return self.global_plan(epoch)[self.rank::self.world]
 
 
+class MixtureSampler:
+    """The plan of a mixture (distthink/data/mixture.py): each epoch, the samples drawn from the sources in their
+    proportions (`MixedSplit.epoch_indices`, a pure function of (seed, epoch)) are planned like a split of their
+    own: packed to the token budget (batch.mode=tokens) or `samples_per_micro` at a time in draw order (samples).
+    Same contract as the other samplers: `rank_batches(epoch)` with a length that is a multiple of GA and equal on
+    every rank."""
+
+    def __init__(self, data: MixedSplit, cfg: Config, *, world: int, rank: int, grad_accumulation: int):
+        self.data, self.world, self.rank, self.ga = data, world, rank, grad_accumulation
+        self.seed, self.mode = cfg.train.seed, cfg.batch.mode
+        self.budget, self.per_micro = cfg.batch.max_tokens, cfg.batch.samples_per_micro
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def global_plan(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            ids = self.data.epoch_indices(self.seed, epoch)
+            if self.mode == "samples":
+                bins = SampleCountBatchSampler(len(ids), self.per_micro, num_replicas=self.world, rank=self.rank,
+                                               seed=self.seed, shuffle=False,
+                                               grad_accumulation=self.ga).global_plan(epoch)
+            else:
+                bins = plan_bins(self.data.lengths[ids], self.budget, num_bins_multiple_of=self.world * self.ga,
+                                 seed=self.seed, epoch=epoch, shuffle=True)
+            self._cache = (epoch, [[int(ids[p]) for p in b] for b in bins])
+        return self._cache[1]
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        return self.global_plan(epoch)[self.rank::self.world]
+
+
+def source_counts(data, step_batches: list[list[int]], micro: list[dict]) -> list[float]:
+    """Per source of a MixedSplit, this rank's [samples..., learned tokens..., target weight...] in the step's
+    micro-batches (`micro[i]` collated from `step_batches[i]`; sample j of a micro-batch is its segment j)."""
+    k = len(data.names)
+    out = np.zeros((3, k))
+    for b, m in zip(step_batches, micro):
+        src = data.source_ids[np.asarray(b, dtype=np.int64)]
+        seg = m["segment_ids"].reshape(-1)
+        real = seg >= 0
+        learned = torch.bincount(seg[real & (m["targets"].reshape(-1) != IGNORE_INDEX)], minlength=len(b))
+        weight = torch.bincount(seg[real], weights=m["target_weights"].reshape(-1)[real].double(), minlength=len(b))
+        np.add.at(out[0], src, 1)
+        np.add.at(out[1], src, learned.numpy())
+        np.add.at(out[2], src, weight.numpy())
+    return out.reshape(-1).tolist()
+
+
 def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
     """The micro-batch plan of a split, from its lengths alone (rows are never read here)."""
+    if isinstance(samples, MixedSplit):
+        return MixtureSampler(samples, cfg, world=world, rank=rank, grad_accumulation=grad_accumulation)
     if cfg.batch.mode == "samples":
         return SampleCountBatchSampler(len(samples), cfg.batch.samples_per_micro, num_replicas=world, rank=rank,
                                        seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)

@@ -7,11 +7,12 @@ reasoning SFT, ThinkRec and molecule captioning:
 - `__init__(cfg)`: validate `task.options` (ConfigError with the fix). It runs at start-up, before any
   process group, model or data exists, so a typo costs nothing;
 - `prepare_tokenizer`: add placeholder tokens (`<UserID>`, `<|graph|>`, ...) before the model is built;
-- `split_encoding(split, tokenizer)`: how a split is encoded (distthink.data.parallel_encode.SplitEncoding): its
-  sources, a streaming record reader, a picklable per-record encoder returning EncodedSamples (side inputs go into
-  `meta`), the meta columns with their kinds, and the task options that change the encoding. The engine
-  (engine/batching.load_split) encodes it once, in parallel, into the shared cache and hands the recipe a lazily
-  read sequence; a task never keeps a split in memory;
+- `split_encoding(split, tokenizer, source=None)`: how a split is encoded (distthink.data.parallel_encode.
+  SplitEncoding): its sources, a streaming record reader, a picklable per-record encoder returning EncodedSamples
+  (side inputs go into `meta`), the meta columns with their kinds, and the task options that change the
+  encoding. `source` replaces the path of `data.<split>` (one source of a mixture, distthink/data/mixture.py).
+  The engine (engine/batching.load_split) encodes it once, in parallel, into the shared cache and hands the
+  recipe a lazily read sequence; a task never keeps a split in memory;
 - `collator`: micro-batch dict (the packing contract in distthink/data/packing.py) plus side inputs;
 - `wrap_model`: the module handed to accelerate/DeepSpeed, built on the engine's LM-head loss part
   (distthink.engine.lm_loss.LMHeadLoss). Any extra trainable module (projector, graph encoder) must be a
@@ -60,7 +61,7 @@ class Task(Protocol):
 
     def prepare_tokenizer(self, tokenizer) -> None: ...
 
-    def split_encoding(self, split: str, tokenizer) -> SplitEncoding: ...
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding: ...
 
     def collator(self, tokenizer) -> Callable[[list], dict]: ...
 

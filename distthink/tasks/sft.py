@@ -26,8 +26,8 @@ class SFTTask:
     def prepare_tokenizer(self, tokenizer) -> None:
         """Plain SFT adds no tokens."""
 
-    def split_encoding(self, split: str, tokenizer) -> SplitEncoding:
-        return batching.chat_split_encoding(self.cfg, split)
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        return batching.chat_split_encoding(self.cfg, split, source)
 
     def collator(self, tokenizer) -> Callable[[list], dict]:
         return batching.make_collator(self.cfg, tokenizer)

@@ -211,8 +211,8 @@ class MoleculeTask(SFTTask):
     def thinking(self) -> bool:
         return self.opts.think_mode != "off"
 
-    def split_encoding(self, split: str, tokenizer) -> SplitEncoding:
-        spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        spec = source or (self.cfg.data.train if split == "train" else self.cfg.data.eval)
         path = split_path(spec, split)
         policy = dataclasses.replace(train_data.chat_policy(self.cfg), enable_thinking=self.thinking())
         supervise = self.opts.think_mode == "supervise"

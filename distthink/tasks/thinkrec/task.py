@@ -78,8 +78,8 @@ class ThinkRecTask:
     def prepare_tokenizer(self, tokenizer) -> None:
         self.ph_ids = add_placeholder_tokens(tokenizer, list(prompts.ID_TOKENS))
 
-    def split_encoding(self, split: str, tokenizer) -> SplitEncoding:
-        spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        spec = source or (self.cfg.data.train if split == "train" else self.cfg.data.eval)
         if not spec or spec == "bundled" or not Path(spec).is_file():
             raise ConfigError(f"data.{split}={spec!r}: thinkrec needs a split written by `distthink rec prepare`. "
                               "Fix: e.g. data.train=PREP/train.parquet data.eval=PREP/valid.parquet")
