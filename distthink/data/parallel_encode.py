@@ -54,7 +54,9 @@ from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
 
-CHUNK_RECORDS = 64
+# Small chunks keep the workers busy to the end: on a 0.4 M-token corpus, 2 processes ran 1.54x as fast as one
+# with 64 records per chunk and 1.7x with 16.
+CHUNK_RECORDS = 16
 #: Policy fields that decide nothing about the encoding (only whether the label audit refuses the split).
 POLICY_NOT_ENCODING = ("allow_full_sequence_loss",)
 

@@ -60,6 +60,9 @@ def open_split(enc: SplitEncoding, tokenizer, *, cache_dir: Path, num_proc: int,
         raise ConfigError(f"data.cache_scope={scope!r}. Fix: use global or node")
     cache_dir = Path(cache_dir)
     world, rank, local_rank = ranks()
+    if scope == "node" and world > 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError("data.cache_scope=node needs LOCAL_RANK (set by torchrun / accelerate launch) to find each "
+                          "node's writer. Fix: launch with torchrun or accelerate, or use data.cache_scope=global")
     writer = rank == 0 if scope == "global" else local_rank == 0
     inputs = key = None
     if writer:
