@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _train_utils import ROOT, env, free_port
+
 from distthink.config import load_config
 from distthink.data import cache as cache_mod
 from distthink.data.cache import CachedSplit, Column
@@ -414,3 +414,19 @@ def test_prepare_command_builds_then_finds_the_cache(tmp_path):
     table = _prepare([f"data.cache_dir={tmp_path / 'cache'}"])
     assert "already cached" in table.stdout and "bytes/token" in table.stdout
     assert os.path.isdir(rows[0]["entry"])
+
+
+@pytest.mark.slow
+def test_data_scale_benchmark_smoke(tmp_path):
+    """benchmarks/data_scale.py runs end to end at a tiny size and its JSON line holds the issue's figures."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_scale.py"), "--sizes", "20000", "40000",
+                           "--keep", str(tmp_path)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < res["tokens"]["A"] < res["tokens"]["B"]
+    for key in ("encode_tokens_per_s_1proc", "encode_tokens_per_s_2proc", "cache_bytes_per_token",
+                "cached_startup_s"):
+        assert res[key] > 0, key
+    assert res["inmemory_bytes_per_token"] >= 0  # at this size it can round to 0 (the allocator reuses freed pages)
+    assert 4 <= res["cache_bytes_per_token"] <= 8
+    assert all(len(v) == 2 for v in res["uss_mib_per_rank"].values())

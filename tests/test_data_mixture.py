@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
 from _train_utils import FAST, launch, metrics
+
 from distthink.config import load_config
 from distthink.data.mixture import MixedSplit, mixture_epoch, parse_sources
 from distthink.engine import batching
