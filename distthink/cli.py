@@ -20,6 +20,7 @@ _COMMANDS = {
     "slurm": "slurm",
     "generate": "generate",
     "eval": "eval",
+    "prepare": "prepare",
 }
 
 

@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 import yaml
 
+from distthink.data.mixture import parse_sources
 from distthink.data.types import ON_ERROR_CHOICES, ON_ERROR_DEFAULT
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
@@ -77,7 +78,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with distthink.")
+    train: str | list = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with "
+                                      "distthink. A list of sources is a mixture drawn in proportion to their "
+                                      "weights: `[{path: a.jsonl, weight: 0.2}, {path: b.jsonl, weight: 0.8}]` "
+                                      "(docs/data.md, Mixtures).")
     eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
     max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
     on_error: str = _f(ON_ERROR_DEFAULT, "Malformed samples: `skip` (counted and reported) or `raise`.",
@@ -86,6 +90,16 @@ class DataConfig:
     max_eval_samples: int = _f(0, "Use only the first N records of the eval split (0 = all).")
     policy: dict = _f({}, "Keyword arguments of distthink.data.chat.ChatPolicy (think, think_weight, "
                           "enable_thinking, ...). Checked against ChatPolicy at start-up.")
+    cache_dir: str = _f("auto", "Where encoded splits are cached (docs/data.md, large datasets), shared by every run "
+                                "that encodes the same data the same way. `auto` = $DISTTHINK_CACHE_DIR, else "
+                                "$XDG_CACHE_HOME/distthink/data, else ~/.cache/distthink/data. On a cluster, point it "
+                                "at a shared scratch filesystem (or a node-local disk with cache_scope=node).")
+    cache_scope: str = _f("global", "Which processes write a missing cache entry: `global` = rank 0 (cache_dir on a "
+                                    "filesystem all nodes share), `node` = local rank 0 of each node (node-local "
+                                    "disks). The others wait, then every rank reads the same files.",
+                          ("global", "node"))
+    num_proc: int = _f(0, "Processes that encode a split into the cache. 0 = the cores this process may use "
+                          "(os.sched_getaffinity).")
 
 
 @dataclass
@@ -391,7 +405,8 @@ def validate(cfg: Config) -> None:
               "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
               "eval.max_batches": cfg.eval.max_batches, "train.epochs": cfg.train.epochs,
               "train.cpu_threads": cfg.train.cpu_threads, "data.max_train_samples": cfg.data.max_train_samples,
-              "data.max_eval_samples": cfg.data.max_eval_samples, "model.tiled_mlp": cfg.model.tiled_mlp}
+              "data.max_eval_samples": cfg.data.max_eval_samples, "model.tiled_mlp": cfg.model.tiled_mlp,
+              "data.num_proc": cfg.data.num_proc}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}. Fix: use 0 or a positive value")
@@ -401,6 +416,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.max_steps and train.epochs are both 0: nothing to train. Fix: set one of them")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas must have two numbers, got {cfg.train.betas}")
+    parse_sources(cfg.data.train)  # a mixture's structure (paths, weights > 0, distinct names)
     if cfg.batch.mode == "tokens" and cfg.batch.max_tokens < cfg.data.max_length:
         raise ConfigError(f"batch.max_tokens ({cfg.batch.max_tokens}) < data.max_length ({cfg.data.max_length}): "
                           "a full-length sample could never fit in a micro-batch. Fix: raise batch.max_tokens or "
@@ -539,6 +555,24 @@ def resolve_attention(requested: str, device: str, compute_dtype: torch.dtype, *
     if requested != "auto":
         return requested
     return "sdpa" if blocker else "flash_attention_2"
+
+
+def resolve_cache_dir(cfg: Config) -> Path:
+    """data.cache_dir: `auto` = $DISTTHINK_CACHE_DIR, else $XDG_CACHE_HOME/distthink/data, else
+    ~/.cache/distthink/data."""
+    if cfg.data.cache_dir != "auto":
+        return Path(cfg.data.cache_dir).expanduser()
+    if os.environ.get("DISTTHINK_CACHE_DIR"):
+        return Path(os.environ["DISTTHINK_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "distthink" / "data"
+
+
+def resolve_num_proc(cfg: Config) -> int:
+    """data.num_proc: 0 = the cores this process may run on (its affinity mask: SLURM's --cpus-per-task, taskset)."""
+    if cfg.data.num_proc:
+        return cfg.data.num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def world_size_of_launch() -> int:

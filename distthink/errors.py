@@ -35,6 +35,17 @@ class DataError(DistthinkError):
             text += f". Fix: {fix}"
         super().__init__(text)
 
+    def __reduce__(self):
+        # Rebuilt from its parts, not from the formatted text: errors travel back from encoding workers
+        # (distthink/data/parallel_encode.py) and must keep `reason`, `line` and the message as they were.
+        return (_rebuild_data_error, (type(self), self.bare_message, {"source": self.source, "line": self.line,
+                                                                     "field": self.field, "fix": self.fix,
+                                                                     "reason": self.reason}))
+
+
+def _rebuild_data_error(cls, message: str, parts: dict) -> DataError:
+    return cls(message, **parts)
+
 
 class LabelAuditError(DistthinkError):
     """Labels equal input_ids everywhere: the prompt would be trained. Refused unless explicitly allowed."""

@@ -101,20 +101,22 @@ def run(cfg: Config) -> int:
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
 
-        # 2. Data: the task encodes both splits; plan micro-batches per rank.
+        # 2. Data: both splits from the shared encoded-data cache (encoded once, by one writer, if missing);
+        #    the micro-batch plan per rank comes from the lengths alone, rows are read when collated.
         tokenizer = load_tokenizer(cfg)
         keys = task.loss_keys
         task.prepare_tokenizer(tokenizer)
         # Sequence parallelism (distributed.sequence_parallel): ranks of one SP group share each micro-batch.
         sp = seqpar.run_layout(cfg, task, tokenizer, world, rank)
-        train_set = task.load_split("train", tokenizer)
-        eval_set = task.load_split("eval", tokenizer) if cfg.data.eval else []
+        train_set = train_data.load_split(cfg, task, "train", tokenizer)
+        eval_set = train_data.load_split(cfg, task, "eval", tokenizer) if cfg.data.eval else []
         sampler = train_data.make_sampler(cfg, train_set, world=sp.dp_size, rank=sp.dp_rank, grad_accumulation=ga,
                                           shuffle=cfg.batch.shuffle)
         eval_sampler = (train_data.make_sampler(cfg, eval_set, world=sp.dp_size, rank=sp.dp_rank,
                                                 grad_accumulation=1, shuffle=False)
                         if len(eval_set) >= sp.dp_size else None)
         collate = task.collator(tokenizer)
+        mixture = getattr(train_set, "names", None)  # sources of a mixture: per-source counts in the metrics
         steps_per_epoch = len(sampler.rank_batches(0)) // ga
         total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
@@ -214,8 +216,10 @@ def run(cfg: Config) -> int:
             local_norms = [sum(task.norms(m)[k] for m in micro) for k in keys]
             local_n = sum(m["num_target_tokens"] for m in micro)
             local_tok = sum(int((m["segment_ids"] >= 0).sum()) for m in micro)  # real (non-pad) tokens
-            *norms, N, ntok, stop = dist.all_reduce_sum(
-                local_norms + [local_n, local_tok, float(preempt.requested)], device)
+            local_mix = train_data.source_counts(train_set, step_batches, micro) if mixture else []
+            reduced = dist.all_reduce_sum(local_norms + [local_n, local_tok, float(preempt.requested)] + local_mix,
+                                          device)
+            norms, (N, ntok, stop), mix = reduced[:len(keys)], reduced[len(keys):len(keys) + 3], reduced[len(keys) + 3:]
             W = sum(norms)  # > 0 iff this step has anything to learn
             if stop > 0:
                 log.warning("preemption signal received (%s): saving at step %d and exiting with code %d",
@@ -287,6 +291,10 @@ def run(cfg: Config) -> int:
                       "lr": lr_used, "learned_tokens": int(N), "weight_sum": norms[0],
                       "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0,
                       "time_s": round(time.time() - t_start, 3)}
+            for i, name in enumerate(mixture or []):  # mix/<source>/{samples, learned_tokens, weight_sum}
+                k = len(mixture)
+                record.update({f"mix/{name}/samples": int(mix[i]), f"mix/{name}/learned_tokens": int(mix[k + i]),
+                               f"mix/{name}/weight_sum": mix[2 * k + i]})
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 record["eval_loss"] = evaluate()
             history.append(record)

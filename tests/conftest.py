@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Encoded-data caches of the tests (and of the runs they launch) go to a fresh folder, never ~/.cache.
+os.environ.setdefault("DISTTHINK_CACHE_DIR", tempfile.mkdtemp(prefix="distthink-test-cache-"))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

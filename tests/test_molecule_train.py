@@ -16,6 +16,7 @@ from _tolerance import run_metric_tol
 from _train_utils import FAST, ROOT, env, free_port, launch, metrics, summary
 
 from distthink.config import load_config
+from distthink.engine import batching
 from distthink.errors import ConfigError, DataError
 from distthink.tasks.molecule.model import load_prefix
 from distthink.tasks.molecule.options import GRAPH_TOKEN
@@ -36,6 +37,11 @@ def _cfg(tmp_path, name, samples=32, **options):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def load_split(task, split, tok):
+    """The task's split as the trainer gets it (the encoded-data cache)."""
+    return batching.load_split(task.cfg, task, split, tok)
 
 
 def _task(tmp_path, overrides=(), **options):
@@ -68,7 +74,7 @@ def test_no_think_learns_description_plus_end_of_turn_only(tmp_path):
     task = _task(tmp_path, think_mode="off", graph_tokens=2)
     tok = tiny_tokenizer("qwen3")
     task.prepare_tokenizer(tok)
-    samples = task.load_split("train", tok)
+    samples = load_split(task, "train", tok)
     from distthink.tasks.molecule.demo import load_demo
 
     recs = load_demo("train")[:32]
@@ -87,12 +93,12 @@ def test_thinking_prompts_drop_no_think_and_ablation_has_no_graph(tmp_path):
     tok = tiny_tokenizer("qwen3")
     task = _task(tmp_path, think_mode="dynamic")
     task.prepare_tokenizer(tok)
-    s = task.load_split("train", tok)[0]
+    s = load_split(task, "train", tok)[0]
     assert "/no_think" not in tok.decode(s.input_ids)
     assert _learned(tok, s).endswith("<|im_end|>") and "</think>" in _learned(tok, s)
     text_only = _task(tmp_path, use_graph=False)
     text_only.prepare_tokenizer(tok)
-    s = text_only.load_split("train", tok)[0]
+    s = load_split(text_only, "train", tok)[0]
     assert GRAPH_TOKEN not in tok.decode(s.input_ids) and s.meta["graphs"] == []
 
 
@@ -113,13 +119,13 @@ def test_supervised_needs_reasoning_and_learns_it(tmp_path):
     with pytest.raises(DataError, match="reasoning_content"):
         t = _task(tmp_path, think_mode="supervise")
         t.prepare_tokenizer(tok)
-        t.load_split("train", tok)
+        load_split(t, "train", tok)
     data = tmp_path / "r.jsonl"
     data.write_text(json.dumps({"smiles": "CCO", "description": "Ethanol-like.", "reasoning_content": "Two C."})
                     + "\n")
     t = _task(tmp_path, [f"data.train={data}"], think_mode="supervise")
     t.prepare_tokenizer(tok)
-    s = t.load_split("train", tok)[0]
+    s = load_split(t, "train", tok)[0]
     assert _learned(tok, s) == "<think>\nTwo C.\n</think>\n\nEthanol-like.<|im_end|>"
 
 
@@ -131,10 +137,10 @@ def test_invalid_smiles_raises_with_line_or_is_skipped(tmp_path):
     t = _task(tmp_path, [f"data.train={data}", "data.on_error=raise"])
     t.prepare_tokenizer(tok)
     with pytest.raises(DataError, match="line 2"):
-        t.load_split("train", tok)
+        load_split(t, "train", tok)
     t = _task(tmp_path, [f"data.train={data}", "data.on_error=skip"])
     t.prepare_tokenizer(tok)
-    assert len(t.load_split("train", tok)) == 1
+    assert len(load_split(t, "train", tok)) == 1
 
 
 def _losses(out):
@@ -186,7 +192,7 @@ def test_free_mode_appends_gold_after_generated_thought_and_learns_only_it(tmp_p
     tok = tiny_tokenizer("qwen3")
     task = _task(tmp_path, samples=4, think_mode="free", max_think_tokens=5, regen_every=2)
     task.prepare_tokenizer(tok)
-    train = task.load_split("train", tok)
+    train = load_split(task, "train", tok)
     task.collator(tok)
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_qwen3_config(vocab_size=len(tok)), attn_implementation="sdpa")
@@ -248,6 +254,7 @@ from distthink.config import load_config, param_dtype
 from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.models.load import load_model, load_tokenizer
 from distthink.engine.task import make_task
+from distthink.engine.batching import load_split as engine_load_split
 
 faulthandler.enable()  # a rank that aborts says where
 cfg = load_config(sys.argv[1], ["distributed.deepspeed=ds_configs/zero3.json", "distributed.timeout_s=90"])
@@ -256,7 +263,7 @@ rank = acc.process_index
 tok = load_tokenizer(cfg)
 task = make_task(cfg)
 task.prepare_tokenizer(tok)
-train = task.load_split("train", tok)
+train = engine_load_split(cfg, task, "train", tok)
 collate = task.collator(tok)
 model = load_model(cfg, tok, acc.device.type, param_dtype(cfg))
 wrapped = task.wrap_model(model, tok)
@@ -317,7 +324,7 @@ def test_free_mode_zero3_uneven_generation_across_ranks_stays_in_sync(tmp_path):
     task = MoleculeTask(load_config(cfg))
     tok = tiny_tokenizer("qwen3")
     task.prepare_tokenizer(tok)
-    train = task.load_split("train", tok)
+    train = load_split(task, "train", tok)
     task.collator(tok)
     wrapped = task.wrap_model(load_model(task.cfg, tok, "cpu", torch.float32), tok)
     for rank, (budget, got) in enumerate([(2, r0[0]), (12, r1[0])]):

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,27 @@ def test_launcher_outside_slurm_fails_with_the_fix():
     p = subprocess.run(["bash", str(launcher_path())], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert "not inside a SLURM job. Fix: submit with sbatch" in p.stderr
+
+
+def test_every_template_has_a_byte_equal_copy_in_the_repository_slurm_folder():
+    """`sbatch slurm/X.sbatch` from a checkout runs what the package ships (distthink/launch/templates)."""
+    repo = Path(__file__).resolve().parents[1] / "slurm"
+    shipped = sorted(p.name for p in SLURM_TEMPLATES.iterdir() if p.is_file())
+    assert shipped == sorted(p.name for p in repo.iterdir() if p.is_file())
+    for name in shipped:
+        assert (repo / name).read_bytes() == (SLURM_TEMPLATES / name).read_bytes(), name
+
+
+def test_prepare_sbatch_is_a_cpu_job_that_builds_the_cache(tmp_path):
+    script = SLURM_TEMPLATES / "prepare.sbatch"
+    opts = sbatch_options(script.read_text())
+    assert opts["nodes"] == "1" and int(opts["cpus-per-task"]) > 1 and "gpus-per-node" not in opts
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DISTTHINK_ROOT=str(Path(__file__).resolve().parents[1]), DISTTHINK_CACHE_DIR=str(tmp_path / "cache"),
+               DISTTHINK_OVERRIDES="data.eval=null data.max_train_samples=40 data.num_proc=1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "train: 40 samples from 40 records" in p.stdout
+    assert len([d for d in (tmp_path / "cache").iterdir() if (d / "meta.json").is_file()]) == 1

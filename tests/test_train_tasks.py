@@ -2,6 +2,8 @@
 its own *global* total, so its trajectory is invariant to ranks x micro-batch x GA (per-micro-batch or
 per-rank normalisation of either term would break this)."""
 
+import os
+
 import pytest
 
 from _tolerance import run_metric_tol
@@ -26,7 +28,8 @@ def test_unknown_or_unimportable_task_is_refused_with_a_fix():
 def _run(tmp_path, name, nproc, micro, ga):
     out = tmp_path / name
     launch(COMMON + [f"train.output_dir={out}", f"batch.samples_per_micro={micro}",
-                     f"batch.gradient_accumulation={ga}"], nproc=nproc, PYTHONPATH=str(ROOT / "tests"))
+                     f"batch.gradient_accumulation={ga}"], nproc=nproc,
+           PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # this checkout + the parity task
     return metrics(out)
 
 

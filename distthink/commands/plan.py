@@ -88,15 +88,12 @@ def parse_bytes(text: str) -> float:
 
 def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
     """Estimate tokens per epoch: encode the first records of data.train with the run's tokenizer and
-    chat policy, scale the mean length by the record count. Returns {} when it cannot be estimated."""
-    from itertools import islice
-
-    from distthink.data.dataset import build_sft_dataset, iter_records
-    from distthink.engine import batching as train_data
+    chat policy, scale the mean length by the record count. A mixture's epoch holds as many samples as its
+    sources together, drawn in proportion to their weights. Returns {} when it cannot be estimated."""
+    from distthink.data.mixture import parse_sources
     from distthink.launch.plan import hub_reachable
     from distthink.models.load import load_tokenizer
 
-    path = train_data.resolve_path(cfg.data.train, "train")
     offline = not hub_reachable()
     try:
         tokenizer = load_tokenizer(cfg, local_files_only=offline)  # offline: the cache only, no retries
@@ -106,6 +103,26 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
         return {"error": f"the tokenizer '{cfg.model.tokenizer or cfg.model.name_or_path}' is not in the local "
                          "cache and the hub is offline or unreachable, so the dataset cannot be measured. Fix: "
                          "--dataset-tokens N, or model.tokenizer=<a local tokenizer directory>"}
+    parts = [(s.weight, _source_stats(cfg, s.path, tokenizer, sample_records)) for s in parse_sources(cfg.data.train)]
+    if any(not st for _, st in parts):
+        return {}
+    if len(parts) == 1:
+        return parts[0][1]
+    samples = sum(st["records"] * st["kept"] for _, st in parts)
+    mean = sum(w * st["mean_tokens"] for w, st in parts)
+    learned = sum(w * st["mean_tokens"] * st["learned_fraction"] for w, st in parts) / mean
+    return {"path": ", ".join(st["path"] for _, st in parts), "records": sum(st["records"] for _, st in parts),
+            "sampled": sum(st["sampled"] for _, st in parts), "encoded": sum(st["encoded"] for _, st in parts),
+            "mean_tokens": mean, "learned_fraction": learned, "dataset_tokens": samples * mean}
+
+
+def _source_stats(cfg, spec: str, tokenizer, sample_records: int) -> dict[str, Any]:
+    from itertools import islice
+
+    from distthink.data.dataset import build_sft_dataset, iter_records
+    from distthink.engine import batching as train_data
+
+    path = train_data.resolve_path(spec, "train")
     records = [rec for _src, _line, rec in islice(iter_records(str(path)), sample_records)]
     samples, _report = build_sft_dataset(records, tokenizer, train_data.chat_policy(cfg), on_error="skip",
                                          audit=False)
@@ -124,7 +141,7 @@ def dataset_stats(cfg, sample_records: int) -> dict[str, Any]:
     learned = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in samples)
     kept = len(samples) / max(1, len(records))
     return {"path": str(path), "records": n_records, "sampled": len(records), "encoded": len(samples),
-            "mean_tokens": tokens / len(samples), "learned_fraction": learned / max(1, tokens),
+            "mean_tokens": tokens / len(samples), "learned_fraction": learned / max(1, tokens), "kept": kept,
             "dataset_tokens": tokens / len(samples) * n_records * kept}
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from distthink.data.cache import Column
 from distthink.data.schema import DEFAULT_INSTRUCTION_FORMAT, Sample, validate_messages
 from distthink.data.thinking import (
     THINK_CLOSE,
@@ -55,6 +56,16 @@ from distthink.logging_utils import get_logger
 log = get_logger(__name__)
 
 TRUNCATION_POLICIES = ("truncate_right", "truncate_left", "drop")
+
+#: The meta keys an encoded sample of this module can carry, with their kinds: the encoded-data cache stores
+#: them column by column (distthink/data/cache.py). A new meta key written here needs a line here.
+META_COLUMNS = (
+    Column("form", "category"), Column("source", "category"), Column("line", "int"), Column("turn", "int"),
+    Column("trained_turns", "int"), Column("located_turns", "int"), Column("text_chars", "int"),
+    Column("length_before_truncation", "int"), Column("truncated", "category"),
+    Column("think_token_ranges", "pairs", "int32"), Column("reasoning_not_rendered", "bool"),
+    Column("skipped_turns", "int"),
+)
 
 
 @dataclass

@@ -3,6 +3,11 @@
     samples, report = build_sft_dataset("data.jsonl", tokenizer, ChatPolicy(), on_error="skip")
     print(report.summary())
 
+`build_sft_dataset` holds the split in memory (inspection, small data, tests). Training encodes through the
+encoded-data cache instead (distthink/data/parallel_encode.py), with the same per-record encoder
+(`ChatRecordEncoder`) and the same report. Records are read streaming (`iter_records`): JSONL line by line,
+Parquet batch by batch, `datasets` folders row by row; only a `.json` array is read whole.
+
 Nothing is dropped silently: every skipped record (or expanded turn) is counted by reason in the report,
 with the first few error messages kept verbatim.
 """
@@ -28,6 +33,8 @@ from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
 
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a Parquet source is never read whole
+
 
 @dataclass
 class DatasetReport:
@@ -52,6 +59,25 @@ class DatasetReport:
         self.skipped[err.reason] += 1
         self.examples.setdefault(err.reason, str(err))
 
+    def add_sample(self, s: EncodedSample) -> None:
+        """Count one encoded sample (tokens, learned tokens, truncation, the label audit's full-sequence count)."""
+        learned = s.num_learned
+        self.samples += 1
+        self.tokens += len(s)
+        self.learned_tokens += learned
+        self.truncated += 1 if s.meta.get("truncated") else 0
+        self.reasoning_not_rendered += 1 if s.meta.get("reasoning_not_rendered") else 0
+        self.full_sequence_samples += 1 if len(s) and learned == len(s) else 0
+
+    def merge(self, other: "DatasetReport") -> None:
+        """Add the counts of a later part of the same split (an encoding worker's chunk)."""
+        for name in ("records", "samples", "tokens", "learned_tokens", "truncated", "full_sequence_samples",
+                     "reasoning_not_rendered"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.update(other.skipped)
+        for reason, text in other.examples.items():
+            self.examples.setdefault(reason, text)
+
     def summary(self) -> str:
         frac = self.learned_tokens / self.tokens if self.tokens else 0.0
         lines = [f"{self.source}: {self.records} records -> {self.samples} samples, {self.tokens} tokens "
@@ -63,11 +89,25 @@ class DatasetReport:
             lines.append(f"  skipped {n:>6} x {reason}: e.g. {self.examples[reason]}")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "records": self.records, "samples": self.samples,
-                "skipped": dict(self.skipped), "tokens": self.tokens, "learned_tokens": self.learned_tokens,
-                "truncated": self.truncated, "full_sequence_samples": self.full_sequence_samples,
-                "reasoning_not_rendered": self.reasoning_not_rendered}
+    def to_dict(self, with_examples: bool = False) -> dict[str, Any]:
+        out = {"source": self.source, "records": self.records, "samples": self.samples,
+               "skipped": dict(self.skipped), "tokens": self.tokens, "learned_tokens": self.learned_tokens,
+               "truncated": self.truncated, "full_sequence_samples": self.full_sequence_samples,
+               "reasoning_not_rendered": self.reasoning_not_rendered}
+        if with_examples:
+            out["examples"] = dict(self.examples)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetReport":
+        """The report stored with a cache entry (to_dict(with_examples=True))."""
+        rep = cls(source=d["source"])
+        for name in ("records", "samples", "tokens", "learned_tokens", "truncated", "full_sequence_samples",
+                     "reasoning_not_rendered"):
+            setattr(rep, name, int(d.get(name, 0)))
+        rep.skipped = Counter(d.get("skipped", {}))
+        rep.examples = dict(d.get("examples", {}))
+        return rep
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +137,7 @@ def iter_records(path_or_records: Any) -> Iterator[tuple[str, int, Any]]:
                 try:
                     rec = json.loads(raw)
                 except json.JSONDecodeError as e:
-                    rec = _BadJSON(str(e))
+                    rec = BadJSON(str(e))
                 yield src, i, rec
     elif suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -109,9 +149,11 @@ def iter_records(path_or_records: Any) -> Iterator[tuple[str, int, Any]]:
         for i, rec in enumerate(data, start=1):
             yield src, i, rec
     elif suffix == ".parquet":
-        table = pq.read_table(path)
-        for i, rec in enumerate(table.to_pylist(), start=1):
-            yield src, i, _from_arrow(rec)
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for rec in batch.to_pylist():
+                row += 1
+                yield src, row, _from_arrow(rec)
     else:
         yield from _iter_datasets(src)
 
@@ -151,7 +193,10 @@ def _iter_datasets(src: str):
         yield src, i, _from_arrow(dict(rec))
 
 
-class _BadJSON:
+class BadJSON:
+    """A JSONL line that is not JSON: yielded in place of the record, so the encoding loop can skip and count it
+    (or raise) like any other bad record."""
+
     def __init__(self, msg: str):
         self.msg = msg
 
@@ -166,10 +211,17 @@ def audit_labels(samples: list[EncodedSample], allow_full_sequence_loss: bool = 
     Returns the number of fully-learned samples. Raises LabelAuditError when more than `threshold` of the
     samples learn every token, unless allow_full_sequence_loss.
     """
-    full = sum(1 for s in samples if s.labels and all(lab != IGNORE_INDEX for lab in s.labels))
-    if samples and full / len(samples) > threshold and not allow_full_sequence_loss:
+    full = sum(1 for s in samples if len(s.labels) and all(lab != IGNORE_INDEX for lab in s.labels))
+    return check_label_audit(full, len(samples), allow_full_sequence_loss, source, threshold)
+
+
+def check_label_audit(full: int, samples: int, allow_full_sequence_loss: bool = False, source: str = "dataset",
+                      threshold: float = 0.5) -> int:
+    """The audit's decision from its counts (`full` of `samples` learn every token); see audit_labels. A cached
+    split stores the counts, so a cached start decides again with the run's allow_full_sequence_loss."""
+    if samples and full / samples > threshold and not allow_full_sequence_loss:
         raise LabelAuditError(
-            f"{source}: {full} of {len(samples)} samples learn every token (labels == input_ids everywhere). "
+            f"{source}: {full} of {samples} samples learn every token (labels == input_ids everywhere). "
             "The prompt, system text and role headers would be trained, so the model learns to copy prompts "
             "instead of answering. This usually means the data was pre-rendered into one text field or the "
             "chat template has no assistant turn. Fix: use the messages or prompt/completion form; if full-"
@@ -182,6 +234,22 @@ def audit_labels(samples: list[EncodedSample], allow_full_sequence_loss: bool = 
 
 # ----------------------------------------------------------------------------------------------------------
 # Build.
+
+class ChatRecordEncoder:
+    """One SFT record -> (encoded samples, skipped turns): validate_record + encode_sample under `policy`.
+
+    The per-record step of both build_sft_dataset and the cache (picklable: it runs in encoding workers). Raises
+    DataError for a record that cannot be used."""
+
+    def __init__(self, policy: ChatPolicy):
+        self.policy = policy
+
+    def __call__(self, tokenizer, source: str, line: int, record: Any) -> tuple[list[EncodedSample], list[DataError]]:
+        sample = validate_record(record, source=source, line=line,
+                                 instruction_format=self.policy.instruction_format)
+        res = encode_sample(tokenizer, sample, self.policy)
+        return res.samples, res.skipped
+
 
 def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None = None,
                       on_error: str = "raise", audit: bool = True,
@@ -201,32 +269,28 @@ def build_sft_dataset(path_or_records: Any, tokenizer, policy: ChatPolicy | None
     source = str(path_or_records) if isinstance(path_or_records, (str, Path)) else "<records>"
     report = DatasetReport(source=source)
     samples: list[EncodedSample] = []
+    encoder = ChatRecordEncoder(policy)
     for src, line, rec in itertools.islice(iter_records(path_or_records), limit):
         report.records += 1
         try:
-            if isinstance(rec, _BadJSON):
+            if isinstance(rec, BadJSON):
                 raise DataError(f"invalid JSON ({rec.msg})", source=src, line=line, reason="invalid_json",
                                 fix="write one JSON object per line")
-            sample = validate_record(rec, source=src, line=line, instruction_format=policy.instruction_format)
-            res = encode_sample(tokenizer, sample, policy)
+            got, turn_skips = encoder(tokenizer, src, line, rec)
         except DataError as e:
             if on_error == "raise":
                 raise
             report.add_skip(e)
             continue
-        for e in res.skipped:  # expanded turns that had nothing left to learn
+        for e in turn_skips:  # expanded turns that had nothing left to learn
             if on_error == "raise":
                 raise e
             report.add_skip(e)
-        for s in res.samples:
+        for s in got:
             samples.append(s)
-            report.tokens += len(s)
-            report.learned_tokens += s.num_learned
-            report.truncated += 1 if s.meta.get("truncated") else 0
-            report.reasoning_not_rendered += 1 if s.meta.get("reasoning_not_rendered") else 0
-    report.samples = len(samples)
+            report.add_sample(s)
     if report.num_skipped or report.reasoning_not_rendered:
         log.warning("%s", report.summary())
     if audit:
-        report.full_sequence_samples = audit_labels(samples, policy.allow_full_sequence_loss, source)
+        check_label_audit(report.full_sequence_samples, report.samples, policy.allow_full_sequence_loss, source)
     return samples, report

@@ -1,4 +1,8 @@
-"""Training data for the recipe: encode the splits, choose the micro-batch plan per rank.
+"""Training data for the recipe: encode the splits (once, into the shared cache), choose the micro-batch plan.
+
+`load_split` asks the task how a split is encoded (`Task.split_encoding`) and returns the split's cache entry
+(distthink/engine/shared_cache.py): a sequence of EncodedSamples read on demand, with a `lengths` array. The
+samplers read the lengths alone; the collator fetches the rows of a micro-batch when it builds it.
 
 Two batching modes (config `batch.mode`):
 - `tokens` (default): distthink.data.packing.PackedBatchSampler packs samples up to a token budget.
@@ -16,12 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from distthink.config import Config
+from distthink.config import Config, resolve_cache_dir, resolve_num_proc
 from distthink.data.chat import ChatPolicy
-from distthink.data.dataset import build_sft_dataset
-from distthink.data.packing import PackedBatchSampler, PackingCollator
-from distthink.errors import ConfigError
+from distthink.data.dataset import ChatRecordEncoder, DatasetReport, check_label_audit, iter_records
+from distthink.data.mixture import MixedSplit, is_mixture, parse_sources
+from distthink.data.packing import PackedBatchSampler, PackingCollator, plan_bins
+from distthink.data.parallel_encode import SplitEncoding
+from distthink.data.types import IGNORE_INDEX
+from distthink.engine.shared_cache import open_split, ranks
+from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
 from distthink.resources import ASSETS
 
@@ -55,17 +64,65 @@ def chat_policy(cfg: Config):
         raise ConfigError(f"data.policy: {err}") from None
 
 
-def load_split(cfg: Config, split: str, tokenizer, policy) -> list:
-    """Encode one split into EncodedSamples; malformed rows are skipped and counted (or raise)."""
+def chat_split_encoding(cfg: Config, split: str, source: str | None = None) -> SplitEncoding:
+    """The SFT encoding of a split (or of one `source` of a mixture): its records through encode_chat under
+    data.policy (the `sft` task's)."""
+    path = str(resolve_path(source or (cfg.data.train if split == "train" else cfg.data.eval), split))
+    return SplitEncoding(sources=[path], records=lambda: iter_records(path), encoder=ChatRecordEncoder(
+        chat_policy(cfg)), policy=chat_policy(cfg), limit=split_limit(cfg, split))
+
+
+def open_encoding(cfg: Config, enc: SplitEncoding, tokenizer, label: str, *, progress: bool | None = None):
+    """The cache entry of `enc` under this run's data.cache_* settings (built by the writing rank if missing),
+    with its report logged and checked: the label audit, and on_error=raise against skips stored by an earlier
+    on_error=skip encode. Collective under a process group."""
+    data = open_split(enc, tokenizer, cache_dir=resolve_cache_dir(cfg), num_proc=resolve_num_proc(cfg),
+                      scope=cfg.data.cache_scope, on_error=cfg.data.on_error, label=label,
+                      progress=cfg.logging.progress if progress is None else progress,
+                      stall_timeout_s=cfg.distributed.timeout_s)
+    report = DatasetReport.from_dict(data.meta["report"])
+    if ranks()[1] == 0:
+        log.info("%s %s", label, report.summary())  # the summary starts with the source path
+        if enc.describe is not None:
+            log.info("%s: %s", label, enc.describe(data))
+    if cfg.data.on_error == "raise" and report.num_skipped:
+        reason, example = next(iter(report.examples.items()))
+        raise DataError(f"{label}: the cached encoding skipped {report.num_skipped} record(s) (on_error=skip when it "
+                        f"was built), e.g. [{reason}] {example}", source=str(data.path), reason=reason,
+                        fix="correct those records, or set data.on_error=skip")
+    check_label_audit(report.full_sequence_samples, report.samples, enc.policy.allow_full_sequence_loss,
+                      report.source)
+    return data
+
+
+def load_split(cfg: Config, task, split: str, tokenizer):
+    """The task's split as a cached, lazily read sequence of EncodedSamples (see the module docstring). A mixture
+    (`data.train` as a list of sources) is a MixedSplit of one cached split per source."""
     spec = cfg.data.train if split == "train" else cfg.data.eval
-    path = resolve_path(spec, split)
-    samples, report = build_sft_dataset(str(path), tokenizer, policy, on_error=cfg.data.on_error,
-                                        limit=split_limit(cfg, split))
-    log.info("%s split %s", split, report.summary())  # the summary starts with the source path
-    if not samples:
-        raise ConfigError(f"data.{split}='{spec}': no usable sample after encoding. Fix: check the file "
-                          f"(see the skip report above)")
-    return samples
+    if split == "train" and is_mixture(spec):
+        sources = parse_sources(spec)
+        parts = [_load_one(cfg, task, split, tokenizer, f"data.train[{s.name}]", s.path) for s in sources]
+        data = MixedSplit(parts, sources)
+        if ranks()[1] == 0:
+            log.info("data.train: a mixture of %s", ", ".join(f"{s.name} ({len(p)} samples, weight {s.weight:.3g})"
+                                                            for s, p in zip(sources, parts)))
+        return data
+    return _load_one(cfg, task, split, tokenizer, f"data.{split}", None)
+
+
+def _load_one(cfg: Config, task, split: str, tokenizer, label: str, source: str | None):
+    enc = task.split_encoding(split, tokenizer, source)
+    data = open_encoding(cfg, enc, tokenizer, label)
+    if not len(data):
+        raise ConfigError(f"{label}='{source or enc.sources[0]}': no usable sample after encoding. Fix: check the "
+                          "file (see the skip report above)")
+    return data
+
+
+def lengths_of(dataset) -> np.ndarray:
+    """Tokens per sample: the cache's lengths column, or len() of each in-memory sample."""
+    lengths = getattr(dataset, "lengths", None)
+    return np.asarray(lengths if lengths is not None else [len(s) for s in dataset], dtype=np.int64)
 
 
 class SampleCountBatchSampler:
@@ -99,12 +156,62 @@ class SampleCountBatchSampler:
         return self.global_plan(epoch)[self.rank::self.world]
 
 
-def make_sampler(cfg: Config, samples: list, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
+class MixtureSampler:
+    """The plan of a mixture (distthink/data/mixture.py): each epoch, the samples drawn from the sources in their
+    proportions (`MixedSplit.epoch_indices`, a pure function of (seed, epoch)) are planned like a split of their
+    own: packed to the token budget (batch.mode=tokens) or `samples_per_micro` at a time in draw order (samples).
+    Same contract as the other samplers: `rank_batches(epoch)` with a length that is a multiple of GA and equal on
+    every rank."""
+
+    def __init__(self, data: MixedSplit, cfg: Config, *, world: int, rank: int, grad_accumulation: int):
+        self.data, self.world, self.rank, self.ga = data, world, rank, grad_accumulation
+        self.seed, self.mode = cfg.train.seed, cfg.batch.mode
+        self.budget, self.per_micro = cfg.batch.max_tokens, cfg.batch.samples_per_micro
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def global_plan(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            ids = self.data.epoch_indices(self.seed, epoch)
+            if self.mode == "samples":
+                bins = SampleCountBatchSampler(len(ids), self.per_micro, num_replicas=self.world, rank=self.rank,
+                                               seed=self.seed, shuffle=False,
+                                               grad_accumulation=self.ga).global_plan(epoch)
+            else:
+                bins = plan_bins(self.data.lengths[ids], self.budget, num_bins_multiple_of=self.world * self.ga,
+                                 seed=self.seed, epoch=epoch, shuffle=True)
+            self._cache = (epoch, [[int(ids[p]) for p in b] for b in bins])
+        return self._cache[1]
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        return self.global_plan(epoch)[self.rank::self.world]
+
+
+def source_counts(data, step_batches: list[list[int]], micro: list[dict]) -> list[float]:
+    """Per source of a MixedSplit, this rank's [samples..., learned tokens..., target weight...] in the step's
+    micro-batches (`micro[i]` collated from `step_batches[i]`; sample j of a micro-batch is its segment j)."""
+    k = len(data.names)
+    out = np.zeros((3, k))
+    for b, m in zip(step_batches, micro):
+        src = data.source_ids[np.asarray(b, dtype=np.int64)]
+        seg = m["segment_ids"].reshape(-1)
+        real = seg >= 0
+        learned = torch.bincount(seg[real & (m["targets"].reshape(-1) != IGNORE_INDEX)], minlength=len(b))
+        weight = torch.bincount(seg[real], weights=m["target_weights"].reshape(-1)[real].double(), minlength=len(b))
+        np.add.at(out[0], src, 1)
+        np.add.at(out[1], src, learned.numpy())
+        np.add.at(out[2], src, weight.numpy())
+    return out.reshape(-1).tolist()
+
+
+def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
+    """The micro-batch plan of a split, from its lengths alone (rows are never read here)."""
+    if isinstance(samples, MixedSplit):
+        return MixtureSampler(samples, cfg, world=world, rank=rank, grad_accumulation=grad_accumulation)
     if cfg.batch.mode == "samples":
         return SampleCountBatchSampler(len(samples), cfg.batch.samples_per_micro, num_replicas=world, rank=rank,
                                        seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
 
-    return PackedBatchSampler([len(s) for s in samples], cfg.batch.max_tokens, num_replicas=world, rank=rank,
+    return PackedBatchSampler(lengths_of(samples), cfg.batch.max_tokens, num_replicas=world, rank=rank,
                               seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from distthink.atomic import fsync_dir, write_text_atomic
 from distthink.engine import faults
 from distthink.engine.distributed import barrier
 from distthink.errors import CheckpointError
@@ -68,28 +69,6 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict, config: dict,
                     keep_last: int = 2) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory."""
@@ -109,12 +88,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / COMPLETE).write_text(f"{step}\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, name + "\n")
+        fsync_dir(root)
+        write_text_atomic(root / LATEST, name + "\n")
         _prune(root, keep_last)
         log.info("checkpoint saved: %s", final)
     barrier()

@@ -8,7 +8,9 @@ real multi-process runs, not mocks. Unset, each hook is a no-op.
 - DISTTHINK_FAULT_INF_GRAD_STEPS=3      the loss of those steps stays finite but every gradient is infinite
                                         (the case DeepSpeed sees only inside its own step);
 - DISTTHINK_FAULT_SAVE_SLEEP_AT=S:SEC   rank 0 sleeps SEC seconds inside the save of step S, after every rank
-                                        wrote its state and before the checkpoint is made complete.
+                                        wrote its state and before the checkpoint is made complete;
+- DISTTHINK_FAULT_KILL_DURING_ENCODE=N  the process writing a data cache entry SIGKILLs itself after writing its
+                                        N-th chunk of encoded samples (before the entry is complete).
 - DISTTHINK_FAULT_SP_LEAK=KIND          a sequence-parallel run is wrong on purpose, for the tests that show the
                                         equality tests can fail: `normaliser` keeps each shard's normaliser at the
                                         whole row's (W counts a token N times), `think_state` does not pass the
@@ -60,6 +62,14 @@ def sleep_inside_save(step: int, name: str) -> None:
 def sp_leak(kind: str) -> bool:
     """DISTTHINK_FAULT_SP_LEAK: leave out one piece of sequence parallelism's exactness (tests only)."""
     return os.environ.get("DISTTHINK_FAULT_SP_LEAK", "") == kind
+
+
+def kill_during_encode(chunks_written: int) -> None:
+    spec = os.environ.get("DISTTHINK_FAULT_KILL_DURING_ENCODE")
+    if spec and int(spec) == chunks_written:
+        log.warning("DISTTHINK_FAULT_KILL_DURING_ENCODE: the cache writer kills itself (-9) after %d chunks",
+                    chunks_written)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class InfGradient(torch.autograd.Function):

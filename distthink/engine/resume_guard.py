@@ -16,6 +16,7 @@ import yaml
 
 from distthink.config import Config
 from distthink.data.fingerprint import source_digest
+from distthink.data.mixture import parse_sources
 from distthink.engine.checkpoint import STATE_FILE
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
@@ -29,9 +30,18 @@ MEANINGFUL = ("model.", "lora.", "task.", "data.train", "data.eval", "data.polic
 IGNORED = ("checkpoint.resume", "checkpoint.allow_config_change")
 
 
-def data_digests(cfg: Config) -> dict[str, str | None]:
-    """{split: digest of its source} for the run's data (None where the config's own words name it)."""
-    return {"train": source_digest(cfg.data.train), "eval": source_digest(cfg.data.eval)}
+def _local_digest(path: str) -> str | None:
+    """sha256 of a local file's or folder's bytes; None for what the config's own words name (`bundled`, a hub id)."""
+    return source_digest(path)["sha256"] if Path(path).exists() else None
+
+
+def data_digests(cfg: Config) -> dict[str, str | dict | None]:
+    """{split: digest of its source} for the run's data ({source name: digest} for a mixture, None where the
+    config's own words name it)."""
+    train = parse_sources(cfg.data.train)
+    return {"train": _local_digest(train[0].path) if len(train) == 1 else
+            {s.name: _local_digest(s.path) for s in train},
+            "eval": _local_digest(cfg.data.eval) if cfg.data.eval else None}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -7,7 +7,12 @@ reasoning SFT, ThinkRec and molecule captioning:
 - `__init__(cfg)`: validate `task.options` (ConfigError with the fix). It runs at start-up, before any
   process group, model or data exists, so a typo costs nothing;
 - `prepare_tokenizer`: add placeholder tokens (`<UserID>`, `<|graph|>`, ...) before the model is built;
-- `load_split`: encode a split into EncodedSamples (side inputs go into `meta`);
+- `split_encoding(split, tokenizer, source=None)`: how a split is encoded (distthink.data.parallel_encode.
+  SplitEncoding): its sources, a streaming record reader, a picklable per-record encoder returning EncodedSamples
+  (side inputs go into `meta`), the meta columns with their kinds, and the task options that change the
+  encoding. `source` replaces the path of `data.<split>` (one source of a mixture, distthink/data/mixture.py).
+  The engine (engine/batching.load_split) encodes it once, in parallel, into the shared cache and hands the
+  recipe a lazily read sequence; a task never keeps a split in memory;
 - `collator`: micro-batch dict (the packing contract in distthink/data/packing.py) plus side inputs;
 - `wrap_model`: the module handed to accelerate/DeepSpeed, built on the engine's LM-head loss part
   (distthink.engine.lm_loss.LMHeadLoss). Any extra trainable module (projector, graph encoder) must be a
@@ -37,11 +42,12 @@ a plugin is found, so the core never imports a task and a new task needs no edit
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from distthink.config import Config
+from distthink.data.parallel_encode import SplitEncoding
 from distthink.errors import ConfigError
 
 TASK_REGISTRY_MODULE = "distthink.tasks"
@@ -55,7 +61,7 @@ class Task(Protocol):
 
     def prepare_tokenizer(self, tokenizer) -> None: ...
 
-    def load_split(self, split: str, tokenizer) -> Any: ...
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding: ...
 
     def collator(self, tokenizer) -> Callable[[list], dict]: ...
 

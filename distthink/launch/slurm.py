@@ -1,8 +1,8 @@
 """Fill in the SLURM templates (what `distthink slurm render` prints).
 
 The templates ship as package data in distthink/launch/templates/ (the repository's `slurm/` holds the same files,
-checked equal by tests/launch/test_slurm_render.py, for `sbatch slurm/sft.sbatch` from a checkout). They
-(`sft.sbatch`, `stage1..3.sbatch`) are ordinary sbatch scripts: `#SBATCH` lines,
+checked byte-equal by tests/test_slurm_render.py, for `sbatch slurm/sft.sbatch` from a checkout). The training
+ones (`sft.sbatch`, `stage1..3.sbatch`) are ordinary sbatch scripts: `#SBATCH` lines,
 `export DISTTHINK_*=...` defaults, then a launcher block that execs the shared `slurm/launch.sh`.
 `render()` sets the chosen `#SBATCH` options and settings, and inlines `launch.sh` in place of the
 launcher block, so the output is one self-contained script: what you read is exactly what runs, and
@@ -11,6 +11,9 @@ launcher block, so the output is one self-contained script: what you read is exa
 The per-node part of the launcher is a single-quoted here-doc (`<<'NODE_SCRIPT'`): `$SLURM_NODEID`
 and `$SLURM_NNODES` in it expand inside each srun task, not once in the batch shell.
 `node_script()` returns that part so tests can check it.
+
+`prepare.sbatch` is a one-node CPU job that runs `distthink prepare` (the encoded-data cache, docs/data.md) before
+the training job; it has no launcher block and is submitted as it is.
 """
 
 from __future__ import annotations

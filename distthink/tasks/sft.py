@@ -9,6 +9,7 @@ import torch
 
 from distthink.config import Config
 from distthink.data.packing import model_inputs
+from distthink.data.parallel_encode import SplitEncoding
 from distthink.engine import batching
 from distthink.engine.lm_loss import LMHeadLoss
 
@@ -26,8 +27,8 @@ class SFTTask:
     def prepare_tokenizer(self, tokenizer) -> None:
         """Plain SFT adds no tokens."""
 
-    def load_split(self, split: str, tokenizer) -> list:
-        return batching.load_split(self.cfg, split, tokenizer, batching.chat_policy(self.cfg))
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        return batching.chat_split_encoding(self.cfg, split, source)
 
     def collator(self, tokenizer) -> Callable[[list], dict]:
         return batching.make_collator(self.cfg, tokenizer)

@@ -24,16 +24,19 @@ Options are validated by `MoleculeOptions`; see docs/molecules.md for the table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch_geometric.data import Data
 
 from distthink.config import Config
-from distthink.data.chat import encode_chat
+from distthink.data.cache import Column
+from distthink.data.chat import META_COLUMNS, encode_chat
+from distthink.data.dataset import iter_records
 from distthink.data.packing import model_inputs
+from distthink.data.parallel_encode import SplitEncoding
 from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.engine import batching as train_data
 from distthink.engine import distributed as dist
@@ -43,7 +46,7 @@ from distthink.inference.parse import close_thoughts
 from distthink.logging_utils import get_logger
 from distthink.models.inject import add_placeholder_tokens
 from distthink.models.load import base_causal_lm
-from distthink.tasks.molecule.demo import caption_messages, load_demo
+from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES, caption_messages
 from distthink.tasks.molecule.encoder import collate_sample_graphs
 from distthink.tasks.molecule.graphs import smiles_to_graph
 from distthink.tasks.molecule.model import GraphPromptInputs, MoleculeModel, build_prefix, save_prefix
@@ -54,38 +57,140 @@ from distthink.zero3 import gathered, is_partitioned
 log = get_logger(__name__)
 
 
-def read_records(spec: str, split: str, on_error: str) -> tuple[list[dict], str]:
-    """Rows of a split: `bundled`/`demo` = the shipped demo set (eval -> its test split), else a JSONL file."""
+#: encode_chat's meta plus the molecule side inputs. Graphs are stored as their feature arrays (`pack_graphs`),
+#: the on-policy thoughts of think_mode=free as token lists.
+COLUMNS = META_COLUMNS + (
+    Column("id", "json"), Column("graph_dims", "ints", "int32"), Column("graph_x", "ints", "int32"),
+    Column("graph_edge_index", "ints", "int32"), Column("graph_edge_attr", "ints", "int32"),
+    Column("graph_smiles", "json"),
+    Column("free_prompt", "ints", "int32"), Column("free_tail", "ints", "int32"), Column("free_tail_weights", "floats"),
+    Column("free_end", "int"), Column("free_step", "int"), Column("free_think_len", "int"),
+    Column("free_closed_by_us", "bool"),
+)
+#: The options that change what a record encodes to (they key the split's cache entry).
+ENCODING_OPTIONS = ("think_mode", "use_graph", "include_smiles", "graph_tokens")
+
+
+def split_path(spec: str, split: str) -> Path:
+    """The JSONL of a split: `bundled`/`demo` = the shipped demo set (eval -> its test split), else the file."""
     if spec in ("bundled", "demo"):
-        return load_demo("train" if split == "train" else "test"), f"demo:{split}"
+        return ASSET_DIR / SPLIT_FILES["train" if split == "train" else "test"]
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"data.{split}='{spec}' does not exist. Fix: a JSONL of {{smiles, description}} rows, "
                           "or `bundled` for the demo molecules")
-    rows, skipped = [], 0
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                for key in ("smiles", "description"):
-                    if not isinstance(rec.get(key), str) or not rec[key].strip():
-                        raise DataError("missing or empty field", source=str(path), line=n, field=key,
-                                        fix="every row needs a SMILES string and a description")
-            except (json.JSONDecodeError, DataError) as err:
-                if on_error == "raise":
-                    if isinstance(err, DataError):
-                        raise
-                    raise DataError(f"invalid JSON ({err.msg})", source=str(path), line=n,
-                                    fix="one JSON object per line") from None
-                skipped += 1
-                continue
-            rec.setdefault("_line", n)
-            rows.append(rec)
-    if skipped:
-        log.warning("%s: skipped %d malformed rows (on_error=skip)", path, skipped)
-    return rows, str(path)
+    return path
+
+
+def read_records(path: Path, supervise: bool):
+    """Stream (source, line, record) of a molecule JSONL. think_mode=supervise needs reasoning on every row: a row
+    without it stops the encoding (it is the wrong data for the mode, not a bad row)."""
+    for src, line, rec in iter_records(path):
+        if supervise and isinstance(rec, dict) and not rec.get("reasoning_content"):
+            raise DataError("row has no reasoning_content", source=src, line=line, field="reasoning_content",
+                            fix="think_mode=supervise needs reasoning per row; use think_mode=dynamic otherwise")
+        yield src, line, rec
+
+
+def messages(opts: MoleculeOptions, rec: dict) -> list[dict]:
+    msgs = caption_messages(rec["smiles"], rec["description"], use_graph=opts.use_graph, k=opts.graph_tokens,
+                            include_smiles=opts.include_smiles, thinking=opts.think_mode != "off")
+    if opts.think_mode == "supervise":
+        msgs[-1]["reasoning_content"] = rec.get("reasoning_content", "")
+    return msgs
+
+
+class MoleculeEncoder:
+    """One `{smiles, description}` row -> one sample with its graph in meta["graphs"] (picklable: it runs in the
+    cache's encoding workers). `id` is the row's own, else its 0-based line number."""
+
+    def __init__(self, opts: MoleculeOptions, policy):
+        self.opts, self.policy = opts, policy
+
+    def __call__(self, tokenizer, source: str, line: int, rec) -> tuple[list, list]:
+        if not isinstance(rec, dict):
+            raise DataError("the row is not a JSON object", source=source, line=line, reason="not_an_object",
+                            fix="one {smiles, description} object per line")
+        for key in ("smiles", "description"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise DataError("missing or empty field", source=source, line=line, field=key, reason=f"missing_{key}",
+                                fix="every row needs a SMILES string and a description")
+        graph = smiles_to_graph(rec["smiles"], row=line, source=source) if self.opts.use_graph else None
+        sample = encode_chat(tokenizer, messages(self.opts, rec), policy=self.policy, source=source, line=line)
+        sample.meta["graphs"] = [graph] if graph is not None else []
+        sample.meta["id"] = rec.get("id", line - 1)
+        if self.opts.think_mode == "free":
+            sample = free_template(tokenizer, self.opts, sample, rec)
+        return [sample], []
+
+
+def pack_graphs(meta: dict) -> dict:
+    """meta["graphs"] (torch_geometric Data) -> their feature arrays: per graph (nodes, node features, edges, edge
+    features) in `graph_dims`, the flattened x / edge_index / edge_attr, and the canonical SMILES."""
+    out = {k: v for k, v in meta.items() if k != "graphs"}
+    graphs = meta.get("graphs", [])
+    out["graph_dims"] = [d for g in graphs for d in (*g.x.shape, g.edge_attr.shape[0], g.edge_attr.shape[1])]
+    out["graph_x"] = [v for g in graphs for v in g.x.reshape(-1).tolist()]
+    out["graph_edge_index"] = [v for g in graphs for v in g.edge_index.reshape(-1).tolist()]
+    out["graph_edge_attr"] = [v for g in graphs for v in g.edge_attr.reshape(-1).tolist()]
+    out["graph_smiles"] = [g.smiles for g in graphs]
+    return out
+
+
+def unpack_graphs(meta: dict) -> dict:
+    """The inverse of pack_graphs: meta["graphs"] as Data objects equal to the ones encoded."""
+    out = {k: v for k, v in meta.items() if not k.startswith("graph_")}
+    dims, graphs = meta.get("graph_dims", []), []
+    x = torch.tensor(meta.get("graph_x", []), dtype=torch.long)
+    ei = torch.tensor(meta.get("graph_edge_index", []), dtype=torch.long)
+    ea = torch.tensor(meta.get("graph_edge_attr", []), dtype=torch.long)
+    px = pe = pa = 0
+    for j, smiles in enumerate(meta.get("graph_smiles", [])):
+        n, fx, e, fe = dims[4 * j:4 * j + 4]
+        graphs.append(Data(x=x[px:px + n * fx].view(n, fx), edge_index=ei[pe:pe + 2 * e].view(2, e),
+                           edge_attr=ea[pa:pa + e * fe].view(e, fe), smiles=smiles, num_nodes=n))
+        px, pe, pa = px + n * fx, pe + 2 * e, pa + e * fe
+    out["graphs"] = graphs
+    return out
+
+
+def free_template(tokenizer, opts: MoleculeOptions, sample, rec: dict):
+    """think_mode=free: split a thinking-mode encoding into prompt (+ opened `<think>`) and the gold tail after
+    `</think>`.
+
+    The initial sample (used before its first regeneration, never trained on in practice since the thought is
+    generated at the first step that uses it) is prompt + empty thought + description."""
+    tok = tokenizer
+    prompt_text = tok.apply_chat_template(messages(opts, rec)[:2], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=True)
+    prompt = tok.encode(prompt_text, add_special_tokens=False)
+    ids, labels = list(sample.input_ids), list(sample.labels)
+    end = tok.convert_tokens_to_ids("</think>")
+    opener = tok.encode("<think>\n", add_special_tokens=False)
+    if ids[:len(prompt)] != prompt or end not in ids[len(prompt):]:
+        raise DataError("the chat template's thinking render does not start with its generation prompt and "
+                        "contain </think>", field="think_mode",
+                        fix="use a Qwen3-style template, or think_mode=dynamic")
+    at = ids.index(end, len(prompt))
+    tail = ids[at + 1:]
+    tail_labels = labels[at + 1:]
+    # learned: the description and end of turn; the "\n\n" after </think> is context, not target
+    lead = 0
+    while lead < len(tail) and tok.decode([tail[lead]]).strip() == "":
+        lead += 1
+    weights = [0.0] * lead + [1.0 if lab != IGNORE_INDEX else 0.0 for lab in tail_labels[lead:]]
+    meta = dict(sample.meta, free_prompt=prompt + opener, free_tail=tail, free_tail_weights=weights,
+                free_end=end, free_step=None, free_think_len=0, free_closed_by_us=False)
+    return free_sample(meta, [])
+
+
+def free_sample(meta: dict, thought: list[int]):
+    """prompt + `<think>\n` + thought + `</think>` + tail, learning only the tail's description."""
+    head = meta["free_prompt"] + list(thought) + [meta["free_end"]]
+    ids = head + meta["free_tail"]
+    w = [0.0] * len(head) + meta["free_tail_weights"]
+    labels = [t if wi > 0 else IGNORE_INDEX for t, wi in zip(ids, w)]
+    return EncodedSample(input_ids=ids, labels=labels, loss_weights=w, meta=meta)
 
 
 class MoleculeTask(SFTTask):
@@ -106,93 +211,26 @@ class MoleculeTask(SFTTask):
     def thinking(self) -> bool:
         return self.opts.think_mode != "off"
 
-    def messages(self, rec: dict) -> list[dict]:
-        msgs = caption_messages(rec["smiles"], rec["description"], use_graph=self.opts.use_graph,
-                                k=self.opts.graph_tokens, include_smiles=self.opts.include_smiles,
-                                thinking=self.thinking())
-        if self.opts.think_mode == "supervise":
-            msgs[-1]["reasoning_content"] = rec.get("reasoning_content", "")
-        return msgs
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        spec = source or (self.cfg.data.train if split == "train" else self.cfg.data.eval)
+        path = split_path(spec, split)
+        policy = dataclasses.replace(train_data.chat_policy(self.cfg), enable_thinking=self.thinking())
+        supervise = self.opts.think_mode == "supervise"
+        return SplitEncoding(sources=[str(path)], records=lambda: read_records(path, supervise),
+                             encoder=MoleculeEncoder(self.opts, policy), policy=policy, columns=COLUMNS,
+                             options={"task": "molecule", **{k: getattr(self.opts, k) for k in ENCODING_OPTIONS}},
+                             code=("distthink.tasks.molecule.demo", "distthink.tasks.molecule.graphs"),
+                             limit=train_data.split_limit(self.cfg, split), pack=pack_graphs, unpack=unpack_graphs,
+                             stem=f"{path.stem}-molecule", describe=lambda data: f"molecule: {len(data)} samples "
+                             f"(think_mode={self.opts.think_mode}, graph={self.opts.use_graph})")
 
-    def load_split(self, split: str, tokenizer) -> list:
-        spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
-        records, source = read_records(spec, split, self.cfg.data.on_error)
-        limit = train_data.split_limit(self.cfg, split)
-        records = records[:limit] if limit else records
-        if self.opts.think_mode == "supervise":
-            missing = sum(1 for r in records if not r.get("reasoning_content"))
-            if missing:
-                raise DataError(f"{missing} of {len(records)} rows have no reasoning_content",
-                                source=source, field="reasoning_content",
-                                fix="think_mode=supervise needs reasoning per row; use think_mode=dynamic otherwise")
-        policy = train_data.chat_policy(self.cfg)
-        policy = dataclasses.replace(policy, enable_thinking=self.thinking())
-        samples, skipped = [], {}
-        for i, rec in enumerate(records):
-            line = rec.get("_line", i + 1)
-            try:
-                graph = smiles_to_graph(rec["smiles"], row=line, source=source) if self.opts.use_graph else None
-                sample = encode_chat(tokenizer, self.messages(rec), policy=policy, source=source, line=line)
-            except DataError as err:
-                if self.cfg.data.on_error == "raise":
-                    raise
-                skipped[err.reason or "invalid"] = skipped.get(err.reason or "invalid", 0) + 1
-                continue
-            sample.meta["graphs"] = [graph] if graph is not None else []
-            sample.meta["id"] = rec.get("id", i)
-            if self.opts.think_mode == "free":
-                sample = self._free_template(tokenizer, sample, rec)
-            samples.append(sample)
-        log.info("molecule %s split %s: %d samples, skipped %s (think_mode=%s, graph=%s)", split, source,
-                 len(samples), skipped or "none", self.opts.think_mode, self.opts.use_graph)
-        if not samples:
-            raise ConfigError(f"data.{split}='{spec}': no usable molecule sample. Fix: check the file")
-        return samples
-
-    # -- think_mode=free: on-policy thoughts ---------------------------------------------------------------
-    def _free_template(self, tokenizer, sample, rec: dict):
-        """Split a thinking-mode encoding into prompt (+ opened `<think>`) and the gold tail after `</think>`.
-
-        The initial sample (used before its first regeneration, never trained on in practice since the
-        thought is generated at the first step that uses it) is prompt + empty thought + description."""
-        tok = tokenizer
-        prompt_text = tok.apply_chat_template(self.messages(rec)[:2], tokenize=False, add_generation_prompt=True,
-                                              enable_thinking=True)
-        prompt = tok.encode(prompt_text, add_special_tokens=False)
-        ids, labels = list(sample.input_ids), list(sample.labels)
-        end = tok.convert_tokens_to_ids("</think>")
-        opener = tok.encode("<think>\n", add_special_tokens=False)
-        if ids[:len(prompt)] != prompt or end not in ids[len(prompt):]:
-            raise DataError("the chat template's thinking render does not start with its generation prompt and "
-                            "contain </think>", field="think_mode",
-                            fix="use a Qwen3-style template, or think_mode=dynamic")
-        at = ids.index(end, len(prompt))
-        tail = ids[at + 1:]
-        tail_labels = labels[at + 1:]
-        # learned: the description and end of turn; the "\n\n" after </think> is context, not target
-        lead = 0
-        while lead < len(tail) and tok.decode([tail[lead]]).strip() == "":
-            lead += 1
-        weights = [0.0] * lead + [1.0 if lab != IGNORE_INDEX else 0.0 for lab in tail_labels[lead:]]
-        meta = dict(sample.meta, free_prompt=prompt + opener, free_tail=tail, free_tail_weights=weights,
-                    free_end=end, free_step=None, free_think_len=0, free_closed_by_us=False)
-        return self._free_sample(meta, [])
-
-    @staticmethod
-    def _free_sample(meta: dict, thought: list[int]):
-        """prompt + `<think>\n` + thought + `</think>` + tail, learning only the tail's description."""
-        head = meta["free_prompt"] + list(thought) + [meta["free_end"]]
-        ids = head + meta["free_tail"]
-        w = [0.0] * len(head) + meta["free_tail_weights"]
-        labels = [t if wi > 0 else IGNORE_INDEX for t, wi in zip(ids, w)]
-        return EncodedSample(input_ids=ids, labels=labels, loss_weights=w, meta=meta)
-
-    def on_step_start(self, step: int, model, train_set: list, indices: list[int]) -> None:
+    def on_step_start(self, step: int, model, train_set, indices: list[int]) -> None:
         """Trainer hook (optional): refresh the on-policy thoughts of the samples this step uses.
 
         A sample's thought is regenerated when it was never generated or is `regen_every` steps old; the
         current model samples `<think>…` after the prompt (thinking budget `max_think_tokens`), unclosed thoughts
-        are closed and counted, the gold description is appended, and train_set[i] is replaced in place.
+        are closed and counted, the gold description is appended, and train_set[i] is replaced (in this process:
+        the cached split keeps the replacement in memory, the cache on disk is never written).
 
         Under ZeRO-3 with several ranks this is collective: every rank must call it at the same step (the trainer
         does), whatever its own number of stale samples (0 included) and generation lengths."""
@@ -233,7 +271,7 @@ class MoleculeTask(SFTTask):
                                 max_think_tokens=self.opts.max_think_tokens)
         for i, seq, n, by_us in zip(stale, closed.sequences, closed.think_lengths, closed.closed_by_us):
             meta = dict(train_set[i].meta, free_step=step, free_think_len=n, free_closed_by_us=bool(by_us))
-            train_set[i] = self._free_sample(meta, seq[:-1])  # close_thoughts ends each sequence with </think>
+            train_set[i] = free_sample(meta, seq[:-1])  # close_thoughts ends each sequence with </think>
         at_budget = int(budget.hit.sum()) if budget is not None and budget.hit is not None else 0
         self.free_stats = {"regenerated": len(stale), "closed_at_budget": at_budget,
                            "ended_unclosed": int(sum(closed.closed_by_us)),

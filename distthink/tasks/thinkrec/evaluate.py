@@ -37,7 +37,7 @@ from distthink.tasks.thinkrec.gate import BRANCH_NAMES, load_molora
 from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
 from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper
 from distthink.tasks.thinkrec.projector_export import PROJECTOR_META, load_projector_export
-from distthink.tasks.thinkrec.samples import build_samples
+from distthink.tasks.thinkrec.samples import split_encoding
 from distthink.tasks.thinkrec.task import ThinkRecTask
 
 log = get_logger(__name__)
@@ -204,12 +204,14 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
 # Shared by score_split and score_split_fusion.
 
 def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
-    """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
+    """(tokenizer with the placeholder tokens, the split's samples as label-only prompts), from the encoded-data
+    cache (collective under a process group: one rank encodes, every rank reads)."""
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
-    samples = build_samples(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
-                            split="test", reason_ratio=0.0, limit=limit)
-    return tokenizer, samples
+    enc = split_encoding(tokenizer, split_path, task.opt, train_data.chat_policy(cfg), seed=cfg.train.seed,
+                         split="test", reason_ratio=0.0, limit=limit)
+    return tokenizer, train_data.open_encoding(cfg, enc, tokenizer, f"rec eval {Path(split_path).name}",
+                                               progress=False)
 
 
 def _eval_wrapper(model, tokenizer, opt, source):

@@ -1,6 +1,10 @@
 """ThinkRec rows -> encoded samples (reasoning or label-only answers) and the collator of their side inputs.
 
-See distthink/tasks/thinkrec/task.py for how a row becomes a sample and what the side inputs feed."""
+See distthink/tasks/thinkrec/task.py for how a row becomes a sample and what the side inputs feed.
+
+Two ways to a split: `split_encoding` (training and `rec eval`: streamed into the encoded-data cache, rows read
+batch by batch, encoded in parallel) and `build_samples` (the whole split in memory through pandas: small
+splits and tests). Both encode each row with `_encode_row` and draw the same reasoning rows."""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from distthink.data.chat import encode_chat
+from distthink.data.cache import Column
+from distthink.data.chat import META_COLUMNS, encode_chat
+from distthink.data.dataset import iter_records
 from distthink.data.packing import PackingCollator
+from distthink.data.parallel_encode import SplitEncoding
 from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
@@ -23,6 +30,13 @@ log = get_logger(__name__)
 
 
 SPLIT_SEED = {"train": 0, "eval": 1, "test": 2}
+
+#: encode_chat's meta plus the ThinkRec side inputs (the collator reads them; rec eval reads index/user/item/label).
+COLUMNS = META_COLUMNS + (
+    Column("rec_type", "category"), Column("label", "int"), Column("user_id", "int"), Column("item_id", "int"),
+    Column("history_ids", "ints"), Column("answer_row", "int"), Column("lm_mult", "float"),
+    Column("rec_coef", "float"), Column("index", "int"),
+)
 
 
 def verdict_ids(tokenizer, opt: ThinkRecOptions) -> tuple[int, int]:
@@ -94,6 +108,64 @@ def build_samples(tokenizer, path: str | Path, opt: ThinkRecOptions, policy, *, 
     log.info("thinkrec %s split %s: %d samples (%d reasoning, %d label-only)", split, path, len(out),
              int(reasoning.sum()), len(out) - int(reasoning.sum()))
     return out
+
+
+class ThinkRecEncoder:
+    """One prepared row -> one sample (picklable: it runs in the cache's encoding workers). The record is
+    (row, reasoning): whether the row is a reasoning sample is drawn by the reader (`split_records`)."""
+
+    def __init__(self, opt: ThinkRecOptions, policy, ids: dict, yes_no: tuple[int, int]):
+        self.opt, self.policy, self.ids, self.yes_no = opt, policy, ids, yes_no
+
+    def __call__(self, tokenizer, source: str, line: int, record) -> tuple[list, list]:
+        row, reasoning = record
+        return [_encode_row(tokenizer, row, self.opt, self.policy, reasoning, self.ids, self.yes_no, source,
+                            line)], []
+
+
+def _has_reason(row: dict) -> bool:
+    """What build_samples' pandas test computes: a non-null reason that is not blank."""
+    reason = row.get("reason")
+    return reason is not None and not (isinstance(reason, float) and np.isnan(reason)) and str(reason).strip() != ""
+
+
+def split_records(path: str | Path, *, seed: int, split: str, ratio: float):
+    """Stream (source, row number, (row, reasoning)) of a prepared split: row i is a reasoning sample iff it has a
+    reason and u_i < ratio, u = default_rng([seed, split]).random(n) drawn in row order (the same draws as
+    build_samples makes for the whole split at once)."""
+    rng = np.random.default_rng([seed, SPLIT_SEED.get(split, 3)])
+    src = str(path)
+    for i, (_src, _line, row) in enumerate(iter_records(path), start=1):
+        u = rng.random()
+        yield src, i, (row, _has_reason(row) and u < ratio) if isinstance(row, dict) else row
+
+
+def split_encoding(tokenizer, path: str | Path, opt: ThinkRecOptions, policy, *, seed: int, split: str,
+                   reason_ratio: float | None = None, limit: int | None = None) -> SplitEncoding:
+    """How a prepared split is encoded into the cache (see the module docstring)."""
+    if not Path(path).is_file():
+        raise DataError("prepared split not found", source=str(path),
+                        fix="run `distthink rec prepare` first and pass its output folder", reason="missing_file")
+    ratio = opt.reason_ratio if reason_ratio is None else reason_ratio
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in prompts.ID_TOKENS}
+    yes_no = verdict_ids(tokenizer, opt)
+    encoding_options = {"task": "thinkrec", "seed": seed, "split_seed": SPLIT_SEED.get(split, 3),
+                        "reason_ratio": ratio, **{k: getattr(opt, k) for k in ENCODING_OPTIONS}}
+    return SplitEncoding(sources=[str(path)], records=lambda: split_records(path, seed=seed, split=split, ratio=ratio),
+                         encoder=ThinkRecEncoder(opt, policy, ids, yes_no), policy=policy, columns=COLUMNS,
+                         options=encoding_options, code=("distthink.tasks.thinkrec.prompts",), limit=limit,
+                         stem=f"{Path(path).stem}-{split}", describe=_describe)
+
+
+def _describe(data) -> str:
+    kinds = data.column("rec_type")
+    n = int((kinds == "reasoning").sum())
+    return f"thinkrec: {len(kinds)} samples ({n} reasoning, {len(kinds) - n} label-only)"
+
+
+#: The options `_encode_row` reads: the only ones that key a split's cache entry.
+ENCODING_OPTIONS = ("prompt_mode", "template", "proj_token_num", "yes_text", "no_text", "alpha", "beta", "theta",
+                    "gamma")
 
 
 class ThinkRecCollator:

@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from distthink.config import Config
 from distthink.data.packing import model_inputs
+from distthink.data.parallel_encode import SplitEncoding
 from distthink.engine import batching as train_data
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
@@ -58,7 +59,7 @@ from distthink.tasks.thinkrec.grouping import load_groups
 from distthink.tasks.thinkrec.model import SIDE_KEYS, build_wrapper
 from distthink.tasks.thinkrec.options import ThinkRecOptions
 from distthink.tasks.thinkrec.projector_export import save_projector_export
-from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples
+from distthink.tasks.thinkrec.samples import ThinkRecCollator, split_encoding
 
 log = get_logger(__name__)
 
@@ -77,14 +78,14 @@ class ThinkRecTask:
     def prepare_tokenizer(self, tokenizer) -> None:
         self.ph_ids = add_placeholder_tokens(tokenizer, list(prompts.ID_TOKENS))
 
-    def load_split(self, split: str, tokenizer) -> list:
-        spec = self.cfg.data.train if split == "train" else self.cfg.data.eval
+    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+        spec = source or (self.cfg.data.train if split == "train" else self.cfg.data.eval)
         if not spec or spec == "bundled" or not Path(spec).is_file():
             raise ConfigError(f"data.{split}={spec!r}: thinkrec needs a split written by `distthink rec prepare`. "
                               "Fix: e.g. data.train=PREP/train.parquet data.eval=PREP/valid.parquet")
         limit = train_data.split_limit(self.cfg, split)
-        return build_samples(tokenizer, spec, self.opt, train_data.chat_policy(self.cfg), seed=self.cfg.train.seed,
-                             split=split, limit=limit, reason_ratio=None if split == "train" else 0.0)
+        return split_encoding(tokenizer, spec, self.opt, train_data.chat_policy(self.cfg), seed=self.cfg.train.seed,
+                              split=split, limit=limit, reason_ratio=None if split == "train" else 0.0)
 
     def collator(self, tokenizer):
         return ThinkRecCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=self.cfg.batch.packing)
