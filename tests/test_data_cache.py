@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,10 +280,12 @@ def test_two_ranks_one_writer_both_read(tmp_path, tok):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", str(script), str(out), f"data.cache_dir={tmp_path / 'cache'}",
            "data.eval=null", "data.num_proc=1", "logging.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    # every rank's INFO lines (by default rank 1 logs warnings only); rank 0's lines carry no prefix
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "DISTTHINK_LOG_LEVEL": "INFO"}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("encoded data.train in") == 1  # exactly one process encoded
-    assert "[rank0] INFO distthink.data.parallel_encode: encoded data.train" in proc.stderr
+    assert re.search(r"^\S+ INFO distthink.data.parallel_encode: encoded data.train", proc.stderr, re.M)
     assert "[rank1] INFO distthink.engine.shared_cache: waiting for the writing rank" in proc.stderr
     results = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert results[0] == results[1] and results[0]["n"] == 300
@@ -301,7 +304,8 @@ def test_node_scope_each_node_writes_its_own_disk(tmp_path, tok):
                "--nproc_per_node=1", f"--master_port={port}", "--master_addr=127.0.0.1", str(script),
                str(tmp_path / "out"), "data.cache_dir=auto", "data.cache_scope=node", "data.eval=null",
                "data.num_proc=1", "logging.progress=false"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(DISTTHINK_CACHE_DIR=tmp_path / f"node{node}"),
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(DISTTHINK_CACHE_DIR=tmp_path / f"node{node}",
+                                                                DISTTHINK_LOG_LEVEL="INFO"),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
