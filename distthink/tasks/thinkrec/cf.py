@@ -233,7 +233,7 @@ class SASRec(nn.Module):
         x = self.item(hist_items) + self.label(hist_labels.clamp(0, 1)) + self.pos.weight[1:k + 1][None]
         cls = (self.cls + self.pos.weight[0]).expand(n, 1, -1)
         x = torch.cat([cls, x], dim=1)
-        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool), ~hist_mask], dim=1)
+        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=hist_mask.device), ~hist_mask], dim=1)
         return self.norm(self.encoder(x, src_key_padding_mask=pad)[:, 0])
 
     def tables(self, user_history: CFSplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
