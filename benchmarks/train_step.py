@@ -162,18 +162,19 @@ def mfu_of(fig: dict, overrides: list[str], seq: int) -> dict:
     import torch
 
     from distthink.config import load_config
-    from distthink.launch.hardware import GPUS
+    from distthink.launch.hardware import gpu_for_device_name
     from distthink.launch.plan import model_flops_per_token, model_shape_from_config, run_shape_from_config
 
     cfg = load_config(None, overrides)
     shape = model_shape_from_config(cfg)
     run = run_shape_from_config(cfg, device="cuda", seq_len=seq)
     fpt = model_flops_per_token(shape, run, recompute=False)
-    name = torch.cuda.get_device_name(0).lower()
-    gpu = next((g for k, g in GPUS.items() if k in name.replace(" ", "")), None)
+    name = torch.cuda.get_device_name(0)
+    gpu = gpu_for_device_name(name)
     peak = gpu.bf16_flops if gpu else None
-    return {"flops_per_token": fpt, "gpu": name, "peak_bf16_flops": peak,
-            "mfu": round(fig["tokens_per_s"] * fpt / peak, 4) if peak and fig.get("tokens_per_s") else None}
+    return {"flops_per_token": fpt, "gpu": name, "gpu_spec": gpu.name if gpu else None, "peak_bf16_flops": peak,
+            "mfu": round(fig["tokens_per_s"] * fpt / peak, 4) if peak and fig.get("tokens_per_s") else None,
+            **({} if gpu else {"mfu_note": f"unknown GPU name {name!r}: no peak in distthink.launch.hardware"})}
 
 
 def main() -> None:
