@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from distthink.config import load_config
+from distthink.config import load_config, resolve_attention
 from distthink.engine.task import make_task
 from distthink.errors import CheckpointError, ConfigError
 from distthink.inference.parse import parse_generation
@@ -219,22 +219,24 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
                    prompt_inputs_loader: PromptInputsLoader | None = None) -> Generator:
     """From an export dir (full model or PEFT adapter) or a checkpoint dir (`checkpoints/step-N` of a non-ZeRO-3
     run: rebuilt from its config.yaml through its task). `prompt_inputs_loader` reads a task's side modules
-    stored next to an exported model (the molecule task's graph encoder); a checkpoint knows its task itself."""
+    stored next to an exported model (the molecule task's graph encoder); a checkpoint knows its task itself.
+    The model computes in `dtype` on `device`, with the attention that can run there (config.resolve_attention)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory. Fix: give a run's export/ or checkpoints/step-N directory")
     if (p / "config.yaml").exists() and (p / "trainer_state.json").exists():
         return _from_checkpoint(p, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(p))
+    attn = resolve_attention("auto", str(torch.device(device).type), dtype)
     if (p / "adapter_config.json").exists():
         base_dir = p / "base_model" if (p / "base_model").exists() else None
         if base_dir is None:
             cfg = json.loads((p / "adapter_config.json").read_text())
             base_dir = cfg.get("base_model_name_or_path")
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn)
         model = PeftModel.from_pretrained(base, str(p)).merge_and_unload()
     elif (p / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, attn_implementation=attn)
     else:
         raise CheckpointError(f"{p} holds neither a model (config.json), an adapter (adapter_config.json) nor a "
                               "distthink checkpoint (config.yaml + trainer_state.json). Fix: point at export/ or "
@@ -253,7 +255,7 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
     tokenizer = load_tokenizer(cfg)
     task = make_task(cfg)
     task.prepare_tokenizer(tokenizer)
-    model = load_model(cfg, tokenizer, device, dtype)
+    model = load_model(cfg, tokenizer, str(torch.device(device).type), dtype)
     wrapped = task.wrap_model(model, tokenizer)
     missing, unexpected = wrapped.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied weights are saved once
