@@ -121,3 +121,22 @@ def test_cli_generate_and_eval_from_export(gen, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["num_samples"] == 3 and 0.0 <= summary["bleu4"] <= 1.0
     assert (tmp_path / "p.parquet").stat().st_size > 0
+
+
+def test_generator_computes_in_the_requested_dtype_with_an_attention_that_runs(gen, tmp_path):
+    """`generate --dtype` (auto = bf16 on cuda): the LM and the graph prefix load in that dtype, and the attention is
+    the one that can run there (distthink.config.resolve_attention: sdpa on this CPU)."""
+    export = tmp_path / "export"
+    gen.model.save_pretrained(export)
+    gen.tokenizer.save_pretrained(export)
+    save_prefix(gen.prompt_inputs.prefix, gen.meta, export)
+    loaded = load_generator(export, dtype=torch.bfloat16, prompt_inputs_loader=load_graph_prompt_inputs)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.prompt_inputs.prefix.parameters()} == {torch.bfloat16}
+    assert loaded.model.config._attn_implementation == "sdpa"
+    recs = list(loaded.generate(*_prompts(2), GenerationOptions(max_new_tokens=4)))
+    assert len(recs) == 2 and all(r["num_new_tokens"] > 0 for r in recs)
+    out = tmp_path / "g.jsonl"
+    assert cli_main(["generate", str(export), "--input", "demo", "--out", str(out), "--limit", "2", "--dtype",
+                     "bfloat16", "--device", "cpu", "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 2
