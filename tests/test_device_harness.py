@@ -213,6 +213,23 @@ def test_rec_eval_scores_on_the_accelerator(world, monkeypatch):
     np.testing.assert_allclose(got["score"], ref["score"], rtol=1e-5, atol=1e-6)
 
 
+def test_rec_eval_places_and_casts_as_the_config_resolves(world, monkeypatch):
+    """train.device / model.dtype of the stage config decide where `rec eval` scores: auto = the GPU in bf16 when one
+    is visible (the CPU in fp32 here); model.dtype=bfloat16 scores in bf16 on the CPU too."""
+    from distthink.config import load_config
+    from distthink.tasks.thinkrec import evaluate
+
+    config, overrides = thinkrec_overrides(world, "text")
+    assert evaluate.eval_placement(load_config(config, overrides)) == (torch.device("cpu"), torch.float32)
+    cfg = load_config(config, overrides + ["model.dtype=bfloat16"])
+    assert evaluate.eval_placement(cfg) == (torch.device("cpu"), torch.bfloat16)
+    seen = []
+    real = evaluate.load_for_eval
+    monkeypatch.setattr(evaluate, "load_for_eval", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    got, _ = evaluate.score_split(cfg, str(world["prep"] / "test.parquet"), limit=4, batch_size=4)
+    assert {p.dtype for p in seen[0].parameters()} == {torch.bfloat16} and np.isfinite(got["score"]).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generate from a molecule checkpoint (graph prefix) on the accelerator.
 # ----------------------------------------------------------------------------------------------------------------
