@@ -129,6 +129,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = only at the end / on preemption).")
+    final: bool = _f(True, "Save a resumable checkpoint when the run ends. false for benchmarks: the final checkpoint "
+                           "of a full fine-tune holds the optimizer state (tens of GB at 1.7B parameters).")
     keep_last: int = _f(2, "Keep this many step checkpoints (the `latest` one is never deleted).")
     resume: str = _f("auto", "`auto` = resume from output_dir/checkpoints/latest when it exists; `never`; or a "
                              "checkpoint directory.")

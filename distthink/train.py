@@ -300,7 +300,7 @@ def run(cfg: Config) -> int:
             eval_loss = evaluate()
             if history and eval_loss is not None:
                 history[-1]["eval_loss"] = eval_loss
-            if step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
+            if cfg.checkpoint.final and step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
                 last_ckpt = save()
             export_path = None
             kind = cfg.checkpoint.export

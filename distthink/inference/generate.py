@@ -244,7 +244,14 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     model.to(device).eval()
     hook, meta = (None, {}) if prompt_inputs_loader is None else prompt_inputs_loader(p, model, tokenizer, device,
                                                                                       dtype)
+    _log_placement(p, model)
     return Generator(model, tokenizer, hook, meta)
+
+
+def _log_placement(path: Path, model) -> None:
+    w = next(model.parameters())
+    log.info("generator: %s on %s in %s, attention=%s", path, w.device, str(w.dtype).replace("torch.", ""),
+             getattr(model.config, "_attn_implementation", "?"))
 
 
 def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
@@ -266,6 +273,7 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
         model = model.merge_and_unload()
     lm = base_causal_lm(model).to(device).eval()
     lm.config.use_cache = True
+    _log_placement(p, lm)
     # optional task hook: (PromptInputs, prompt settings) from the wrapped module's side modules
     hook, meta = task.prompt_inputs(wrapped) if hasattr(task, "prompt_inputs") else (None, {})
     return Generator(lm, tokenizer, hook, meta)

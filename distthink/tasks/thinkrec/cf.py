@@ -401,8 +401,8 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
         model.adjacency = model.adjacency.to("cpu")
     train = train.to("cpu")
     model.eval()
-    log.info("train-cf %s: best valid AUC %.4f at epoch %d (%d epochs run)", cfg.model, best_auc, best_epoch,
-             len(history))
+    log.info("train-cf %s on %s: best valid AUC %.4f at epoch %d (%d epochs run)", cfg.model, device, best_auc,
+             best_epoch, len(history))
     user_hist = last_train_history(train, n_users, cfg.history_len) if isinstance(model, SASRec) else None
     return CFResult(model, cfg, best_epoch, best_auc, history, user_hist)
 

@@ -161,6 +161,7 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
     device, dtype = eval_placement(cfg)
     model, gate, mdir = load_stage3_for_eval(export, device, dtype)
+    _log_placement(model, len(samples), rank, world)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
     wrapper = _eval_wrapper(model, tokenizer, opt, source, device)
@@ -211,6 +212,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
     device, dtype = eval_placement(cfg)
     model = load_for_eval(cfg, export, tokenizer, device, dtype)
+    _log_placement(model, len(samples), rank, world)
     wrapper = _eval_wrapper(model, tokenizer, task.opt, source, device)
     out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size, device):
@@ -220,6 +222,13 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
 
 
 # Shared by score_split and score_split_fusion.
+
+def _log_placement(model, n: int, rank: int, world: int) -> None:
+    w = next(model.parameters())
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+    log.info("rec eval: %d rows (rank %d of %d) on %s in %s, attention=%s", len(range(rank, n, world)), rank, world,
+             w.device, str(w.dtype).replace("torch.", ""), attn)
+
 
 def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
