@@ -95,7 +95,8 @@ class ThinkBudget:
 
 
 class PromptInputs(Protocol):
-    """A task's hook that turns a batch of prompts plus their side inputs into decoder input embeddings."""
+    """A task's hook that turns a batch of prompts plus their side inputs into decoder input embeddings.
+    A hook may list `placeholder_ids` (its input-slot tokens): the generator never samples them."""
 
     def inputs_embeds(self, model, input_ids: torch.Tensor, extras: Sequence[Any] | None) -> torch.Tensor:
         """(B, T) left-padded prompt ids + one side input per prompt (or None) -> (B, T, H) embeddings."""
@@ -184,6 +185,9 @@ class Generator:
             procs.append(budget)
         kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, pad_token_id=pad,
                       eos_token_id=self.stop_ids, use_cache=True, logits_processor=LogitsProcessorList(procs))
+        placeholders = list(getattr(self.prompt_inputs, "placeholder_ids", ()))
+        if placeholders:  # input slots (`<|graph|>`), never outputs: a generated one would need a vector to fill it
+            kwargs["suppress_tokens"] = placeholders
         if opts.synced_gpus is not None:
             kwargs["synced_gpus"] = opts.synced_gpus
         if opts.do_sample:
