@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable  # the python3 that runs this script (no venv on the GPU machine)
 DEFAULT_BUDGET_S = 480
 FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false", "eval.every_steps=0",
-        "data.eval=null", "checkpoint.resume=never", "train.device=cuda"]
+        "data.eval=null", "checkpoint.resume=never"]
 # an fp16 run whose steps 2-7 have finite losses and infinite gradients: six overflows in a row, one more than
 # train.nan_max_consecutive. The loss scaler skips them; the trainer must not stop with exit 3.
 FORCED_OVERFLOW_STEPS = "2,3,4,5,6,7"
@@ -109,6 +109,7 @@ class Step:
     figures: Callable[["Ctx", list[str]], dict] = lambda ctx, outs: {}
     needs: tuple[str, ...] = ()
     skip_if: Callable[["Ctx"], str | None] = lambda ctx: None
+    gpu_only: bool = False  # skipped by a CPU rehearsal (--device cpu)
 
 
 @dataclass
@@ -116,10 +117,16 @@ class Ctx:
     work: Path
     logs: Path
     dry_run: bool = False
+    device: str = "cuda"  # "cpu": a rehearsal of the steps that can run without a GPU
     status: dict = field(default_factory=dict)
 
     def w(self, *parts) -> Path:
         return self.work.joinpath(*parts)
+
+    @property
+    def dtype(self) -> str:
+        """What `auto` resolves to on the device: the dtype generate and rec eval must report."""
+        return "bfloat16" if self.device == "cuda" else "float32"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,8 +174,9 @@ def model_line(text: str) -> dict:
 # Steps
 # ------------------------------------------------------------------------------------------------------------
 
-def _train(config: str | None, out: Path, *extra: str, env: dict | None = None, ok_codes=(0,)) -> Cmd:
-    return Cmd("train", [*FAST, f"train.output_dir={out}", *extra], config=config, env=env or {}, ok_codes=ok_codes)
+def _train(ctx: Ctx, config: str | None, out: Path, *extra: str, env: dict | None = None) -> Cmd:
+    return Cmd("train", [*FAST, f"train.device={ctx.device}", f"train.output_dir={out}", *extra], config=config,
+               env=env or {})
 
 
 def _world_overrides(ctx: Ctx) -> list[str]:
@@ -176,7 +184,7 @@ def _world_overrides(ctx: Ctx) -> list[str]:
 
 
 def _ids(ctx: Ctx, stage: int) -> list[Cmd]:
-    return [_train("configs/thinkrec/smoke.yaml", ctx.w(f"ids_zero{stage}"), *_world_overrides(ctx),
+    return [_train(ctx, "configs/thinkrec/smoke.yaml", ctx.w(f"ids_zero{stage}"), *_world_overrides(ctx),
                    "task.options.prompt_mode=ids", f"task.options.cf_export={ctx.w('cf')}",
                    f"task.options.init_adapter={ctx.w('stage1', 'export')}", "task.options.freeze_lora=true",
                    f"distributed.deepspeed=ds_configs/zero{stage}.json", "train.max_steps=3",
@@ -210,15 +218,15 @@ def _world_figures(ctx: Ctx, outs: list[str]) -> dict:
 def _sasrec_figures(ctx: Ctx, outs: list[str]) -> dict:
     f = last_json(outs[0])
     device = (grep(r"train-cf sasrec on (\S+):", outs[0]) or [None])[0]
-    if not device or not device.startswith("cuda"):
-        raise StepFailed(f"train-cf ran on {device}, not on the GPU")
+    if not device or not device.startswith(ctx.device):
+        raise StepFailed(f"train-cf ran on {device}, not on {ctx.device}")
     return {"valid_auc": f.get("valid_auc"), "test_auc": f.get("test_auc"), "device": device}
 
 
 def _rec_eval_figures(ctx: Ctx, outs: list[str]) -> dict:
     placed = grep(r"rec eval: \d+ rows \(rank 0 of 1\) on (\S+) in (\w+), attention=(\w+)", outs[0])
-    if not placed or not placed[0][0].startswith("cuda") or placed[0][1] != "bfloat16":
-        raise StepFailed(f"rec eval placement {placed}: expected the GPU in bfloat16")
+    if not placed or not placed[0][0].startswith(ctx.device) or placed[0][1] != ctx.dtype:
+        raise StepFailed(f"rec eval placement {placed}: expected {ctx.device} in {ctx.dtype}")
     m = last_json(outs[0])["llm"]
     return {"device": placed[0][0], "dtype": placed[0][1], "attention": placed[0][2], "auc": m.get("auc"),
             "uauc": m.get("uauc")}
@@ -230,8 +238,9 @@ def _generate_figures(ctx: Ctx, outs: list[str]) -> dict:
                              ("from_export", outs[2], ctx.w("gen_export.jsonl"))):
         placed = grep(r"generator: \S+ on (\S+) in (\w+), attention=(\w+)", out)
         recs = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-        if not placed or not placed[0][0].startswith("cuda") or placed[0][1] != "bfloat16" or len(recs) != 4:
-            raise StepFailed(f"generate {label}: placement {placed}, {len(recs)} records (expected cuda, bf16, 4)")
+        if not placed or not placed[0][0].startswith(ctx.device) or placed[0][1] != ctx.dtype or len(recs) != 4:
+            raise StepFailed(f"generate {label}: placement {placed}, {len(recs)} records (expected {ctx.device}, "
+                             f"{ctx.dtype}, 4)")
         f[label] = {"device": placed[0][0], "dtype": placed[0][1], "attention": placed[0][2], "records": len(recs),
                     "mean_new_tokens": sum(r["num_new_tokens"] for r in recs) / len(recs)}
     return f
@@ -244,6 +253,13 @@ def _free_figures(ctx: Ctx, outs: list[str]) -> dict:
         raise StepFailed("no free-mode generation was logged")
     f["thoughts_regenerated"] = sum(int(x) for x in regen)
     return f
+
+
+def _env_figures(ctx: Ctx, outs: list[str]) -> dict:
+    env = last_json(outs[0])
+    if ctx.device == "cuda" and not env["cuda_available"]:
+        raise StepFailed("no CUDA device visible (a CPU rehearsal is --device cpu)")
+    return env
 
 
 def _pytest_figures(ctx: Ctx, outs: list[str]) -> dict:
@@ -294,17 +310,18 @@ def _gpu_test_files() -> list[str]:
 
 STEPS: list[Step] = [
     Step("env", "versions, GPU name and capability, optional packages", 5, 60,
-         lambda ctx: [Cmd("internal", ["env"])], lambda ctx, outs: last_json(outs[0])),
+         lambda ctx: [Cmd("internal", ["env"])], _env_figures),
     Step("pytest_gpu", "pytest -m gpu on the test files with GPU tests", 60, 180,
-         lambda ctx: [Cmd("pytest", ["-m", "gpu", "-q", "-rs", *_gpu_test_files()])], _pytest_figures),
+         lambda ctx: [Cmd("pytest", ["-m", "gpu", "-q", "-rs", *_gpu_test_files()])], _pytest_figures, gpu_only=True),
     Step("flce_liger_bench", "benchmarks/flce.py at (8192, 4096) bf16 against Liger", 45, 150,
          lambda ctx: [Cmd("script", ["benchmarks/flce.py", "--quick", "--shape", "8192,4096", "--device", "cuda"],
-                          flags=("--quick", "--shape", "--device"))], _flce_figures),
+                          flags=("--quick", "--shape", "--device"))], _flce_figures, gpu_only=True),
     Step("flash_varlen_packed", "bf16 flash-attn varlen: packed rows equal unpacked", 15, 90,
-         lambda ctx: [Cmd("internal", ["flash_varlen"])], lambda ctx, outs: last_json(outs[0]), skip_if=_no_flash),
+         lambda ctx: [Cmd("internal", ["flash_varlen"])], lambda ctx, outs: last_json(outs[0]), skip_if=_no_flash,
+         gpu_only=True),
     Step("long_context", "benchmarks/long_context.py --gpu", 120, 180,
          lambda ctx: [Cmd("script", ["benchmarks/long_context.py", "--gpu"], flags=("--gpu",))],
-         lambda ctx, outs: last_json(outs[0]), skip_if=_no_long_context),
+         lambda ctx, outs: last_json(outs[0]), skip_if=_no_long_context, gpu_only=True),
     Step("thinkrec_world", "rec prepare + train-cf MF + rec group, stage 1 (2 steps, LoRA export)", 40, 180,
          lambda ctx: [
              Cmd("cli", ["rec", "prepare", "--input", "synthetic", "--out", str(ctx.w("prep")),
@@ -313,7 +330,7 @@ STEPS: list[Step] = [
                          "--epochs", "3", "--no-progress"]),
              Cmd("cli", ["rec", "group", "--cf", str(ctx.w("cf")), "--out", str(ctx.w("groups")), "--n-groups", "2",
                          "--no-plots"]),
-             _train("configs/thinkrec/smoke.yaml", ctx.w("stage1"), *_world_overrides(ctx), "train.max_steps=2",
+             _train(ctx, "configs/thinkrec/smoke.yaml", ctx.w("stage1"), *_world_overrides(ctx), "train.max_steps=2",
                     "checkpoint.export=adapter")], _world_figures),
     Step("train_cf_sasrec_cuda", "rec train-cf --model sasrec on CUDA", 15, 90,
          lambda ctx: [Cmd("cli", ["rec", "train-cf", "--data", str(ctx.w("prep")), "--model", "sasrec", "--out",
@@ -324,7 +341,7 @@ STEPS: list[Step] = [
     Step("thinkrec_ids_zero2", "ThinkRec stage 2 (id prompts), ZeRO-2 bf16 on 1 GPU", 25, 150,
          lambda ctx: _ids(ctx, 2), _summary_of("ids_zero2"), needs=("thinkrec_world",)),
     Step("thinkrec_stage3_soft", "ThinkRec stage 3: MoLoRA with the entropy (soft) gate", 20, 120,
-         lambda ctx: [_train("configs/thinkrec/stage3_smoke.yaml", ctx.w("stage3_soft"), *_world_overrides(ctx),
+         lambda ctx: [_train(ctx, "configs/thinkrec/stage3_smoke.yaml", ctx.w("stage3_soft"), *_world_overrides(ctx),
                              f"task.options.molora.groups_dir={ctx.w('groups')}",
                              f"task.options.molora.init_adapter={ctx.w('stage1', 'export')}",
                              "task.options.molora.gate=soft", f"task.options.cf_export={ctx.w('cf')}",
@@ -336,44 +353,46 @@ STEPS: list[Step] = [
                                   "--limit", "64", f"data.train={ctx.w('prep', 'train.parquet')}"])],
          _rec_eval_figures, needs=("thinkrec_world",)),
     Step("molecule_free", "molecule captioning, think_mode=free, bf16 autocast", 25, 150,
-         lambda ctx: [_train("configs/molecule/cpu_smoke.yaml", ctx.w("molecule_free"), "task.options.think_mode=free",
+         lambda ctx: [_train(ctx, "configs/molecule/cpu_smoke.yaml", ctx.w("molecule_free"),
+                             "task.options.think_mode=free",
                              "task.options.max_think_tokens=16", "data.max_train_samples=16", "train.max_steps=2",
                              "checkpoint.export=none")], _free_figures),
     Step("molecule_lora_zero3", "molecule LoRA + graph encoder + projector, ZeRO-3 bf16", 25, 150,
-         lambda ctx: [_train("configs/molecule/cpu_smoke.yaml", ctx.w("molecule_lora_zero3"), "lora.enabled=true",
+         lambda ctx: [_train(ctx, "configs/molecule/cpu_smoke.yaml", ctx.w("molecule_lora_zero3"), "lora.enabled=true",
                              "distributed.deepspeed=ds_configs/zero3.json", "data.max_train_samples=16",
                              "train.max_steps=3", "checkpoint.export=none")], _summary_of("molecule_lora_zero3")),
     Step("generate_cuda", "generate --device cuda from a molecule checkpoint and from its export", 35, 150,
          lambda ctx: [
-             _train("configs/molecule/cpu_smoke.yaml", ctx.w("gen_run"), "data.max_train_samples=16",
+             _train(ctx, "configs/molecule/cpu_smoke.yaml", ctx.w("gen_run"), "data.max_train_samples=16",
                     "train.max_steps=2", "checkpoint.export=full"),
              Cmd("cli", ["generate", str(ctx.w("gen_run", "checkpoints", "step-00000002")), "--input", "demo",
-                         "--limit", "4", "--device", "cuda", "--max-new-tokens", "16", "--no-progress",
+                         "--limit", "4", "--device", ctx.device, "--max-new-tokens", "16", "--no-progress",
                          "--out", str(ctx.w("gen_ckpt.jsonl"))]),
              Cmd("cli", ["generate", str(ctx.w("gen_run", "export")), "--input", "demo", "--limit", "4",
-                         "--device", "cuda", "--max-new-tokens", "16", "--no-progress",
+                         "--device", ctx.device, "--max-new-tokens", "16", "--no-progress",
                          "--out", str(ctx.w("gen_export.jsonl"))])], _generate_figures),
     Step("train_bf16_autocast", "SFT full fine-tuning, fp32 weights under bf16 autocast", 15, 90,
-         lambda ctx: [_train(None, ctx.w("bf16_autocast"), "lora.enabled=false", "train.max_steps=6",
+         lambda ctx: [_train(ctx, None, ctx.w("bf16_autocast"), "lora.enabled=false", "train.max_steps=6",
                              "checkpoint.export=none")], _summary_of("bf16_autocast")),
     Step("train_bf16_zero2", "SFT full fine-tuning, DeepSpeed ZeRO-2 bf16", 25, 120,
-         lambda ctx: [_train(None, ctx.w("bf16_zero2"), "lora.enabled=false", "train.max_steps=6",
+         lambda ctx: [_train(ctx, None, ctx.w("bf16_zero2"), "lora.enabled=false", "train.max_steps=6",
                              "distributed.deepspeed=ds_configs/zero2.json", "checkpoint.export=none")],
          _summary_of("bf16_zero2")),
     Step("train_fp16", "SFT fp16 with GradScaler; forced overflows are not NaN steps", 15, 90,
-         lambda ctx: [_train(None, ctx.w("fp16"), "lora.enabled=false", "model.dtype=float16", "train.max_steps=10",
+         lambda ctx: [_train(ctx, None, ctx.w("fp16"), "lora.enabled=false", "model.dtype=float16",
+                             "train.max_steps=10",
                              "checkpoint.export=none", env={"DISTTHINK_FAULT_INF_GRAD_STEPS": FORCED_OVERFLOW_STEPS})],
-         _fp16_figures("fp16")),
+         _fp16_figures("fp16"), gpu_only=True),
     Step("train_fp16_zero2", "SFT fp16 under DeepSpeed ZeRO-2 (its loss scaler)", 25, 120,
-         lambda ctx: [_train(None, ctx.w("fp16_zero2"), "lora.enabled=false", "model.dtype=float16",
+         lambda ctx: [_train(ctx, None, ctx.w("fp16_zero2"), "lora.enabled=false", "model.dtype=float16",
                              "train.max_steps=10", "distributed.deepspeed=ds_configs/zero2.json",
                              "checkpoint.export=none", env={"DISTTHINK_FAULT_INF_GRAD_STEPS": FORCED_OVERFLOW_STEPS})],
-         _fp16_figures("fp16_zero2")),
+         _fp16_figures("fp16_zero2"), gpu_only=True),
     Step("mfu", "benchmarks/train_step.py --mfu: Qwen3-1.7B shape, seq 4096, full FT and LoRA", 100, 240,
          lambda ctx: [Cmd("script", ["benchmarks/train_step.py", "--mfu", "--steps", "10", "--warmup", "4"],
-                          flags=("--mfu", "--steps", "--warmup"))], _mfu_figures),
+                          flags=("--mfu", "--steps", "--warmup"))], _mfu_figures, gpu_only=True),
     Step("molora_bench", "benchmarks/molora.py --quick on the GPU", 30, 120,
-         lambda ctx: [Cmd("script", ["benchmarks/molora.py", "--quick", "--device", "cuda"],
+         lambda ctx: [Cmd("script", ["benchmarks/molora.py", "--quick", "--device", ctx.device],
                           flags=("--quick", "--device"))], _molora_figures),
 ]
 
@@ -471,6 +490,8 @@ def run_step(step: Step, ctx: Ctx, limit_s: float) -> dict:
         reason = step.skip_if(ctx)
         if reason:
             raise StepSkipped(reason)
+        if step.gpu_only and ctx.device != "cuda" and not ctx.dry_run:
+            raise StepSkipped("needs a GPU (this is a CPU rehearsal)")
         if not ctx.dry_run:
             failed = [n for n in step.needs if ctx.status.get(n) != "pass"]
             if failed:
@@ -503,7 +524,8 @@ def run_step(step: Step, ctx: Ctx, limit_s: float) -> dict:
 def run_steps(steps: list[Step], ctx: Ctx, out: Path, budget_s: float) -> dict:
     t0 = time.monotonic()
     summary = {"gpu_check": 1, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "dry_run": ctx.dry_run, "budget_s": budget_s, "workdir": str(ctx.work), "logs": str(ctx.logs),
+               "dry_run": ctx.dry_run, "device": ctx.device, "budget_s": budget_s, "workdir": str(ctx.work),
+               "logs": str(ctx.logs),
                "steps": []}
     for step in steps:
         left = budget_s - (time.monotonic() - t0)
@@ -557,7 +579,7 @@ def internal_env() -> dict:
            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
            "packages": versions}
     print(json.dumps(out))
-    return 0 if cuda else 1
+    return 0
 
 
 def internal_flash_varlen() -> int:
@@ -618,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")
     ap.add_argument("--skip", default=None, help="comma-separated step names not to run")
     ap.add_argument("--dry-run", action="store_true", help="CPU: check that every step starts, run nothing")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: rehearse on a CPU machine the steps that can run there (slow; for the script itself)")
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     ap.add_argument("--internal", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -631,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(work=work.resolve(), logs=(work / "logs").resolve(), dry_run=args.dry_run)
+    ctx = Ctx(work=work.resolve(), logs=(work / "logs").resolve(), dry_run=args.dry_run, device=args.device)
     ctx.logs.mkdir(parents=True, exist_ok=True)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
