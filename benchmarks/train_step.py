@@ -46,7 +46,8 @@ def _port() -> int:
 
 
 FIXED = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false", "eval.every_steps=0",
-         "data.eval=null", "checkpoint.every_steps=0", "checkpoint.export=none", "checkpoint.resume=never"]
+         "data.eval=null", "checkpoint.every_steps=0", "checkpoint.export=none", "checkpoint.resume=never",
+         "checkpoint.final=false"]
 
 
 def run_variants(variants: list[tuple[str, list[str]]], nproc: int, workdir: Path, timeout: float) -> list[dict]:
@@ -145,14 +146,14 @@ def write_long_samples(path: Path, n: int, target_tokens: int) -> None:
             fh.write(json.dumps(rec) + "\n")
 
 
-def mfu_variants(workdir: Path, seq: int) -> list[tuple[str, list[str], int]]:
+def mfu_variants(workdir: Path, seq: int, steps: int = 30) -> list[tuple[str, list[str], int]]:
     cfg_dir = workdir / "qwen3-1.7b-shape"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(QWEN3_1_7B))
     data = workdir / "long.jsonl"
     write_long_samples(data, 64, seq - 200)
     base = [f"model.from_config={cfg_dir}", f"model.tokenizer={QWEN3_TOKENIZER}", f"data.train={data}",
-            f"data.max_length={seq}", f"batch.max_tokens={seq}", "train.max_steps=30", "train.warmup_steps=2",
+            f"data.max_length={seq}", f"batch.max_tokens={seq}", f"train.max_steps={steps}", "train.warmup_steps=2",
             "model.gradient_checkpointing=true", "train.device=cuda"]
     return [("mfu_full_ft_qwen3_1.7b_seq%d" % seq, base + ["lora.enabled=false"], 1),
             ("mfu_lora_qwen3_1.7b_seq%d" % seq, base + ["lora.enabled=true"], 1)]
@@ -161,19 +162,28 @@ def mfu_variants(workdir: Path, seq: int) -> list[tuple[str, list[str], int]]:
 def mfu_of(fig: dict, overrides: list[str], seq: int) -> dict:
     import torch
 
-    from distthink.config import load_config
-    from distthink.launch.hardware import GPUS
-    from distthink.launch.plan import model_flops_per_token, model_shape_from_config, run_shape_from_config
+    from distthink.config import load_config, resolve_attention, resolve_dtype
+    from distthink.launch.hardware import GPUS, gpu_for_device_name
+    from distthink.launch.plan import estimate, model_flops_per_token, model_shape_from_config, run_shape_from_config
 
     cfg = load_config(None, overrides)
+    # what the run really used (flash-attn only where installed): the plan below models the same attention
+    cfg.model.attn_implementation = resolve_attention(cfg.model.attn_implementation, "cuda", resolve_dtype(cfg, "cuda"))
     shape = model_shape_from_config(cfg)
     run = run_shape_from_config(cfg, device="cuda", seq_len=seq)
     fpt = model_flops_per_token(shape, run, recompute=False)
-    name = torch.cuda.get_device_name(0).lower()
-    gpu = next((g for k, g in GPUS.items() if k in name.replace(" ", "")), None)
+    name = torch.cuda.get_device_name(0)
+    gpu = gpu_for_device_name(name)
     peak = gpu.bf16_flops if gpu else None
-    return {"flops_per_token": fpt, "gpu": name, "peak_bf16_flops": peak,
-            "mfu": round(fig["tokens_per_s"] * fpt / peak, 4) if peak and fig.get("tokens_per_s") else None}
+    planned = estimate(shape, run, nodes=1, gpus_per_node=1, gpu=gpu or GPUS["h100"], candidate="ddp")
+    measured_mb = fig.get("peak_memory_mb")
+    return {"flops_per_token": fpt, "gpu": name, "gpu_spec": gpu.name if gpu else None, "peak_bf16_flops": peak,
+            "attention": cfg.model.attn_implementation,
+            "mfu": round(fig["tokens_per_s"] * fpt / peak, 4) if peak and fig.get("tokens_per_s") else None,
+            # distthink plan's allocated-bytes estimate vs torch.cuda.max_memory_allocated of the run
+            "plan_allocated_mb": round(planned.allocated_bytes / 2**20, 1),
+            "plan_vs_measured_memory": round(planned.allocated_bytes / 2**20 / measured_mb, 3) if measured_mb else None,
+            **({} if gpu else {"mfu_note": f"unknown GPU name {name!r}: no peak in distthink.launch.hardware"})}
 
 
 def main() -> None:
@@ -195,7 +205,7 @@ def main() -> None:
             if not _cuda():
                 extra["mfu_note"] = "no CUDA device: MFU not measured (run `--mfu` on a GPU machine)"
             else:
-                for name, ov, n in mfu_variants(work, args.seq):
+                for name, ov, n in mfu_variants(work, args.seq, args.steps or 30):
                     fig = timed_figures(run_variants([(name, ov)], n, work, timeout=3600)[0], args.warmup)
                     if "error" not in fig:
                         fig.update(mfu_of(fig, ov, args.seq))

@@ -11,12 +11,14 @@ combination raises ConfigError naming the key and the fix, before any model is b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -148,6 +150,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = only at the end / on preemption).")
+    final: bool = _f(True, "Save a resumable checkpoint when the run ends. false for benchmarks: the final checkpoint "
+                           "of a full fine-tune holds the optimizer state (tens of GB at 1.7B parameters).")
     keep_last: int = _f(2, "Keep this many step checkpoints (the `latest` one is never deleted).")
     resume: str = _f("auto", "`auto` = resume from output_dir/checkpoints/latest when it exists; `never`; or a "
                              "checkpoint directory.")
@@ -494,19 +498,34 @@ ZERO_AUTO_BUCKETS = {"reduce_bucket_size": 5e7, "stage3_prefetch_bucket_size": 5
                      "stage3_param_persistence_threshold": 1e4}
 
 
+def device_for(requested: str, key: str = "train.device") -> str:
+    """A device setting (`auto`, `cpu`, `cuda`, `cuda:N`; the trainer's train.device, `generate --device`):
+    `auto` = cuda when a GPU is visible, else cpu. `key` names the setting in the error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
+        raise ConfigError(f"{key}={requested!r} is not a device. Fix: use auto, cpu, cuda or cuda:N")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={requested} but no CUDA device is visible. Fix: use {key}=cpu or auto")
+    return requested
+
+
+def dtype_for(requested: str, device: str) -> torch.dtype:
+    """A dtype setting (model.dtype, `generate --dtype`): `auto` = bfloat16 on GPU, float32 on CPU."""
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[requested]
+
+
 def resolve_device(cfg: Config) -> str:
     """train.device: `auto` = cuda when a GPU is visible, else cpu."""
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible. Fix: use train.device=cpu or auto")
-    return cfg.train.device
+    return device_for(cfg.train.device)
 
 
 def resolve_dtype(cfg: Config, device: str | None = None) -> torch.dtype:
     """The compute dtype: model.dtype, `auto` = bfloat16 on GPU, float32 on CPU."""
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if (device or resolve_device(cfg)) == "cuda" else torch.float32
+        return dtype_for("auto", device or resolve_device(cfg))
     return DTYPES[cfg.model.dtype]
 
 
@@ -521,6 +540,15 @@ def uses_autocast(cfg: Config) -> bool:
 def param_dtype(cfg: Config) -> torch.dtype:
     """The dtype the model's parameters are loaded in (see uses_autocast)."""
     return torch.float32 if uses_autocast(cfg) else resolve_dtype(cfg)
+
+
+def training_autocast(cfg: Config, device_type: str):
+    """The autocast the trainer's forward runs under (accelerate's mixed_precision, see uses_autocast), for code
+    that runs the model outside that forward: the molecule task's free-mode generation runs fp32 weights whose
+    attention was chosen for 16-bit compute (flash-attn refuses fp32). A no-op context when the run has none."""
+    if not uses_autocast(cfg):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=resolve_dtype(cfg, device_type))
 
 
 def flash_attention_blocker(device: str, compute_dtype: torch.dtype, *, installed: bool | None = None,

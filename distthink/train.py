@@ -18,7 +18,8 @@ One optimizer step:
      accelerate/DeepSpeed divide by GA and average over ranks, so the gradient is exactly d(L)/dθ with
      L = global sum / W (see distthink/engine/lm_loss.py; with sequence parallelism the rows are sharded and
      DeepSpeed's divisor depends on the ZeRO stage: distthink/engine/sequence_parallel.py);
-  4. clip, NaN/Inf guard, optimizer + scheduler step, log, maybe evaluate / checkpoint.
+  4. clip, NaN/Inf guard (an fp16 loss-scale overflow is not a NaN step), optimizer + scheduler step, log, maybe
+     evaluate / checkpoint.
 
 Exit codes: 0 done; 2 user error (config/data/checkpoint, message says the fix); 3 stopped by the
 NaN/Inf guard; 75 (REQUEUE_EXIT_CODE, EX_TEMPFAIL) preempted by SIGTERM/SIGUSR1 after saving a
@@ -45,7 +46,7 @@ from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
-from distthink.engine import faults
+from distthink.engine import faults, overflow
 from distthink.engine import sequence_parallel as seqpar
 from distthink.engine.exit_status import report_error, write_status
 from distthink.engine.export import export_model
@@ -98,6 +99,7 @@ def run(cfg: Config) -> int:
         world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.batch.gradient_accumulation
         is_main = accelerator.is_main_process
         use_ds = bool(cfg.distributed.deepspeed)
+        fp16 = resolve_dtype(cfg, device.type) == torch.float16  # loss scaling: GradScaler or DeepSpeed's scaler
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -263,15 +265,20 @@ def run(cfg: Config) -> int:
             *loss_totals, bad = dist.all_reduce_sum(local_sums + [local_bad], device)
             parts = {k: _ratio(t, n) for k, t, n in zip(keys, loss_totals, norms)}
             loss = sum(parts.values())
-            finite = bad == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
+            # Applied, skipped as non-finite, or skipped as an fp16 loss-scale overflow (distthink/engine/overflow.py).
+            scale = overflow.loss_scale_of(accelerator.scaler, wrapped.optimizer if use_ds else None) if fp16 else None
+            kind = overflow.classify_step(W, bad == 0 and math.isfinite(loss), grad_norm, scale)
+            overflow.finish_step(kind, optimizer, accelerator.scaler, deepspeed=use_ds)
             lr_used = scheduler.get_last_lr()[0]
-            if W <= 0:  # no learned token anywhere in this step: nothing to learn, not an error
+            if kind == overflow.EMPTY:  # no learned token anywhere in this step: nothing to learn, not an error
                 log.info("step %d has no learned tokens on any rank: no optimizer step", step + 1)
-            elif finite:
-                if not use_ds:
-                    optimizer.step()
+            elif kind == overflow.STEP:
                 scheduler.step()
                 nan_streak = 0
+            elif kind == overflow.OVERFLOW:
+                log.info("step %d: fp16 loss-scale overflow (finite loss, gradients not finite at scale %g): update "
+                         "skipped, scale now %g; not counted as a non-finite step", step + 1, scale,
+                         overflow.loss_scale_of(accelerator.scaler, wrapped.optimizer if use_ds else None))
             else:
                 nan_streak += 1
                 log.warning("step %d: non-finite loss=%s grad_norm=%s: step skipped (%d in a row, limit %d)%s",
@@ -321,7 +328,7 @@ def run(cfg: Config) -> int:
                 history[-1]["eval_loss"] = eval_loss
                 if trackers:  # the final evaluation belongs in TensorBoard too, at the last step
                     accelerator.log({"eval_loss": eval_loss}, step=step)
-            if step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
+            if cfg.checkpoint.final and step > 0 and (last_ckpt is None or last_ckpt.name != ckpt.step_name(step)):
                 last_ckpt = save()
             export_path = None
             kind = cfg.checkpoint.export

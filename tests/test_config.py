@@ -2,6 +2,7 @@
 combinations with a message naming the key and the fix, and the generated reference doc."""
 
 import pytest
+import torch
 
 from distthink.config import Config, config_from_dict, load_config, markdown_reference, parse_overrides
 from distthink.errors import ConfigError
@@ -121,3 +122,53 @@ def test_mapping_overrides_merge_key_by_key(tmp_path):
     cfg = load_config(path, ["task.options.b=2", "task.options.nested.y=3", "data.policy.think_weight=0.5"])
     assert cfg.task.options == {"a": 1, "b": 2, "nested": {"x": 1, "y": 3}}
     assert cfg.data.policy == {"think": "mask", "think_weight": 0.5}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("installed", [True, False])
+@pytest.mark.parametrize("capability", [(7, 0), (8, 0), (9, 0)])
+def test_auto_attention_is_flash_only_where_it_runs(device, dtype, installed, capability):
+    """flash-attn 2 runs on CUDA only, in fp16/bf16 only, on sm >= 8.0, when installed; sdpa everywhere else. An
+    explicit flash_attention_2 where it cannot run is refused before any model is built, with the reason."""
+    from distthink.config import resolve_attention
+
+    runs = device == "cuda" and dtype != torch.float32 and installed and capability >= (8, 0)
+    kw = dict(installed=installed, capability=capability)
+    assert resolve_attention("auto", device, dtype, **kw) == ("flash_attention_2" if runs else "sdpa")
+    assert resolve_attention("sdpa", device, dtype, **kw) == "sdpa"
+    assert resolve_attention("eager", device, dtype, **kw) == "eager"
+    if runs:
+        assert resolve_attention("flash_attention_2", device, dtype, **kw) == "flash_attention_2"
+    else:
+        with pytest.raises(ConfigError, match="cannot run here: .*Fix"):
+            resolve_attention("flash_attention_2", device, dtype, **kw)
+
+
+@pytest.mark.parametrize("overrides, compute", [
+    (["lora.enabled=false"], torch.bfloat16),                                     # fp32 weights under bf16 autocast
+    (["lora.enabled=true"], torch.bfloat16),                                      # bf16 base, fp32 adapters
+    (["lora.enabled=false", "model.dtype=float32"], torch.float32),               # an explicit fp32 GPU run
+    (["lora.enabled=false", "distributed.deepspeed=ds_configs/zero3.json"], torch.bfloat16)])
+def test_the_attention_follows_the_compute_dtype_not_the_parameter_dtype(overrides, compute):
+    """What the trainer asks (train.py: load_model(..., param_dtype, compute_dtype=resolve_dtype)) on a GPU with
+    flash-attn: autocast runs of fp32 weights compute in bf16 and get flash-attn; an fp32 run gets sdpa."""
+    from distthink.config import resolve_attention, resolve_dtype
+
+    cfg = load_config(None, overrides)
+    assert resolve_dtype(cfg, "cuda") == compute  # dtype auto = bf16 on cuda
+    attn = resolve_attention(cfg.model.attn_implementation, "cuda", resolve_dtype(cfg, "cuda"), installed=True,
+                             capability=(9, 0))
+    assert attn == ("flash_attention_2" if compute != torch.float32 else "sdpa")
+
+
+def test_device_and_dtype_settings_outside_training():
+    from distthink.config import device_for, dtype_for
+
+    assert dtype_for("auto", "cuda") == torch.bfloat16 and dtype_for("auto", "cpu") == torch.float32
+    assert dtype_for("float16", "cpu") == torch.float16
+    assert device_for("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert device_for("auto") == "cpu"
+        with pytest.raises(ConfigError, match="--device=cuda but no CUDA device.*Fix: use --device=cpu"):
+            device_for("cuda", "--device")

@@ -117,3 +117,25 @@ def test_liger_kernel_through_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("version, major, hip, ok", [
+    ("2.8.0+cu128", 9, False, False), ("2.9.1+cu128", 9, False, False),  # the overload exists, fp32 self refused
+    ("2.10.0+cu128", 9, False, True), ("2.11.0+cu130", 8, False, True), ("2.13.0", 9, False, True),
+    ("2.11.0+cu130", 7, False, False),  # Volta/Turing: no bf16 tensor cores
+    ("2.11.0+rocm6.4", 9, True, False)])
+def test_fp32_accumulating_addmm_is_gated_on_the_torch_that_accepts_it(monkeypatch, version, major, hip, ok):
+    """torch.addmm(fp32 self, 16-bit mat1/mat2, out_dtype=float32) is refused by torch 2.8 and 2.9 ("self and mat2
+    must have the same dtype", pytorch/pytorch#154086) and accepted from 2.10 (#167931)."""
+    from distthink.ops import flce_liger
+
+    assert flce_liger.addmm_out_dtype_supported(version, major, hip) is ok
+    # the device-cached gate reads this torch's version string and the GPU's capability
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.version, "hip", "6.4" if hip else None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (major, 0))
+    flce_liger._addmm_out_dtype_ok.cache_clear()
+    try:
+        assert flce_liger._addmm_out_dtype_ok(0) is ok
+    finally:
+        flce_liger._addmm_out_dtype_ok.cache_clear()

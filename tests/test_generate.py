@@ -121,3 +121,48 @@ def test_cli_generate_and_eval_from_export(gen, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["num_samples"] == 3 and 0.0 <= summary["bleu4"] <= 1.0
     assert (tmp_path / "p.parquet").stat().st_size > 0
+
+
+def test_generator_computes_in_the_requested_dtype_with_an_attention_that_runs(gen, tmp_path):
+    """`generate --dtype` (auto = bf16 on cuda): the LM and the graph prefix load in that dtype, and the attention is
+    the one that can run there (distthink.config.resolve_attention: sdpa on this CPU)."""
+    export = tmp_path / "export"
+    gen.model.save_pretrained(export)
+    gen.tokenizer.save_pretrained(export)
+    save_prefix(gen.prompt_inputs.prefix, gen.meta, export)
+    loaded = load_generator(export, dtype=torch.bfloat16, prompt_inputs_loader=load_graph_prompt_inputs)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.prompt_inputs.prefix.parameters()} == {torch.bfloat16}
+    assert loaded.model.config._attn_implementation == "sdpa"
+    recs = list(loaded.generate(*_prompts(2), GenerationOptions(max_new_tokens=4)))
+    assert len(recs) == 2 and all(r["num_new_tokens"] > 0 for r in recs)
+    out = tmp_path / "g.jsonl"
+    assert cli_main(["generate", str(export), "--input", "demo", "--out", str(out), "--limit", "2", "--dtype",
+                     "bfloat16", "--device", "cpu", "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_placeholder_tokens_are_never_generated(gen):
+    """`<|graph|>` is an input slot. A generated one (a young model in free mode samples anything) made the next
+    training step fail: the sample then had more graph tokens than graphs. The generator suppresses the hook's
+    placeholder ids."""
+    gid = gen.prompt_inputs.graph_token_id
+
+    def rig(module, args, logits):  # make <|graph|> the greedy choice at every position
+        logits = logits.clone()
+        logits[..., gid] += 1e4
+        return logits
+
+    handle = gen.model.get_output_embeddings().register_forward_hook(rig)
+    msgs, graphs = _prompts(2)
+    prompts = [gen.tokenizer.encode(gen.render(m, False), add_special_tokens=False) for m in msgs]
+    hook = gen.prompt_inputs
+    try:
+        out, _ = gen.generate_ids(prompts, graphs, GenerationOptions(max_new_tokens=6))
+        assert all(gid not in row for row in out), out
+        gen.prompt_inputs = type("Leaky", (), {"inputs_embeds": hook.inputs_embeds})()  # no placeholder_ids
+        leaky, _ = gen.generate_ids(prompts, graphs, GenerationOptions(max_new_tokens=6))
+        assert all(row[0] == gid for row in leaky)  # without the suppression the rigged head picks it
+    finally:
+        gen.prompt_inputs = hook
+        handle.remove()

@@ -153,3 +153,39 @@ def test_molora_multiplies_adapter_states_and_branch_outputs():
     per_target_extra = (2 * 5 - 1) * 8 * 2
     assert m["lora_activations"] - a["lora_activations"] == pytest.approx(
         4096 * shape.num_layers * per_target_extra * len(lora.lora_targets))
+
+
+@pytest.mark.parametrize("lora, recompute, mult", [(False, False, 3), (True, False, 3), (False, True, 4),
+                                                  (True, True, 4)])
+def test_attention_flops_are_three_forwards_in_lora_as_in_full_fine_tuning(lora, recompute, mult):
+    """QK^T and AV have no weights: their backward computes dQ, dK and dV whether the weights train or not, so
+    attention costs forward + 2 x backward (+ 1 recomputed forward) in LoRA too. Only attention grows with the
+    sequence, so the difference between two lengths is attention alone: 2 matmuls x 2 FLOPs per MAC x layers x
+    q_dim x the mean causal context (seq/2), times the multiplier."""
+    from distthink.launch.plan import model_flops_per_token
+
+    shape = ModelShape.from_hf_config(CONFIGS["llama"])
+
+    def fpt(seq):
+        run = RunShape(tokens_per_micro_batch=seq, seq_len=seq, lora_rank=8 if lora else None,
+                       gradient_checkpointing=recompute)
+        return model_flops_per_token(shape, run)
+
+    attention = fpt(4096) - fpt(1024)
+    assert attention == pytest.approx(mult * 2 * 2 * shape.num_layers * shape.q_dim * (4096 - 1024) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("name, key, peak", [
+    ("NVIDIA H100 80GB HBM3", "h100", 989e12), ("NVIDIA H100 PCIe", "h100-pcie", 756e12),
+    ("NVIDIA H100 NVL", "h100-nvl", 835e12), ("NVIDIA H200", "h200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "a100", 312e12), ("NVIDIA A100-SXM4-40GB", "a100-40", 312e12),
+    ("NVIDIA L40S", "l40s", 362e12), ("Tesla V100-SXM2-32GB", None, None)])
+def test_gpus_are_matched_by_their_full_device_name(name, key, peak):
+    from distthink.launch.hardware import gpu_for_device_name
+
+    gpu = gpu_for_device_name(name)
+    assert (gpu.name, gpu.bf16_flops) == (key, peak) if key else gpu is None
+    # the substring match it replaces gave both PCIe/NVL cards the SXM peak
+    if key in ("h100-pcie", "h100-nvl"):
+        leaky = next(g for k, g in GPUS.items() if k in name.lower().replace(" ", ""))
+        assert leaky.bf16_flops == 989e12 != gpu.bf16_flops

@@ -33,8 +33,11 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of --sample, so sampled generations repeat (default 0)")
-    p.add_argument("--device", default="cpu",
-                   help="where the model runs: cpu (default), cuda, or cuda:N for one GPU")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (default) = cuda when a GPU is visible, else cpu; cpu, cuda, "
+                        "or cuda:N for one GPU")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype; auto (default) = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal only)")
     p.set_defaults(func=_run)
 
@@ -88,13 +91,16 @@ def build_prompts(rows: list[dict], meta: dict, thinking: bool):
 def _run(args) -> int:
     import sys
 
+    from distthink.config import device_for, dtype_for
     from distthink.inference.generate import GenerationOptions, load_generator, write_jsonl
     from distthink.tasks.molecule.model import load_graph_prompt_inputs
 
     rows, _ = load_rows(args.input)
     if args.limit:
         rows = rows[:args.limit]
-    gen = load_generator(args.model, device=args.device, prompt_inputs_loader=load_graph_prompt_inputs)
+    device = device_for(args.device, "--device")
+    gen = load_generator(args.model, device=device, dtype=dtype_for(args.dtype, device),
+                         prompt_inputs_loader=load_graph_prompt_inputs)
     thinking = args.thinking if args.thinking is not None else gen.meta.get("think_mode", "off") != "off"
     msgs, graphs = build_prompts(rows, gen.meta, thinking)
     opts = GenerationOptions(enable_thinking=thinking, do_sample=args.sample, temperature=args.temperature,

@@ -55,6 +55,23 @@ def micro_batch_scale(global_weight_sum: float, world_size: int, grad_accum: int
     return world_size * grad_accum / global_weight_sum
 
 
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(hidden, weight, bias) in the dtype the head's GEMMs should run in.
+
+    Under autocast (fp32 master weights, 16-bit compute) that is the autocast dtype: the fused op switches
+    autocast off inside and computes in its inputs' dtype, and Qwen3's final RMSNorm returns fp32 under autocast,
+    so without this cast the three V x H GEMMs of the loss would run in fp32 (several times slower on a GPU, and
+    not what `distthink plan` models). Outside autocast the head follows the hidden states' dtype. The casts are
+    differentiable: the gradients reach the fp32 weights; the op accumulates in fp32 either way."""
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = hidden.dtype
+    return (hidden.to(dtype), weight.to(dtype),
+            None if bias is None else bias.to(dtype))
+
+
 class LMHeadLoss(torch.nn.Module):
     """A causal LM whose forward returns the weighted LM loss *sum* of a packed micro-batch (see module doc).
 
@@ -114,13 +131,7 @@ class LMHeadLoss(torch.nn.Module):
             return weighted_ce_sum(flat, flat_t, flat_w), selected
         hidden = self.hidden_states(**model_kwargs)
         head = self.base.lm_head
-        # Under autocast (fp32 master weights, 16-bit compute) the head follows the hidden dtype: a
-        # differentiable cast, so gradients still reach the fp32 weights.
-        weight, bias = head.weight, head.bias
-        if weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)
-        if bias is not None and bias.dtype != hidden.dtype:
-            bias = bias.to(hidden.dtype)
+        hidden, weight, bias = head_operands(hidden, head.weight, head.bias)
         extra = {}
         if self.dynamic and self.sequence_parallel is not None:  # </think> may lie on another rank's shard
             flat_w = self.sequence_parallel.dynamic_weights(hidden, weight, bias, targets, target_weights, segment_ids,

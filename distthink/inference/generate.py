@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from distthink.config import load_config
+from distthink.config import load_config, resolve_attention
 from distthink.engine.task import make_task
 from distthink.errors import CheckpointError, ConfigError
 from distthink.inference.parse import parse_generation
@@ -95,7 +95,8 @@ class ThinkBudget:
 
 
 class PromptInputs(Protocol):
-    """A task's hook that turns a batch of prompts plus their side inputs into decoder input embeddings."""
+    """A task's hook that turns a batch of prompts plus their side inputs into decoder input embeddings.
+    A hook may list `placeholder_ids` (its input-slot tokens): the generator never samples them."""
 
     def inputs_embeds(self, model, input_ids: torch.Tensor, extras: Sequence[Any] | None) -> torch.Tensor:
         """(B, T) left-padded prompt ids + one side input per prompt (or None) -> (B, T, H) embeddings."""
@@ -184,6 +185,9 @@ class Generator:
             procs.append(budget)
         kwargs = dict(max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, pad_token_id=pad,
                       eos_token_id=self.stop_ids, use_cache=True, logits_processor=LogitsProcessorList(procs))
+        placeholders = list(getattr(self.prompt_inputs, "placeholder_ids", ()))
+        if placeholders:  # input slots (`<|graph|>`), never outputs: a generated one would need a vector to fill it
+            kwargs["suppress_tokens"] = placeholders
         if opts.synced_gpus is not None:
             kwargs["synced_gpus"] = opts.synced_gpus
         if opts.do_sample:
@@ -219,22 +223,24 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
                    prompt_inputs_loader: PromptInputsLoader | None = None) -> Generator:
     """From an export dir (full model or PEFT adapter) or a checkpoint dir (`checkpoints/step-N` of a non-ZeRO-3
     run: rebuilt from its config.yaml through its task). `prompt_inputs_loader` reads a task's side modules
-    stored next to an exported model (the molecule task's graph encoder); a checkpoint knows its task itself."""
+    stored next to an exported model (the molecule task's graph encoder); a checkpoint knows its task itself.
+    The model computes in `dtype` on `device`, with the attention that can run there (config.resolve_attention)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory. Fix: give a run's export/ or checkpoints/step-N directory")
     if (p / "config.yaml").exists() and (p / "trainer_state.json").exists():
         return _from_checkpoint(p, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(p))
+    attn = resolve_attention("auto", str(torch.device(device).type), dtype)
     if (p / "adapter_config.json").exists():
         base_dir = p / "base_model" if (p / "base_model").exists() else None
         if base_dir is None:
             cfg = json.loads((p / "adapter_config.json").read_text())
             base_dir = cfg.get("base_model_name_or_path")
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn)
         model = PeftModel.from_pretrained(base, str(p)).merge_and_unload()
     elif (p / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, attn_implementation=attn)
     else:
         raise CheckpointError(f"{p} holds neither a model (config.json), an adapter (adapter_config.json) nor a "
                               "distthink checkpoint (config.yaml + trainer_state.json). Fix: point at export/ or "
@@ -242,7 +248,14 @@ def load_generator(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     model.to(device).eval()
     hook, meta = (None, {}) if prompt_inputs_loader is None else prompt_inputs_loader(p, model, tokenizer, device,
                                                                                       dtype)
+    _log_placement(p, model)
     return Generator(model, tokenizer, hook, meta)
+
+
+def _log_placement(path: Path, model) -> None:
+    w = next(model.parameters())
+    log.info("generator: %s on %s in %s, attention=%s", path, w.device, str(w.dtype).replace("torch.", ""),
+             getattr(model.config, "_attn_implementation", "?"))
 
 
 def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
@@ -253,7 +266,7 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
     tokenizer = load_tokenizer(cfg)
     task = make_task(cfg)
     task.prepare_tokenizer(tokenizer)
-    model = load_model(cfg, tokenizer, device, dtype)
+    model = load_model(cfg, tokenizer, str(torch.device(device).type), dtype)
     wrapped = task.wrap_model(model, tokenizer)
     missing, unexpected = wrapped.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied weights are saved once
@@ -264,6 +277,7 @@ def _from_checkpoint(p: Path, device: str, dtype: torch.dtype) -> Generator:
         model = model.merge_and_unload()
     lm = base_causal_lm(model).to(device).eval()
     lm.config.use_cache = True
+    _log_placement(p, lm)
     # optional task hook: (PromptInputs, prompt settings) from the wrapped module's side modules
     hook, meta = task.prompt_inputs(wrapped) if hasattr(task, "prompt_inputs") else (None, {})
     return Generator(lm, tokenizer, hook, meta)

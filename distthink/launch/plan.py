@@ -523,14 +523,15 @@ def model_flops_per_token(model: ModelShape, run: RunShape, *, recompute: bool |
 
     Full fine-tuning: forward + input grads + weight grads = 6 per weight. LoRA: the frozen weights need
     no weight grads, so 4. Recomputation under gradient checkpointing adds one more forward (2).
+    Attention (QK^T and AV) has no weights: its backward computes dQ, dK and dV in LoRA as in full fine-tuning,
+    so it costs 3 forwards in both (4 with recomputation).
     """
+    recomputed = run.gradient_checkpointing if recompute is None else recompute
     matmul_params = model.num_layers * sum(a * c for a, c in model.linear_shapes().values()) + model.embedding_params
-    per_weight = 6 if run.lora_rank is None else 4
-    if run.gradient_checkpointing if recompute is None else recompute:
-        per_weight += 2
+    per_weight = (6 if run.lora_rank is None else 4) + (2 if recomputed else 0)
     # Attention: QK^T and AV, 2 FLOPs per MAC each, over a mean causal context of seq_len/2.
     attn_fwd = 2 * 2 * model.num_layers * model.q_dim * (run.seq_len / 2)
-    attn_mult = (per_weight / 2)  # same fwd/bwd/recompute multiplier as the weights
+    attn_mult = 3 + (1 if recomputed else 0)  # forward + 2x backward (+ the recomputed forward)
     return per_weight * matmul_params + attn_mult * attn_fwd
 
 

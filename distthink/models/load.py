@@ -162,6 +162,18 @@ def wrap_lora(model, cfg: Config):
     return model
 
 
+def side_module_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype for a trainable module added next to `model` (ThinkRec's projector, the molecule graph encoder):
+    the dtype of the LM's trainable parameters (fp32 LoRA adapters on a 16-bit base, fp32 master weights under
+    autocast, the 16-bit weights of a DeepSpeed full fine-tune), fp32 when nothing in the LM trains.
+
+    DeepSpeed ZeRO-3 keeps all trainable parameters in flat partitions of one dtype (a bf16 encoder next to fp32
+    LoRA fails at `prepare`), and without DeepSpeed a bf16 module under AdamW rounds small updates away; only
+    DeepSpeed keeps fp32 master copies of 16-bit weights."""
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    return trainable.pop() if len(trainable) == 1 else torch.float32
+
+
 def base_causal_lm(model):
     """The plain transformers model inside optional PEFT / DeepSpeed / wrapper layers."""
     m = model

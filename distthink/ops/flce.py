@@ -393,18 +393,26 @@ class _Accumulator:
 # autograd
 # ----------------------------------------------------------------------------------------------------
 
+def _autocast_off(device_type: str):
+    """Autocast switched off on `device_type` (a no-op context on a device type without autocast)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Autocast is switched off inside: the GEMMs run in the inputs' own dtype (with fp32 accumulation
-    where it matters), whatever autocast context the trainer is in."""
+    where it matters), whatever autocast context the trainer is in. The caller decides that dtype: under
+    autocast, distthink.engine.lm_loss.LMHeadLoss casts hidden and weight to the autocast dtype first."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, job: _Job):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
+        with _autocast_off(hidden.device.type):
             return _FusedLinearCrossEntropy._forward(ctx, hidden, weight, bias, job)
 
     @staticmethod
     def backward(ctx, grad_loss, _g_correct, _g_wsum):
-        with torch.autocast(device_type=grad_loss.device.type, enabled=False):
+        with _autocast_off(grad_loss.device.type):
             return _FusedLinearCrossEntropy._backward(ctx, grad_loss)
 
     @staticmethod

@@ -128,18 +128,29 @@ def liger_row_kernel(x, weight, bias, target, ws, need_grad: bool, need_argmax: 
     return RowResult(ce=loss, argmax=predicted, grad=logits if need_grad else None)
 
 
+# torch.addmm(fp32 self, bf16/fp16 mat1, mat2, out_dtype=float32, out=fp32): the `out_dtype` overload exists from
+# torch 2.8, but an fp32 `self` next to 16-bit operands is refused ("self and mat2 must have the same dtype") until
+# pytorch/pytorch#167931 (merged November 2025, first released in 2.10; issue #154086). pyproject admits torch>=2.4
+# and GPU clusters bring their own torch, so the fast path is gated on the version that accepts the call.
+ADDMM_FP32_SELF_MIN_TORCH = (2, 10, 0)
+
+
+def addmm_out_dtype_supported(torch_version: str, capability_major: int, hip: bool) -> bool:
+    """Whether this torch build accepts the fp32-accumulating 16-bit addmm above (CUDA sm80+, not ROCm)."""
+    return not hip and capability_major >= 8 and _version_tuple(torch_version) >= ADDMM_FP32_SELF_MIN_TORCH
+
+
 @functools.lru_cache(maxsize=None)
 def _addmm_out_dtype_ok(device_index: int) -> bool:
-    major = torch.cuda.get_device_capability(device_index)[0]
-    ver = _version_tuple(torch.__version__)
-    return torch.version.hip is None and major >= 8 and ver >= (2, 8, 0)
+    return addmm_out_dtype_supported(torch.__version__, torch.cuda.get_device_capability(device_index)[0],
+                                     torch.version.hip is not None)
 
 
 def accumulate_weight_grad(grad_weight32: torch.Tensor, g: torch.Tensor, x_scaled32: torch.Tensor,
                            beta: float = 1.0) -> None:
     """grad_weight32 (fp32) = beta * grad_weight32 + g.T @ x_scaled (beta=0 ignores the old contents).
 
-    g is the kernel's bf16/fp16 gradient: on sm80+ with torch >= 2.8 a bf16 GEMM accumulates straight
+    g is the kernel's bf16/fp16 gradient: on sm80+ with torch >= 2.10 a 16-bit GEMM accumulates straight
     into the fp32 buffer (addmm out_dtype); otherwise the chunk is upcast (a (chunk, V) fp32 temporary)."""
     if g.dtype == torch.float32:
         torch.addmm(grad_weight32, g.t(), x_scaled32, beta=beta, out=grad_weight32)

@@ -111,6 +111,8 @@ class GraphPromptInputs:
 
     def __init__(self, prefix, graph_token_id: int | None):
         self.prefix, self.graph_token_id = prefix, graph_token_id
+        # `<|graph|>` is an input slot: a thought that generated one could not be trained on (no graph to fill it)
+        self.placeholder_ids = (graph_token_id,) if graph_token_id is not None else ()
 
     def inputs_embeds(self, model, input_ids: torch.Tensor, extras) -> torch.Tensor:
         graph_batch, counts = None, None

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch_geometric.data import Data
 
-from distthink.config import Config
+from distthink.config import Config, training_autocast
 from distthink.data.cache import Column
 from distthink.data.chat import META_COLUMNS, encode_chat
 from distthink.data.dataset import iter_records
@@ -45,7 +45,7 @@ from distthink.inference.generate import GenerationOptions, Generator
 from distthink.inference.parse import close_thoughts
 from distthink.logging_utils import get_logger
 from distthink.models.inject import add_placeholder_tokens
-from distthink.models.load import base_causal_lm
+from distthink.models.load import base_causal_lm, side_module_dtype
 from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES, caption_messages
 from distthink.tasks.molecule.encoder import collate_sample_graphs
 from distthink.tasks.molecule.graphs import smiles_to_graph
@@ -259,8 +259,11 @@ class MoleculeTask(SFTTask):
         model.eval()
         t0 = time.perf_counter()
         try:
-            out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in rows],
-                                           [train_set[i].meta["graphs"] for i in rows], opts)
+            # Under the training forward's autocast: with fp32 weights of a 16-bit run the attention was chosen
+            # for 16-bit compute (flash-attn refuses fp32), and the thoughts should come from the model as trained.
+            with training_autocast(self.cfg, next(model.parameters()).device.type):
+                out, budget = gen.generate_ids([train_set[i].meta["free_prompt"] for i in rows],
+                                               [train_set[i].meta["graphs"] for i in rows], opts)
         finally:
             model.train(was_training)
         gen_s = time.perf_counter() - t0
@@ -308,15 +311,15 @@ class MoleculeTask(SFTTask):
 
     # -- model -------------------------------------------------------------------------------------------
     def wrap_model(self, model, tokenizer) -> torch.nn.Module:
+        if not self.opts.trains("llm"):
+            model.requires_grad_(False)
         prefix = None
         if self.opts.use_graph:
             torch.manual_seed(self.cfg.train.seed + 7)  # identical graph-side init on every rank
-            dtype = next(model.parameters()).dtype
-            prefix = build_prefix(self.opts.graph_config(), base_causal_lm(model).config.hidden_size).to(dtype)
+            prefix = build_prefix(self.opts.graph_config(), base_causal_lm(model).config.hidden_size)
+            prefix.to(side_module_dtype(model))  # one trainable dtype with the LM's (ZeRO-3), fp32 without DeepSpeed
             for name, part in (("encoder", prefix.encoder), ("projector", prefix.projector)):
                 part.requires_grad_(self.opts.trains(name))
-        if not self.opts.trains("llm"):
-            model.requires_grad_(False)
         think_end = tokenizer.convert_tokens_to_ids("</think>") if self.opts.think_mode == "dynamic" else None
         if self.opts.think_mode == "dynamic" and (think_end is None or think_end == tokenizer.unk_token_id):
             raise ConfigError("think_mode=dynamic: the tokenizer has no `</think>` token. Fix: use a thinking "

@@ -233,7 +233,7 @@ class SASRec(nn.Module):
         x = self.item(hist_items) + self.label(hist_labels.clamp(0, 1)) + self.pos.weight[1:k + 1][None]
         cls = (self.cls + self.pos.weight[0]).expand(n, 1, -1)
         x = torch.cat([cls, x], dim=1)
-        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool), ~hist_mask], dim=1)
+        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=hist_mask.device), ~hist_mask], dim=1)
         return self.norm(self.encoder(x, src_key_padding_mask=pad)[:, 0])
 
     def tables(self, user_history: CFSplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,8 +401,8 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
         model.adjacency = model.adjacency.to("cpu")
     train = train.to("cpu")
     model.eval()
-    log.info("train-cf %s: best valid AUC %.4f at epoch %d (%d epochs run)", cfg.model, best_auc, best_epoch,
-             len(history))
+    log.info("train-cf %s on %s: best valid AUC %.4f at epoch %d (%d epochs run)", cfg.model, device, best_auc,
+             best_epoch, len(history))
     user_hist = last_train_history(train, n_users, cfg.history_len) if isinstance(model, SASRec) else None
     return CFResult(model, cfg, best_epoch, best_auc, history, user_hist)
 

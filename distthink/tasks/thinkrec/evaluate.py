@@ -14,6 +14,7 @@ Loading. ``export`` is a stage's adapter export (``train.output_dir/export``). W
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distthink.config import Config, resolve_attention
-from distthink.data.packing import model_inputs
+from distthink.config import Config, resolve_attention, resolve_device, resolve_dtype
+from distthink.data.packing import batch_to, model_inputs
 from distthink.engine import batching as train_data
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
@@ -43,21 +44,33 @@ from distthink.tasks.thinkrec.task import ThinkRecTask
 log = get_logger(__name__)
 
 
-def load_for_eval(cfg: Config, export: str | None, tokenizer):
-    """The causal LM (with the export's adapter when given), eval mode, fp32 on CPU / cfg dtype elsewhere."""
-    # fp32 on the CPU: attention there is sdpa whatever a visible GPU could run
-    attn = resolve_attention(cfg.model.attn_implementation, "cpu", torch.float32)
+def eval_placement(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """Where `rec eval` scores and in which dtype: the stage config's train.device and model.dtype (`auto` = the
+    GPU in bf16 when one is visible, the CPU in fp32 otherwise; `train.device=cpu` as an override forces the CPU).
+    Each rank of a torchrun launch takes its own GPU (LOCAL_RANK)."""
+    device = resolve_device(cfg)
+    index = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else None
+    return torch.device(device, index) if index is not None else torch.device(device), resolve_dtype(cfg, device)
+
+
+def load_for_eval(cfg: Config, export: str | None, tokenizer, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """The causal LM (with the export's adapter when given), eval mode, in `dtype` on `device` (default: the CPU),
+    with the attention that can run there (distthink.config.resolve_attention)."""
+    device = device or torch.device("cpu")
+    attn = resolve_attention(cfg.model.attn_implementation, device.type, dtype)
+    kw = dict(attn_implementation=attn, dtype=dtype)
     base_dir = Path(export) / "base_model" if export else None
     if export and not (Path(export) / "adapter_config.json").is_file() and (Path(export) / "config.json").is_file():
         # a full-model export (checkpoint.export=full)
-        return AutoModelForCausalLM.from_pretrained(str(export), attn_implementation=attn, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(export), **kw).to(device).eval()
     if base_dir is not None and base_dir.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation=attn, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kw)
     elif cfg.model.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kw)
     else:
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_config(build_model_config(cfg, tokenizer), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(build_model_config(cfg, tokenizer), **kw)
         log.warning("no base weights found: scoring a randomly initialised %s", cfg.model.from_config)
     if export:
         if not (Path(export) / "adapter_config.json").is_file():
@@ -65,7 +78,7 @@ def load_for_eval(cfg: Config, export: str | None, tokenizer):
                               "of a run with checkpoint.export=adapter")
 
         model = PeftModel.from_pretrained(model, export)
-    return model.eval()
+    return model.to(device).eval()
 
 
 FUSION_MODES = ("fusion", "global", "hard")
@@ -116,9 +129,10 @@ class FusionGates:
                 "branch": dec.branch}
 
 
-def load_stage3_for_eval(export: str):
+def load_stage3_for_eval(export: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
     """(model with MoLoRA layers, EntropyGate|None, molora dir) from a stage-3 export: the plain base model in
-    ``export/`` (config.json + weights) and the adapters in ``export/molora`` (distthink.models.molora_export)."""
+    ``export/`` (config.json + weights) and the adapters in ``export/molora`` (distthink.models.molora_export),
+    in `dtype` on `device` (default: the CPU; adapters of a 16-bit base stay fp32, as in training)."""
     ex = Path(export)
     mdir = ex / "molora" if (ex / "molora" / "molora.json").is_file() else ex
     if not (mdir / "molora.json").is_file():
@@ -128,9 +142,11 @@ def load_stage3_for_eval(export: str):
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"{base_dir} holds no base model (config.json). Fix: pass the stage-3 export folder "
                           "(checkpoint.export=full writes the plain base there)")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    device = device or torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype,
+                                                 attn_implementation=resolve_attention("auto", device.type, dtype))
     model, gate = load_molora(model, mdir, dropout=0.0)
-    return model.eval(), gate, mdir
+    return model.to(device).eval(), gate, mdir
 
 
 @torch.no_grad()
@@ -143,12 +159,14 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
     source = projector_source(opt, str(ex), None) if opt.prompt_mode == "ids" else None
     tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
-    model, gate, mdir = load_stage3_for_eval(export)
+    device, dtype = eval_placement(cfg)
+    model, gate, mdir = load_stage3_for_eval(export, device, dtype)
+    _log_placement(model, len(samples), rank, world)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
-    wrapper = _eval_wrapper(model, tokenizer, opt, source)
+    wrapper = _eval_wrapper(model, tokenizer, opt, source, device)
     out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
-    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
+    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size, device):
         g = gates(batch["user_ids"])
         if gates_fn is not None:
             g.update(gates_fn(batch["user_ids"]))
@@ -192,16 +210,25 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
     tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
-    model = load_for_eval(cfg, export, tokenizer)
-    wrapper = _eval_wrapper(model, tokenizer, task.opt, source)
+    device, dtype = eval_placement(cfg)
+    model = load_for_eval(cfg, export, tokenizer, device, dtype)
+    _log_placement(model, len(samples), rank, world)
+    wrapper = _eval_wrapper(model, tokenizer, task.opt, source, device)
     out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
-    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
+    for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size, device):
         out["score"] += _batch_scores(wrapper, model, batch).double().tolist()
         _add_sample_columns(out, part)
     return {k: np.asarray(v) for k, v in out.items()}, len(samples)
 
 
 # Shared by score_split and score_split_fusion.
+
+def _log_placement(model, n: int, rank: int, world: int) -> None:
+    w = next(model.parameters())
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+    log.info("rec eval: %d rows (rank %d of %d) on %s in %s, attention=%s", len(range(rank, n, world)), rank, world,
+             w.device, str(w.dtype).replace("torch.", ""), attn)
+
 
 def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts), from the encoded-data
@@ -214,28 +241,32 @@ def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
                                                progress=False)
 
 
-def _eval_wrapper(model, tokenizer, opt, source):
+def _eval_wrapper(model, tokenizer, opt, source, device: torch.device | None = None):
     """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
-    is loaded from `source` (projector_source), never from the training-time options."""
+    is loaded from `source` (projector_source), never from the training-time options. Moved to `device` with
+    the model (the projector and the CF tables with it)."""
     opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None
     wrapper = build_wrapper(model, tokenizer, opt, impl="hf").eval()
     if source is not None:
         _load_projector_from(wrapper, source, opt)
-    return wrapper
+    return wrapper.to(device) if device is not None else wrapper
 
 
-def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: int):
-    """(samples, collated batch) of this rank's strided share of the split."""
+def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: int, device=None):
+    """(samples, collated batch on `device`) of this rank's strided share of the split."""
     collate = task.collator(tokenizer)
     mine = list(range(rank, len(samples), world))
     for i in range(0, len(mine), batch_size):
         part = [samples[j] for j in mine[i:i + batch_size]]
-        yield part, collate(part)
+        batch = collate(part)
+        yield part, (batch_to(batch, device) if device is not None else batch)
 
 
 def _batch_scores(wrapper, model, batch) -> torch.Tensor:
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
-    return wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
+    dtype = next(model.parameters()).dtype  # eager's additive mask in the model's dtype
+    return wrapper.score(**{k: batch[k] for k in SCORE_KEYS},
+                         **model_inputs(batch, attn, dtype=dtype, with_input_ids=False))
 
 
 def _add_sample_columns(out: dict, part) -> None:

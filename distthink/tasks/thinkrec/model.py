@@ -14,6 +14,7 @@ from distthink.engine.lm_loss import LMHeadLoss
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.models.inject import PlaceholderSlot, Projector, inject_placeholders
+from distthink.models.load import side_module_dtype
 from distthink.tasks.thinkrec import prompts
 from distthink.tasks.thinkrec.cf import load_cf_export
 from distthink.tasks.thinkrec.options import ThinkRecOptions
@@ -54,16 +55,25 @@ class ThinkRecModel(LMHeadLoss):
         """inputs_embeds (B, T, H) with the projected CF vectors at the id placeholders."""
         embeds = self.base.get_input_embeddings()(input_ids)
         ones = torch.ones_like(user_ids)
-        p = self.projector
         slots = [
-            PlaceholderSlot(self.ph_ids[prompts.USER_ID], p(self.user_table[user_ids]), ones, prompts.USER_ID),
-            PlaceholderSlot(self.ph_ids[prompts.TARGET_ITEM_ID], p(self.item_table[target_ids]), ones,
+            PlaceholderSlot(self.ph_ids[prompts.USER_ID], self._projected(self.user_table, user_ids), ones,
+                            prompts.USER_ID),
+            PlaceholderSlot(self.ph_ids[prompts.TARGET_ITEM_ID], self._projected(self.item_table, target_ids), ones,
                             prompts.TARGET_ITEM_ID),
-            PlaceholderSlot(self.ph_ids[prompts.ITEM_ID], p(self.item_table[hist_ids]), hist_counts, prompts.ITEM_ID),
+            PlaceholderSlot(self.ph_ids[prompts.ITEM_ID], self._projected(self.item_table, hist_ids), hist_counts,
+                            prompts.ITEM_ID),
         ]
         inplace = not (embeds.is_leaf and embeds.requires_grad)
         return inject_placeholders(input_ids, embeds, slots, segment_ids=segment_ids,
                                    num_samples=int(user_ids.numel()), inplace=inplace)
+
+    def _projected(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The projector's output for the CF vectors of `ids`. The table is read where it lives and only the looked-up
+        rows travel to the projector's device and dtype: DeepSpeed ZeRO-3 never moves the buffers of a module built
+        outside zero.Init (the table stays on the host while the ids are on the GPU), and ZeRO-2 in bf16 casts the
+        projector's weights but not fp32 buffers."""
+        w = next(self.projector.parameters())  # under ZeRO-3 partitioned, but its device and dtype are the real ones
+        return self.projector(table[ids.to(table.device)].to(device=w.device, dtype=w.dtype))
 
     def _add_decoder_input(self, model_kwargs: dict, input_ids, segment_ids, user_ids, target_ids, hist_ids,
                            hist_counts) -> None:
@@ -130,6 +140,7 @@ def build_wrapper(model, tokenizer, opt: ThinkRecOptions, *, impl: str = "fused"
         if opt.init_projector:
             load_projector_export(projector, opt.init_projector, opt, cf=cf)
         projector.requires_grad_(bool(opt.train_projector))
+        projector.to(side_module_dtype(model))  # after freezing the adapter: a frozen LM leaves fp32
     yes_id, no_id = verdict_ids(tokenizer, opt)
     return ThinkRecModel(model, yes_id=yes_id, no_id=no_id, rec_score=opt.rec_score, impl=impl, chunk_size=chunk_size,
                          projector=projector, user_table=user, item_table=item, ph_ids=ph_ids)

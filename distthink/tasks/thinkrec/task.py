@@ -115,10 +115,11 @@ class ThinkRecTask:
         return inner
 
     def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None) -> torch.Tensor:
-        """(S,) user ids -> (S, K+1) gates: one-hot by group (hard) or the entropy gate on CF vectors (soft)."""
+        """(S,) user ids -> (S, K+1) gates on the host: one-hot by group (hard) or the entropy gate on CF vectors
+        (soft). The lookups use a host copy of the ids: the tables live on the host, the batch may be on the GPU."""
         u = user_ids.detach().cpu().long()
         if self.gate is not None:
-            return self.gate(user_table[user_ids].detach().float().cpu()).weights
+            return self.gate(user_table[u.to(user_table.device)].detach().float().cpu()).weights
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
