@@ -188,7 +188,7 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"
-    save_projector_export(Projector(64, 64, mult=10), stage2,
+    save_projector_export(Projector(64, 64, mult=5, activation="relu"), stage2,
                           ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(cf)}))
     out = tmp_path / "run"
     launch(["--config", "configs/thinkrec/stage3_smoke.yaml", f"data.train={prep / 'train.parquet'}",

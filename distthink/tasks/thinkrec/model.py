@@ -126,7 +126,8 @@ def build_wrapper(model, tokenizer, opt: ThinkRecOptions, *, impl: str = "fused"
         user, item = cf.user, cf.item
         hidden = model.config.hidden_size if hasattr(model, "config") else model.get_input_embeddings().embedding_dim
         torch.manual_seed(0)  # the same projector init on every rank
-        projector = Projector(cf.meta["dim"], hidden, mult=opt.projector_mult, k=opt.proj_token_num)
+        projector = Projector(cf.meta["dim"], hidden, mult=opt.mid_mult, k=opt.proj_token_num,
+                              activation=opt.activation)
         if opt.init_projector:
             load_projector_export(projector, opt.init_projector, opt, cf=cf)
         projector.requires_grad_(bool(opt.train_projector))

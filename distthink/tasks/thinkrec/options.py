@@ -8,6 +8,7 @@ from pathlib import Path
 from distthink.config import Config, load_options
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.inject import PROJECTOR_ACTIVATIONS
 from distthink.tasks.thinkrec import prompts
 from distthink.tasks.thinkrec.projector_export import check_projector_export
 
@@ -15,7 +16,8 @@ log = get_logger(__name__)
 
 
 # Spellings of shared concepts that moved to the engine's config (accepted until 0.3, with one warning line).
-DEPRECATED = {"max_train_samples": "use data.max_train_samples", "max_eval_samples": "use data.max_eval_samples"}
+DEPRECATED = {"max_train_samples": "use data.max_train_samples", "max_eval_samples": "use data.max_eval_samples",
+              "projector_mult": "use task.options.mid_mult (same meaning; the default is now 5, as ThinkRec)"}
 
 
 @dataclass
@@ -33,7 +35,8 @@ class ThinkRecOptions:
     theta: float = 0.9                 # label-only samples: theta * BCE + gamma * LM
     gamma: float = 0.1
     reason_ratio: float = 0.2          # share of rows (with a reason) used as reasoning samples
-    projector_mult: int = 10
+    mid_mult: int = 5                  # projector: Linear(d, mid_mult*d) -> activation -> Linear(., hidden*k)
+    activation: str = "relu"           # projector activation: relu (ThinkRec) | gelu
     proj_token_num: int = 1
     train_projector: bool | None = None  # default: prompt_mode == ids
     init_projector: str | None = None  # a stage-2 export folder holding projector.safetensors (loaded by path)
@@ -57,6 +60,8 @@ class ThinkRecOptions:
         for key, word in (("rec_score", "yes"), ("yes_text", "Yes"), ("no_text", "No")):
             if isinstance(raw.get(key), bool):
                 raw[key] = word if raw[key] == (key != "no_text") else raw[key]
+        if raw.get("projector_mult") is not None and "mid_mult" not in raw:
+            raw["mid_mult"] = raw["projector_mult"]  # the pre-0.2 name, mapped here (load_options warns once)
         opt = load_options(cls, raw, "task.options.", deprecated=DEPRECATED)
         opt.validate()
         return opt
@@ -71,9 +76,14 @@ class ThinkRecOptions:
                                   f"{getattr(ThinkRecOptions, k)}")
         if not 0 <= self.reason_ratio <= 1:
             raise ConfigError(f"task.options.reason_ratio={self.reason_ratio!r} must be in [0, 1]. Fix: e.g. 0.2")
-        for k in ("projector_mult", "proj_token_num"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                raise ConfigError(f"task.options.{k} must be a positive integer. Fix: e.g. 10 / 1")
+        for k in ("mid_mult", "proj_token_num"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"task.options.{k}={v!r} must be a positive integer. Fix: e.g. "
+                                  f"{getattr(ThinkRecOptions, k)}")
+        if self.activation not in PROJECTOR_ACTIVATIONS:
+            raise ConfigError(f"task.options.activation={self.activation!r}. Fix: use one of "
+                              f"{sorted(PROJECTOR_ACTIVATIONS)} (relu is ThinkRec's)")
         if self.template is None:
             if self.prompt_mode not in prompts.TEMPLATES:
                 raise ConfigError(f"task.options.prompt_mode={self.prompt_mode!r}. Fix: use `text` or `ids`")
@@ -125,7 +135,7 @@ class MoLoRAStage:
     groups_dir: str = ""
     init_adapter: str = ""
     gate: str = "hard"
-    dropout: float = 0.0
+    dropout: float = 0.05              # LoRA input dropout of every expert (ThinkRec's LoRA dropout)
 
     @classmethod
     def from_dict(cls, d, cf_export=None) -> "MoLoRAStage":
@@ -150,5 +160,5 @@ class MoLoRAStage:
             raise ConfigError("task.options.molora.gate=soft needs the CF user vectors. Fix: set "
                               "task.options.cf_export (the `distthink rec train-cf` folder)")
         if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
-            raise ConfigError(f"task.options.molora.dropout={m.dropout!r} must be in [0, 1). Fix: e.g. 0.0")
+            raise ConfigError(f"task.options.molora.dropout={m.dropout!r} must be in [0, 1). Fix: e.g. 0.05")
         return m

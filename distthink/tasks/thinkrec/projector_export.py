@@ -30,10 +30,16 @@ PROJECTOR_META = "projector.json"
 PROJECTOR_FORMAT = "distthink.thinkrec.projector/1"
 
 
+# Exports written before the activation was recorded used GELU (the projector had no other).
+LEGACY_ACTIVATION = "gelu"
+
+
 def projector_shape(projector) -> dict:
-    """{d_in, hidden_size, mult, k} of a Projector (attributes only: valid on ZeRO-3 partitioned modules too)."""
+    """{d_in, hidden_size, mult, k, activation} of a Projector (attributes only: valid on ZeRO-3 partitioned
+    modules too). ``mult`` is task.options.mid_mult."""
     return {"d_in": int(projector.d_in), "hidden_size": int(projector.hidden_size),
-            "mult": int(projector.net[0].out_features // projector.d_in), "k": int(projector.k)}
+            "mult": int(projector.net[0].out_features // projector.d_in), "k": int(projector.k),
+            "activation": str(projector.activation)}
 
 
 def cf_fingerprint(cf) -> str:
@@ -70,7 +76,7 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     """Collective under ZeRO-3 (every rank calls; the partitioned parameters are gathered, rank 0 writes).
 
     export_dir/projector.safetensors: the projector's state dict in fp32 (keys ``net.0.weight`` ...);
-    export_dir/projector.json: format, shape ({d_in, hidden_size, mult, k}), the cf_export it was trained with
+    export_dir/projector.json: format, shape ({d_in, hidden_size, mult (= mid_mult), k, activation}), the cf_export it was trained with
     and that export's fingerprint (cf_fingerprint), so a later stage can check it gets the same CF space.
     """
     was_partitioned = is_partitioned(projector)
@@ -98,7 +104,7 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
 
 
 def _projector_tensor_shapes(shape: dict) -> dict:
-    d, m, h, k = shape["d_in"], shape["mult"], shape["hidden_size"], shape["k"]
+    d, m, h, k = (shape[key] for key in ("d_in", "mult", "hidden_size", "k"))
     return {"net.0.weight": (m * d, d), "net.0.bias": (m * d,), "net.2.weight": (h * k, m * d), "net.2.bias": (h * k,)}
 
 
@@ -112,13 +118,14 @@ def load_projector_export(projector, folder: str, opt: ThinkRecOptions | None = 
     Returns the export's meta."""
     meta = check_projector_export(folder, option)
     have = projector_shape(projector)
-    saved = {k: meta.get(k) for k in have}
+    saved = {k: meta.get(k, LEGACY_ACTIVATION if k == "activation" else None) for k in have}
     if saved != have:
         diff = ", ".join(f"{k}: export {saved[k]} vs this config {have[k]}" for k in have if saved[k] != have[k])
         raise ConfigError(f"{option}={folder!r}: the exported projector does not fit this stage ({diff}). Fix: use "
-                          f"the stage-2 settings (task.options.projector_mult={saved['mult']}, proj_token_num="
-                          f"{saved['k']}), the same base model (hidden {saved['hidden_size']}) and a CF export of "
-                          f"dim {saved['d_in']} (the stage-2 one: {meta.get('cf_export')})")
+                          f"the stage-2 settings (task.options.mid_mult={saved['mult']}, activation="
+                          f"{saved['activation']}, proj_token_num={saved['k']}), the same base model (hidden "
+                          f"{saved['hidden_size']}) and a CF export of dim {saved['d_in']} (the stage-2 one: "
+                          f"{meta.get('cf_export')})")
     sd = load_file(str(Path(folder) / PROJECTOR_FILE))
     want = _projector_tensor_shapes(have)
     got = {k: tuple(v.shape) for k, v in sd.items()}
