@@ -21,13 +21,13 @@ DIM = 8
 def world(tmp_path_factory):
     """Prepared synthetic data, two CF exports of the same shape (different vectors), a tokenizer and a batch."""
     from distthink.data.chat import ChatPolicy
-    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.models.inject import add_placeholder_tokens
+    from distthink.models.tiny import tiny_tokenizer
     from distthink.tasks.thinkrec import prompts
-    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
+    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.tasks.thinkrec.options import ThinkRecOptions
     from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples
-    from distthink.models.tiny import tiny_tokenizer
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     root = tmp_path_factory.mktemp("proj")
     prep = root / "prep"

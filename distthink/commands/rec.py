@@ -84,6 +84,9 @@ def register(subparsers) -> None:
     s.add_argument("--method", choices=("kmeans", "ward"), default="kmeans",
                    help="ward (agglomerative) is O(n^2) memory: small user sets only")
     s.add_argument("--sample", type=int, default=10000, help="users sampled (seeded) for the silhouette score")
+    s.add_argument("--space", choices=("standardised", "raw"), default="standardised",
+                   help="clustering space: per-dimension standardised CF vectors (default) or the raw vectors "
+                   "(ThinkRec). Both centroid sets are saved: the gate's space is task.options.molora.gate_space")
     s.add_argument("--data", default=None, help="prepared folder: also write per-group train/valid/test splits")
     s.add_argument("--include-cold-users", action="store_true",
                    help="also fit on users without train interactions (by default they are only assigned to "
@@ -188,7 +191,7 @@ def _group(args) -> int:
     n_groups = args.n_groups if args.n_groups == "auto" else _int_or_error(args.n_groups)
     cfg = GroupConfig(n_groups=n_groups, k_min=args.k_min, k_max=args.k_max, method=args.method,
                       silhouette_sample=args.sample, seed=args.seed, only_trained_users=not args.include_cold_users,
-                      plots=not args.no_plots)
+                      plots=not args.no_plots, space=args.space)
     summary = group_users(args.cf, args.out, cfg, prepared_dir=args.data)
     print(json.dumps({k: summary[k] for k in ("n_groups", "sizes", "silhouette", "out")}))
     return 0

@@ -10,6 +10,8 @@ from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.models.inject import PROJECTOR_ACTIVATIONS
 from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.gate import GATE_SPACES, GateConfig
+from distthink.tasks.thinkrec.grouping import group_tensor_names
 from distthink.tasks.thinkrec.projector_export import check_projector_export
 
 log = get_logger(__name__)
@@ -129,13 +131,23 @@ class MoLoRAStage:
     groups_dir: folder of `distthink rec group` (user_groups.parquet + centroids). init_adapter: the stage-1
     PEFT adapter folder every expert and the global adapter start from. gate: ``hard`` routes each sample to
     its user's group expert (users absent from the table: the global adapter); ``soft`` uses the entropy gate
-    on the CF user vectors (needs task.options.cf_export).
+    on the CF user vectors (needs task.options.cf_export). tau / expert_margin / entropy_frac / gate_space: the
+    entropy gate's settings (distthink/tasks/thinkrec/gate.py), used by ``soft`` training and written to
+    molora.json, where `rec eval --fusion` and `rec explain` read them back.
     """
 
     groups_dir: str = ""
     init_adapter: str = ""
     gate: str = "hard"
     dropout: float = 0.05              # LoRA input dropout of every expert (ThinkRec's LoRA dropout)
+    tau: float = 0.1                   # gate: softmax temperature on the cosine similarities
+    expert_margin: float = 0.6         # gate: one expert alone when max w > 0.5 + expert_margin / K
+    entropy_frac: float = 0.95         # gate: global adapter when H(w) > entropy_frac * ln K (tested first)
+    gate_space: str = "raw"            # gate: raw (ThinkRec: CF vector vs raw group means) | standardised
+
+    def gate_config(self) -> GateConfig:
+        return GateConfig(tau=self.tau, expert_margin=self.expert_margin, entropy_frac=self.entropy_frac,
+                          space=self.gate_space)
 
     @classmethod
     def from_dict(cls, d, cf_export=None) -> "MoLoRAStage":
@@ -161,4 +173,12 @@ class MoLoRAStage:
                               "task.options.cf_export (the `distthink rec train-cf` folder)")
         if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
             raise ConfigError(f"task.options.molora.dropout={m.dropout!r} must be in [0, 1). Fix: e.g. 0.05")
+        if m.gate_space not in GATE_SPACES:
+            raise ConfigError(f"task.options.molora.gate_space={m.gate_space!r}. Fix: use raw (ThinkRec) or "
+                              "standardised")
+        m.gate_config().validate("task.options.molora.")
+        if m.gate_space == "raw" and "centroids_raw" not in group_tensor_names(g):
+            raise ConfigError(f"task.options.molora.groups_dir={m.groups_dir!r} has no raw group means "
+                              "(centroids_raw; older `rec group` output). Fix: run `distthink rec group` again, or "
+                              "set task.options.molora.gate_space: standardised")
         return m

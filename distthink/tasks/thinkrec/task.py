@@ -108,16 +108,18 @@ class ThinkRecTask:
         self.user_group[torch.as_tensor(table["user_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(
             table["group"].to_numpy(), dtype=torch.long)
         self.num_experts = k
-        self.gate = EntropyGate.from_groups(m.groups_dir) if m.gate == "soft" else None
+        self.gate = EntropyGate.from_groups(m.groups_dir, m.gate_config()) if m.gate == "soft" else None
         inner = apply_molora(model, k, dropout=float(m.dropout), init_from_peft_adapter=m.init_adapter)
         self.molora_model = inner
         return inner
 
     def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None) -> torch.Tensor:
-        """(S,) user ids -> (S, K+1) gates: one-hot by group (hard) or the entropy gate on CF vectors (soft)."""
+        """(S,) user ids -> (S, K+1) gates on the CPU: one-hot by group (hard) or the entropy gate on the CF user
+        vectors (soft). The tables live on the CPU and the ids may come on the accelerator (the batch was moved
+        there): every lookup uses the CPU copy of the ids."""
         u = user_ids.detach().cpu().long()
         if self.gate is not None:
-            return self.gate(user_table[user_ids].detach().float().cpu()).weights
+            return self.gate(user_table.detach().cpu()[u].float()).weights
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
@@ -153,7 +155,7 @@ class ThinkRecTask:
 
         m = self.opt.molora
         export_molora(accelerator.unwrap_model(wrapped).model, Path(export_dir) / "molora",
-                      gate=EntropyGate.from_groups(m.groups_dir), groups_dir=m.groups_dir)
+                      gate=EntropyGate.from_groups(m.groups_dir, m.gate_config()), groups_dir=m.groups_dir)
         if accelerator.is_main_process:
             _clean_full_export(Path(export_dir))
         accelerator.wait_for_everyone()
