@@ -14,10 +14,27 @@ from torch import nn
 from distthink.data.packing import collate_packed, model_inputs
 from distthink.data.types import EncodedSample
 from distthink.errors import ConfigError, DistthinkError
-from distthink.models.molora import (GateSlot, MoLoRALinear, apply_molora, clear_gates, global_gate, hard_gate,
-                                     molora_gates, molora_layers, set_gates, tokens_from_samples)
-from distthink.tasks.thinkrec.gate import (BRANCH_EXPERT, BRANCH_FUSE, BRANCH_GLOBAL, EntropyGate, GateConfig,
-                                           branch_counts, entropy_gate)
+from distthink.models.molora import (
+    GateSlot,
+    MoLoRALinear,
+    apply_molora,
+    clear_gates,
+    global_gate,
+    hard_gate,
+    molora_gates,
+    molora_layers,
+    set_gates,
+    tokens_from_samples,
+)
+from distthink.tasks.thinkrec.gate import (
+    BRANCH_EXPERT,
+    BRANCH_FUSE,
+    BRANCH_GLOBAL,
+    EntropyGate,
+    GateConfig,
+    branch_counts,
+    entropy_gate,
+)
 
 TOL = 1e-6
 

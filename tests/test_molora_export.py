@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from distthink.errors import CheckpointError, ConfigError
 from distthink.models.molora import apply_molora, hard_gate, molora_gates, molora_layers

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _train_utils import ROOT, env
 from test_thinkrec_stage3 import _write_adapter
 

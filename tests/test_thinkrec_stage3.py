@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _train_utils import launch, metrics
 
 R, ALPHA = 4, 8
@@ -255,8 +254,8 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     from safetensors.torch import load_file
 
     from distthink.models.inject import Projector
-    from distthink.tasks.thinkrec.projector_export import save_projector_export
     from distthink.tasks.thinkrec.options import ThinkRecOptions
+    from distthink.tasks.thinkrec.projector_export import save_projector_export
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"
