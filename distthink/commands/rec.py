@@ -118,7 +118,11 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--base-url", default=None, help="default: $OPENAI_BASE_URL")
     s.add_argument("--model", default=None, help="default: $DISTTHINK_TEACHER_MODEL")
-    s.add_argument("--max-rounds", type=int, default=3)
+    s.add_argument("--max-rounds", type=int, default=10,
+                   help="reflection rounds per row before it is stored as failed (ok: false); the count is reported")
+    s.add_argument("--match", choices=("substring", "strict"), default="substring",
+                   help="substring: the label's text appears in the answer (ThinkRec); strict: the answer's first "
+                   "verdict word is the label")
     s.add_argument("--concurrency", type=int, default=4)
     s.add_argument("--write-split", default=None, help="also write the split with the new reasons (Parquet)")
     s.set_defaults(func=_synthesize)
@@ -272,7 +276,7 @@ def _synthesize(args) -> int:
     cfg = TeacherConfig(base_url=args.base_url or os.environ.get("OPENAI_BASE_URL", ""),
                         model=args.model or os.environ.get("DISTTHINK_TEACHER_MODEL", ""),
                         api_key=os.environ.get("OPENAI_API_KEY"), max_rounds=args.max_rounds,
-                        concurrency=args.concurrency)
+                        concurrency=args.concurrency, match=args.match)
     split = read_split(args.split)
     counts = synthesize(select_rows(split, args.scores, args.threshold, args.limit), args.out, cfg)
     if args.write_split:
