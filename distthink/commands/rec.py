@@ -4,7 +4,7 @@
     distthink rec prepare   --input PATH --format movielens|amazon|yelp|generic|pickle [--items PATH]
                             --out DIR [--threshold 4 --history-len 10 --train-frac 0.8 --valid-frac 0.1
                             --reasons none|template --output-format parquet|jsonl --trust-pickle]
-    distthink rec train-cf  --data PREPARED_DIR --model mf|lightgcn|sasrec --out DIR [--dim 64 ...]
+    distthink rec train-cf  --data PREPARED_DIR --model mf|lightgcn|sasrec|dcn|din --out DIR [--dim 64 ...]
     distthink rec group     --cf CF_EXPORT_DIR --out DIR [--n-groups auto|K --method kmeans|ward
                             --data PREPARED_DIR]
 
@@ -59,15 +59,17 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed for --input synthetic")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec and export embeddings (safetensors)")
+    s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec / DCN / DIN and export embeddings (safetensors)")
     s.add_argument("--data", required=True, help="folder written by `distthink rec prepare`")
-    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec"), default="mf")
+    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec", "dcn", "din"), default="mf",
+                   help="dcn / din are target-aware: a row's user vector encodes (user, target, last history items)")
     s.add_argument("--out", required=True, help="export folder")
     s.add_argument("--dim", type=int, default=64)
-    s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks")
-    s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec 3e-3")
+    s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks / DCN cross "
+                   "layers")
+    s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec/dcn/din 3e-3")
     s.add_argument("--weight-decay", type=float, default=1e-2,
-                   help="MF/LightGCN: L2 on the batch rows; SASRec: AdamW decay")
+                   help="MF/LightGCN: L2 on the batch rows; SASRec/DCN/DIN: AdamW decay")
     s.add_argument("--batch-size", type=int, default=512)
     s.add_argument("--epochs", type=int, default=50, help="maximum epochs")
     s.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a valid-AUC gain")
@@ -76,7 +78,8 @@ def register(subparsers) -> None:
     s.set_defaults(func=_train_cf)
 
     s = sub.add_parser("group", help="K-means / ward user groups on standardised CF user vectors")
-    s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`")
+    s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`, or .npz shards "
+                   "(user_ids, user_emb) keyed by the prepared user ids")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-groups", default="auto", help="'auto' (k in --k-min..--k-max by silhouette) or an integer")
     s.add_argument("--k-min", type=int, default=2)
@@ -101,7 +104,8 @@ def register(subparsers) -> None:
     s.add_argument("--split", required=True, help="prepared split file, e.g. PREP/test.parquet")
     s.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     s.add_argument("--scores", default=None, help="write per-sample scores to this Parquet file")
-    s.add_argument("--cf", default=None, help="a `rec train-cf` export: also report its metrics on the same rows")
+    s.add_argument("--cf", default=None, help="a `rec train-cf` export (or .npz shards, or `inline`): also report "
+                   "its metrics on the same rows (SASRec/DCN/DIN score each row with its encoder)")
     s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
                    "model.safetensors holding the trained projector (not needed with --export of the stage: the "
                    "export holds projector.safetensors)")
@@ -243,18 +247,14 @@ def _eval(args) -> int:
                          batch_size=args.batch_size, projector=args.projector)
             out = {"llm": m}
         if args.cf:
-            from distthink.tasks.thinkrec.cf import load_cf_export
+            from distthink.tasks.thinkrec.cf_source import open_cf_source
             from distthink.tasks.thinkrec.prepare import read_split
 
-            cf = load_cf_export(args.cf)
             df = read_split(args.split)
             if args.limit is not None:
                 df = df.iloc[:args.limit]
-            import torch
-
-            sc = cf.score(torch.as_tensor(df["user_id"].to_numpy()), torch.as_tensor(df["item_id"].to_numpy()))
-            out["cf"] = compute_metrics(df["user_id"].to_numpy(), df["label"].to_numpy().astype(np.int64),
-                                        sc.numpy().astype(np.float64))
+            sc = open_cf_source(args.cf).score_rows(df, source=args.split)
+            out["cf"] = compute_metrics(df["user_id"].to_numpy(), df["label"].to_numpy().astype(np.int64), sc)
         if not dist.is_initialized() or dist.get_rank() == 0:
             for k, v in out.items():
                 print(f"{k}: " + (" ".join(f"{b}={c}" for b, c in v.items()) if k == "branch_counts"

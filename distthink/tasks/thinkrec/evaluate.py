@@ -32,10 +32,10 @@ from distthink.logging_utils import get_logger
 from distthink.models.load import build_model_config, load_tokenizer
 from distthink.models.molora import global_gate, hard_gate, molora_gates
 from distthink.models.molora_export import read_molora_json
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import open_cf_source
 from distthink.tasks.thinkrec.gate import BRANCH_NAMES, load_molora
 from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
-from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper
+from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper, side_inputs
 from distthink.tasks.thinkrec.projector_export import PROJECTOR_META, load_projector_export
 from distthink.tasks.thinkrec.samples import build_samples
 from distthink.tasks.thinkrec.task import ThinkRecTask
@@ -94,21 +94,26 @@ class FusionGates:
                               "task.options.molora.groups_dir. Fix: pass the stage's config")
 
         self.gate, self.k = gate, num_experts
-        self.cf_user = load_cf_export(cf_export).user.detach().float().cpu()
+        table = open_cf_source(cf_export).user  # None for inline vectors: the rows' own User_emb are used
+        self.cf_user = None if table is None else table.detach().float().cpu()
         table = pd.read_parquet(table_path)
         n = int(max(table["user_id"].max(), 0)) + 1
         self.user_group = torch.full((n,), -1, dtype=torch.long)
         self.user_group[torch.as_tensor(table["user_id"].to_numpy().copy(), dtype=torch.long)] = torch.as_tensor(
             table["group"].to_numpy().copy(), dtype=torch.long)
 
-    def __call__(self, user_ids: torch.Tensor) -> dict:
-        """(S,) user ids -> {mode: (S, K+1) gates} + {"branch": (S,) long} of the entropy gate."""
+    def __call__(self, user_ids: torch.Tensor, user_vecs: torch.Tensor | None = None) -> dict:
+        """(S,) user ids (+ (S, d) per-row user vectors when the source has no table) -> {mode: (S, K+1) gates}
+        + {"branch": (S,) long} and {"weights"} of the entropy gate."""
         u = torch.as_tensor(user_ids).detach().cpu().long()
-        bad = (u < 0) | (u >= self.cf_user.shape[0])
-        if bad.any():
-            raise ConfigError(f"user id {int(u[bad][0])} is outside the CF table ({self.cf_user.shape[0]} users). "
-                              "Fix: task.options.cf_export must be the CF export of the prepared data")
-        dec = self.gate(self.cf_user[u])
+        if self.cf_user is None:
+            dec = self.gate(user_vecs.detach().float().cpu())
+        else:
+            bad = (u < 0) | (u >= self.cf_user.shape[0])
+            if bad.any():
+                raise ConfigError(f"user id {int(u[bad][0])} is outside the CF table ({self.cf_user.shape[0]} users). "
+                                  "Fix: task.options.cf_export must be the CF export of the prepared data")
+            dec = self.gate(self.cf_user[u])
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
@@ -149,7 +154,7 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     wrapper = _eval_wrapper(model, tokenizer, opt, source)
     out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
-        g = gates(batch["user_ids"])
+        g = gates(batch["user_ids"], batch.get("user_vecs"))
         if gates_fn is not None:
             g.update(gates_fn(batch["user_ids"]))
         for mode in FUSION_MODES:
@@ -233,7 +238,7 @@ def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: i
 
 def _batch_scores(wrapper, model, batch) -> torch.Tensor:
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
-    return wrapper.score(**{k: batch[k] for k in SCORE_KEYS}, **model_inputs(batch, attn, with_input_ids=False))
+    return wrapper.score(**side_inputs(batch, SCORE_KEYS), **model_inputs(batch, attn, with_input_ids=False))
 
 
 def _add_sample_columns(out: dict, part) -> None:
@@ -265,7 +270,7 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
         return
 
     # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
-    load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
+    load_projector_export(wrapper.projector, path, None, cf=open_cf_source(opt.cf_export), option=kind)
 
 
 def load_projector(wrapper, path: str) -> None:

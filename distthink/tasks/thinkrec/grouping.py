@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
@@ -37,7 +38,7 @@ from sklearn.metrics import silhouette_score
 
 from distthink.errors import CheckpointError, ConfigError, DataError
 from distthink.logging_utils import get_logger
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import ExportSource, open_cf_source
 from distthink.tasks.thinkrec.prepare import SPLITS, find_split, read_split
 
 log = get_logger(__name__)
@@ -174,11 +175,11 @@ def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
                 prepared_dir: str | Path | None = None) -> dict:
     """Cluster the users of a CF export and write the outputs listed in the module docstring."""
-    exp = load_cf_export(cf_dir)
+    src = open_cf_source(str(cf_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    users = exp.users.reset_index(drop=True)
-    x = exp.user.numpy().astype(np.float64)
+    users = src.users_frame()
+    x = src.user[torch.as_tensor(users["user_id"].to_numpy(), dtype=torch.long)].numpy().astype(np.float64)
     fitted = np.ones(len(x), dtype=bool)
     if cfg.only_trained_users and "n_train" in users.columns:
         fitted = users["n_train"].to_numpy() > 0
@@ -198,7 +199,8 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
     sizes = np.bincount(group, minlength=res.k).tolist()
     summary = {"n_groups": res.k, "method": cfg.method, "sizes": sizes, "silhouette": res.silhouette,
                "silhouette_curve": {str(k): v for k, v in res.silhouette_curve.items()}, "space": SPACES[cfg.space],
-               "cf_dir": str(Path(cf_dir).resolve()), "cf_model": exp.meta.get("model"), "seed": cfg.seed,
+               "cf_dir": str(Path(cf_dir).resolve()),
+               "cf_model": src.export.meta.get("model") if isinstance(src, ExportSource) else "npz", "seed": cfg.seed,
                "fitted_users": int(fitted.sum()), "out": str(out)}
     if prepared_dir is not None:
         summary["splits"] = write_group_splits(prepared_dir, table, out / "splits", res.k)

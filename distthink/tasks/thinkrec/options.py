@@ -10,6 +10,7 @@ from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
 from distthink.models.inject import PROJECTOR_ACTIVATIONS
 from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.cf_source import check_cf_spec
 from distthink.tasks.thinkrec.gate import GATE_SPACES, GateConfig
 from distthink.tasks.thinkrec.grouping import group_tensor_names
 from distthink.tasks.thinkrec.projector_export import check_projector_export
@@ -28,7 +29,7 @@ class ThinkRecOptions:
 
     prompt_mode: str = "text"          # text (stage 1) | ids (stage 2/3: id tokens + projector)
     template: str | None = None        # None = prompts.TEMPLATES[prompt_mode]
-    cf_export: str | None = None       # folder of `distthink rec train-cf` (needed for prompt_mode=ids)
+    cf_export: str | None = None       # `rec train-cf` folder | .npz shards | inline (prompt_mode=ids; cf_source.py)
     rec_score: str = "yes"             # yes | yes_minus_no
     yes_text: str = "Yes"
     no_text: str = "No"
@@ -94,9 +95,8 @@ class ThinkRecOptions:
         if self.prompt_mode == "ids" and not self.cf_export:
             raise ConfigError("task.options.prompt_mode=ids needs task.options.cf_export. Fix: pass the folder "
                               "written by `distthink rec train-cf`")
-        if self.cf_export and not Path(self.cf_export).is_dir():
-            raise ConfigError(f"task.options.cf_export={self.cf_export!r} is not a folder. Fix: run "
-                              "`distthink rec train-cf --out DIR` and pass DIR")
+        if self.cf_export:
+            check_cf_spec(str(self.cf_export))
         if self.init_adapter and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
             raise ConfigError(f"task.options.init_adapter={self.init_adapter!r} has no adapter_model.safetensors. "
                               "Fix: pass the previous stage's export folder (train.output_dir/export)")

@@ -7,7 +7,6 @@ which checks the shape and the CF space it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from distthink.errors import CheckpointError, ConfigError
 from distthink.logging_utils import get_logger
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import INLINE, open_cf_source
 from distthink.zero3 import gathered, is_partitioned
 
 if TYPE_CHECKING:
@@ -40,16 +39,6 @@ def projector_shape(projector) -> dict:
     return {"d_in": int(projector.d_in), "hidden_size": int(projector.hidden_size),
             "mult": int(projector.net[0].out_features // projector.d_in), "k": int(projector.k),
             "activation": str(projector.activation)}
-
-
-def cf_fingerprint(cf) -> str:
-    """sha256 of the CF tables' values (not of the file: a copied or re-saved export keeps its fingerprint)."""
-    h = hashlib.sha256()
-    for t in (cf.user, cf.item):
-        t = t.detach().float().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_projector_export(folder: str, option: str = "task.options.init_projector") -> dict:
@@ -94,8 +83,10 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     save_file(sd, str(out / PROJECTOR_FILE), metadata={"format": PROJECTOR_FORMAT})
     cf_path, fp = opt.cf_export, None
     if cf_path:
-        fp = cf_fingerprint(load_cf_export(cf_path))
-    meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": str(Path(cf_path).resolve()) if cf_path else None,
+        fp = open_cf_source(cf_path).fingerprint()  # None for inline vectors (they live in the rows)
+    if cf_path and cf_path != INLINE:
+        cf_path = str(Path(cf_path).resolve())
+    meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": cf_path,
             "cf_fingerprint": fp, "trained": bool(opt.train_projector),
             "init_projector": opt.init_projector}
     (out / PROJECTOR_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -132,9 +123,10 @@ def load_projector_export(projector, folder: str, opt: ThinkRecOptions | None = 
     if got != want:
         raise ConfigError(f"{option}={folder!r}: {PROJECTOR_FILE} holds {got}, projector.json says {want}. Fix: "
                           "re-export the stage (the file was modified or truncated)")
-    if cf is not None and meta.get("cf_fingerprint") and meta["cf_fingerprint"] != cf_fingerprint(cf):
+    fp = cf.fingerprint() if cf is not None else None
+    if fp and meta.get("cf_fingerprint") and meta["cf_fingerprint"] != fp:
         msg = (f"{option}={folder!r} was trained on the CF export {meta.get('cf_export')}, whose vectors differ from "
-               f"task.options.cf_export={cf.path}")
+               f"task.options.cf_export={cf.spec}")
         if opt is None or not opt.train_projector:  # None: scoring, nothing can adapt it
             raise ConfigError(msg + ". Fix: set task.options.cf_export to the CF export of stage 2, or train the "
                               "projector again (train_projector: true)")

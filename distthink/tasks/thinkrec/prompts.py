@@ -79,13 +79,14 @@ def history_lines(titles: Sequence[str], labels: Sequence[int], with_ids: bool) 
 
 
 def render(row: dict, *, template: str, mode: str, answer: str, source: str | None = None,
-           line: int | None = None) -> RenderedPrompt:
+           line: int | None = None, history_ids: bool = True) -> RenderedPrompt:
     """Render one prepared row (fields of `distthink rec prepare`) into a user + assistant conversation.
 
     ``answer`` is the assistant text ("Yes", "No", or a reason starting with the verdict). A title that
     itself contains a placeholder string is refused: it would create an unmatched id token.
+    ``history_ids=False`` lists the history by title only in ids mode (inline vectors without History_embs).
     """
-    with_ids = mode == "ids"
+    with_ids = mode == "ids" and history_ids
     titles = [str(t) for t in row["history_titles"]]
     labels = [int(v) for v in row["history_labels"]]
     hist_ids = [int(v) for v in row["history_item_ids"]]

@@ -16,6 +16,7 @@ from distthink.data.types import IGNORE_INDEX
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
 from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.cf_source import open_cf_source
 from distthink.tasks.thinkrec.options import ThinkRecOptions
 from distthink.tasks.thinkrec.prepare import read_split
 
@@ -36,14 +37,15 @@ def verdict_ids(tokenizer, opt: ThinkRecOptions) -> tuple[int, int]:
 
 
 def _encode_row(tokenizer, row: dict, opt: ThinkRecOptions, policy, reasoning: bool, ids: dict, yes_no,
-                source: str, line: int):
+                source: str, line: int, history_ids: bool = True):
     label = int(row["label"])
     answer = str(row["reason"]).strip() if reasoning else (opt.yes_text if label else opt.no_text)
     want = opt.yes_text if label else opt.no_text
     if not answer.startswith(want):
         raise DataError(f"the reason does not start with the verdict {want!r}: {answer[:40]!r}", source=source,
                         line=line, field="reason", fix="store reasons as 'Yes. because ...' / 'No. because ...'")
-    r = prompts.render(row, template=opt.template, mode=opt.prompt_mode, answer=answer, source=source, line=line)
+    r = prompts.render(row, template=opt.template, mode=opt.prompt_mode, answer=answer, source=source, line=line,
+                       history_ids=history_ids)
     if opt.proj_token_num > 1:  # k tokens per id: repeat every id token k times
         for tok in prompts.ID_TOKENS:
             r.messages[0]["content"] = r.messages[0]["content"].replace(tok, tok * opt.proj_token_num)
@@ -76,8 +78,12 @@ def _encode_row(tokenizer, row: dict, opt: ThinkRecOptions, policy, reasoning: b
 
 
 def build_samples(tokenizer, path: str | Path, opt: ThinkRecOptions, policy, *, seed: int, split: str,
-                  reason_ratio: float | None = None, limit: int | None = None) -> list:
-    """Encode a prepared split into EncodedSamples with ThinkRec meta (see the module docstring)."""
+                  reason_ratio: float | None = None, limit: int | None = None, on_error: str = "raise") -> list:
+    """Encode a prepared split into EncodedSamples with ThinkRec meta (see the module docstring).
+
+    prompt_mode=ids: the rows are checked against the CF source (distthink/tasks/thinkrec/cf_source.py); rows whose
+    vectors are unusable raise, or are skipped and counted with on_error="skip". Per-row vectors (SASRec / DCN /
+    DIN user vectors, inline vectors) travel in meta (``cf_user``, ``cf_target``, ``cf_hist``)."""
     df = read_split(path)
     if limit is not None:
         df = df.iloc[:limit]
@@ -89,10 +95,24 @@ def build_samples(tokenizer, path: str | Path, opt: ThinkRecOptions, policy, *, 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in prompts.ID_TOKENS}
     yes_no = verdict_ids(tokenizer, opt)
     rows = df.to_dict("records")
-    out = [_encode_row(tokenizer, row, opt, policy, bool(reasoning[i]), ids, yes_no, str(path), i + 1)
-           for i, row in enumerate(rows)]
-    log.info("thinkrec %s split %s: %d samples (%d reasoning, %d label-only)", split, path, len(out),
-             int(reasoning.sum()), len(out) - int(reasoning.sum()))
+    vec = None
+    if opt.prompt_mode == "ids":
+        vec = open_cf_source(opt.cf_export).rows(df, source=str(path), on_error=on_error)
+    kept = np.nonzero(vec.kept)[0] if vec is not None else np.arange(len(rows))
+    out = []
+    for j, i in enumerate(kept):
+        s = _encode_row(tokenizer, rows[i], opt, policy, bool(reasoning[i]), ids, yes_no, str(path), int(i) + 1,
+                        history_ids=vec is None or vec.history_ids)
+        if vec is not None:
+            if vec.user is not None:
+                s.meta["cf_user"] = vec.user[j]
+            if vec.target is not None:
+                s.meta["cf_target"] = vec.target[j]
+                s.meta["cf_hist"] = vec.history[j]  # (0, d) when the rows carry no History_embs
+        out.append(s)
+    n_reason = int(reasoning[kept].sum())
+    log.info("thinkrec %s split %s: %d samples (%d reasoning, %d label-only)%s", split, path, len(out), n_reason,
+             len(out) - n_reason, f", {len(rows) - len(out)} rows skipped" if len(out) < len(rows) else "")
     return out
 
 
@@ -102,7 +122,9 @@ class ThinkRecCollator:
     - ``lm_mult`` (B, T) float: the sample's LM mixing weight (beta/gamma) on each of its tokens, 0 on padding;
     - ``rec_rows`` (S,) long: flat index (into B*T) of the row predicting each sample's verdict token;
     - ``rec_labels`` (S,) float, ``rec_coef`` (S,) float (alpha/theta), ``sample_index`` (S,) long;
-    - ``user_ids`` (S,), ``target_ids`` (S,), ``hist_ids`` (sum of history lengths,), ``hist_counts`` (S,) long.
+    - ``user_ids`` (S,), ``target_ids`` (S,), ``hist_ids`` (sum of history lengths,), ``hist_counts`` (S,) long;
+    - per-row CF vectors when the samples carry them (cf_source.py): ``user_vecs`` (S, d), ``target_vecs`` (S, d),
+      ``hist_vecs`` (sum of history lengths, d) float32; they replace the table lookups of the matching ids.
     """
 
     def __init__(self, pad_token_id: int, packed: bool = True):
@@ -126,4 +148,9 @@ class ThinkRecCollator:
         batch["target_ids"] = torch.tensor([m["item_id"] for m in metas], dtype=torch.long)
         batch["hist_ids"] = torch.tensor([i for m in metas for i in m["history_ids"]], dtype=torch.long)
         batch["hist_counts"] = torch.tensor([len(m["history_ids"]) for m in metas], dtype=torch.long)
+        for meta_key, key in (("cf_user", "user_vecs"), ("cf_target", "target_vecs")):
+            if meta_key in metas[0]:
+                batch[key] = torch.from_numpy(np.stack([m[meta_key] for m in metas]))
+        if "cf_hist" in metas[0]:
+            batch["hist_vecs"] = torch.from_numpy(np.concatenate([m["cf_hist"] for m in metas]))
         return batch

@@ -52,10 +52,10 @@ from distthink.models.inject import add_placeholder_tokens
 from distthink.models.molora import apply_molora, hard_gate, set_gates
 from distthink.models.molora_export import export_molora
 from distthink.tasks.thinkrec import prompts
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import open_cf_source
 from distthink.tasks.thinkrec.gate import EntropyGate
 from distthink.tasks.thinkrec.grouping import load_groups
-from distthink.tasks.thinkrec.model import SIDE_KEYS, build_wrapper
+from distthink.tasks.thinkrec.model import build_wrapper, side_inputs
 from distthink.tasks.thinkrec.options import ThinkRecOptions
 from distthink.tasks.thinkrec.projector_export import save_projector_export
 from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples
@@ -84,7 +84,8 @@ class ThinkRecTask:
                               "Fix: e.g. data.train=PREP/train.parquet data.eval=PREP/valid.parquet")
         limit = train_data.split_limit(self.cfg, split)
         return build_samples(tokenizer, spec, self.opt, train_data.chat_policy(self.cfg), seed=self.cfg.train.seed,
-                             split=split, limit=limit, reason_ratio=None if split == "train" else 0.0)
+                             split=split, limit=limit, reason_ratio=None if split == "train" else 0.0,
+                             on_error=self.cfg.data.on_error)
 
     def collator(self, tokenizer):
         return ThinkRecCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=self.cfg.batch.packing)
@@ -113,13 +114,16 @@ class ThinkRecTask:
         self.molora_model = inner
         return inner
 
-    def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None,
+                     user_vecs: torch.Tensor | None = None) -> torch.Tensor:
         """(S,) user ids -> (S, K+1) gates on the CPU: one-hot by group (hard) or the entropy gate on the CF user
-        vectors (soft). The tables live on the CPU and the ids may come on the accelerator (the batch was moved
-        there): every lookup uses the CPU copy of the ids."""
+        vectors (soft): the user table's rows, or `user_vecs` (S, d) when the source has no table (inline).
+        The tables live on the CPU and the ids may come on the accelerator (the batch was moved there): every
+        lookup uses the CPU copy of the ids."""
         u = user_ids.detach().cpu().long()
         if self.gate is not None:
-            return self.gate(user_table.detach().cpu()[u].float()).weights
+            vecs = user_table.detach().cpu()[u] if user_table is not None else user_vecs.detach().cpu()
+            return self.gate(vecs.float()).weights
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
@@ -133,13 +137,12 @@ class ThinkRecTask:
 
             table = None
             if self.gate is not None:
-                if getattr(self, "_cf_user", None) is None:
-                    self._cf_user = load_cf_export(self.opt.cf_export).user
-                table = self._cf_user
-            gates = self.sample_gates(batch["user_ids"], table).to(batch["input_ids"].device)
+                # the user table of the CF source (what `rec group` clustered); inline vectors: the row's own
+                table = open_cf_source(self.opt.cf_export).user
+            gates = self.sample_gates(batch["user_ids"], table, batch.get("user_vecs")).to(batch["input_ids"].device)
             set_gates(self.molora_model, gates, segment_ids=batch["segment_ids"])
         kw = model_inputs(batch, attn_impl, dtype=dtype, with_input_ids=False)
-        return wrapped(**{k: batch[k] for k in SIDE_KEYS}, **kw)
+        return wrapped(**side_inputs(batch), **kw)
 
     def save_extra(self, accelerator, wrapped, export_dir) -> None:
         """Collective, all ranks. prompt_mode=ids: the projector as export_dir/projector.safetensors + projector.json
