@@ -40,6 +40,7 @@ import pandas as pd
 from distthink.errors import ConfigError, DistthinkError
 from distthink.logging_utils import get_logger
 from distthink.tasks.thinkrec import prompts
+from distthink.tasks.thinkrec.prompts import verdict_of
 
 log = get_logger(__name__)
 
@@ -114,15 +115,6 @@ def chat(cfg: TeacherConfig, messages: list[dict]) -> dict:
             time.sleep(cfg.backoff_s * (2 ** attempt))
     raise DistthinkError(f"teacher endpoint {url} failed {cfg.max_retries + 1} times (last: {last}). "
                          "Fix: check that the server is up; re-running resumes where this stopped")
-
-
-def verdict_of(text: str, yes_text: str = "Yes", no_text: str = "No") -> int | None:
-    """The answer's first verdict word (case-insensitive, whole word): 1 for yes_text, 0 for no_text, None if
-    neither appears."""
-    m = re.search(rf"\b({re.escape(yes_text)}|{re.escape(no_text)})\b", text, flags=re.IGNORECASE)
-    if m is None:
-        return None
-    return 1 if m.group(1).lower() == yes_text.lower() else 0
 
 
 def is_right(text: str, label: int, cfg: TeacherConfig) -> bool:
