@@ -182,7 +182,7 @@ def explain_split(cfg: Config, split_path: str, *, export: str, mode: str = "fus
         for i, (s, ids) in enumerate(zip(batch, out)):
             stop = next((k for k, t in enumerate(ids) if t in generator.stop_ids), None)
             ids = ids[:stop] if stop is not None else ids
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text = tokenizer.decode(ids, skip_special_tokens=False)
             verdict, reason = split_verdict(text, opt.yes_text, opt.no_text)
             score = float(scores[i])
             rec = {"sample_index": int(s.meta["index"]), "user_id": int(s.meta["user_id"]),

@@ -179,7 +179,7 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     users = src.users_frame()
-    x = src.user[torch.as_tensor(users["user_id"].to_numpy(), dtype=torch.long)].numpy().astype(np.float64)
+    x = src.user[torch.as_tensor(users["user_id"].to_numpy().copy(), dtype=torch.long)].numpy().astype(np.float64)
     fitted = np.ones(len(x), dtype=bool)
     if cfg.only_trained_users and "n_train" in users.columns:
         fitted = users["n_train"].to_numpy() > 0

@@ -65,8 +65,9 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     """Collective under ZeRO-3 (every rank calls; the partitioned parameters are gathered, rank 0 writes).
 
     export_dir/projector.safetensors: the projector's state dict in fp32 (keys ``net.0.weight`` ...);
-    export_dir/projector.json: format, shape ({d_in, hidden_size, mult (= mid_mult), k, activation}), the cf_export it was trained with
-    and that export's fingerprint (cf_fingerprint), so a later stage can check it gets the same CF space.
+    export_dir/projector.json: format, shape ({d_in, hidden_size, mult (= mid_mult), k, activation}), the cf_export
+    it was trained with and its fingerprint (CFSource.fingerprint; None for inline vectors), so a later stage can
+    check it gets the same CF space.
     """
     was_partitioned = is_partitioned(projector)
     with gathered(projector.parameters()):
