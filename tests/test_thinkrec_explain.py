@@ -111,8 +111,8 @@ def test_greedy_texts_equal_an_independent_loop_and_batching_does_not_change_the
     from distthink.models.molora import molora_gates
     from distthink.tasks.thinkrec.evaluate import (
         FusionGates,
-        _eval_samples,
-        _eval_wrapper,
+        eval_samples,
+        eval_wrapper,
         load_stage3_for_eval,
         projector_source,
     )
@@ -125,9 +125,9 @@ def test_greedy_texts_equal_an_independent_loop_and_batching_does_not_change_the
     # the independent loop: full forward on [prompt embeddings (injected), generated token embeddings] each step
     cfg = _cfg(w)
     task = ThinkRecTask(cfg)
-    tok, samples = _eval_samples(cfg, task, str(w["prep"] / "test.parquet"), LIMIT)
+    tok, samples = eval_samples(cfg, task, str(w["prep"] / "test.parquet"), LIMIT)
     model, gate, mdir = load_stage3_for_eval(str(w["export"]))
-    wrapper = _eval_wrapper(model, tok, task.opt, projector_source(task.opt, str(w["export"]), None))
+    wrapper = eval_wrapper(model, tok, task.opt, projector_source(task.opt, str(w["export"]), None))
     gates = FusionGates(mdir, gate, 2, task.opt.cf_export, task.opt.molora.groups_dir)
     stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, tok.pad_token_id}
     for s, rec in zip(samples[:3], recs[:3]):
@@ -192,3 +192,21 @@ def test_metrics_against_hand_computations():
     assert m["rouge_l"] == pytest.approx(rouge_l(hyp, ref)["f"]) and m["meteor_nosyn"] == pytest.approx(
         meteor_nosyn(hyp, ref))
     assert m["branch_counts"] == {"expert": 0, "global": 0, "fuse": 4}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_explain_on_the_accelerator_matches_the_cpu(stage3_ids):
+    """`rec explain --device cuda`: the tables, projector, experts and gates follow the model to the GPU; greedy texts
+    and scores equal the CPU run's (fp32 on both; TF32 off so the matmuls round as on the CPU)."""
+    from distthink.inference.generate import GenerationOptions
+    from distthink.tasks.thinkrec.explain import explain_split
+
+    w = stage3_ids
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = {dev: explain_split(_cfg(w), str(w["prep"] / "test.parquet"), export=str(w["export"]), mode="fusion",
+                               gen=GenerationOptions(max_new_tokens=6, batch_size=4), limit=LIMIT, device=dev)
+            for dev in ("cpu", "cuda")}
+    assert [r["gate_branch"] for r in runs["cpu"]] == [r["gate_branch"] for r in runs["cuda"]]
+    np.testing.assert_allclose([r["score"] for r in runs["cuda"]], [r["score"] for r in runs["cpu"]], atol=1e-4)
+    assert [r["text"] for r in runs["cuda"]] == [r["text"] for r in runs["cpu"]]

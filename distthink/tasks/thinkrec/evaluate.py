@@ -147,11 +147,11 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     opt = task.opt
     ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
     source = projector_source(opt, str(ex), None) if opt.prompt_mode == "ids" else None
-    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    tokenizer, samples = eval_samples(cfg, task, split_path, limit)
     model, gate, mdir = load_stage3_for_eval(export)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
-    wrapper = _eval_wrapper(model, tokenizer, opt, source)
+    wrapper = eval_wrapper(model, tokenizer, opt, source)
     out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
         g = gates(batch["user_ids"], batch.get("user_vecs"))
@@ -196,9 +196,9 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     of this rank and the split size."""
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
-    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    tokenizer, samples = eval_samples(cfg, task, split_path, limit)
     model = load_for_eval(cfg, export, tokenizer)
-    wrapper = _eval_wrapper(model, tokenizer, task.opt, source)
+    wrapper = eval_wrapper(model, tokenizer, task.opt, source)
     out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size):
         out["score"] += _batch_scores(wrapper, model, batch).double().tolist()
@@ -208,7 +208,7 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
 
 # Shared by score_split and score_split_fusion.
 
-def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
+def eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts)."""
     tokenizer = load_tokenizer(cfg)
     task.prepare_tokenizer(tokenizer)
@@ -217,7 +217,7 @@ def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     return tokenizer, samples
 
 
-def _eval_wrapper(model, tokenizer, opt, source):
+def eval_wrapper(model, tokenizer, opt, source):
     """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
     is loaded from `source` (projector_source), never from the training-time options."""
     opt.init_adapter, opt.freeze_lora, opt.init_projector = None, False, None

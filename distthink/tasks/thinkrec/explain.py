@@ -50,8 +50,8 @@ from distthink.models.molora import molora_gates
 from distthink.tasks.thinkrec.evaluate import (
     FUSION_MODES,
     FusionGates,
-    _eval_samples,
-    _eval_wrapper,
+    eval_samples,
+    eval_wrapper,
     load_for_eval,
     load_stage3_for_eval,
     projector_source,
@@ -139,7 +139,7 @@ def explain_split(cfg: Config, split_path: str, *, export: str, mode: str = "fus
         raise ConfigError(f"rec explain --mode {mode!r}. Fix: use one of {list(FUSION_MODES)}")
     export_root = str(mdir.parent) if mdir is not None and mdir.name == "molora" else export
     source = projector_source(opt, export_root, projector) if opt.prompt_mode == "ids" else None
-    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    tokenizer, samples = eval_samples(cfg, task, split_path, limit)
     df = read_split(split_path)
     gates = None
     if mdir is not None:
@@ -148,7 +148,7 @@ def explain_split(cfg: Config, split_path: str, *, export: str, mode: str = "fus
                             opt.molora.groups_dir if opt.molora else None)
     else:
         model = load_for_eval(cfg, export, tokenizer)
-    wrapper = _eval_wrapper(model, tokenizer, opt, source)
+    wrapper = eval_wrapper(model, tokenizer, opt, source)
     wrapper, synced = _setup_zero3(cfg, wrapper, world)
     if not synced:
         wrapper = wrapper.to(device)

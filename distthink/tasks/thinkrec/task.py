@@ -138,7 +138,9 @@ class ThinkRecTask:
             table = None
             if self.gate is not None:
                 # the user table of the CF source (what `rec group` clustered); inline vectors: the row's own
-                table = open_cf_source(self.opt.cf_export).user
+                if not hasattr(self, "_gate_table"):
+                    self._gate_table = open_cf_source(self.opt.cf_export).user
+                table = self._gate_table
             gates = self.sample_gates(batch["user_ids"], table, batch.get("user_vecs")).to(batch["input_ids"].device)
             set_gates(self.molora_model, gates, segment_ids=batch["segment_ids"])
         kw = model_inputs(batch, attn_impl, dtype=dtype, with_input_ids=False)
