@@ -28,7 +28,9 @@ label-only samples still weighs its LM term by gamma, it is not renormalised bac
 
 Injection (``prompt_mode: ids``). ``<UserID>``, ``<TargetItemID>`` and one ``<ItemID>`` per history item are
 added special tokens (always added, so every stage has the same vocabulary). A projector MLP maps the CF
-vectors of a ``distthink rec train-cf`` export (``cf_export``) into the embedding space at those rows.
+vectors of ``cf_export`` (a ``distthink rec train-cf`` export, ``.npz`` shards or ``inline`` row vectors:
+distthink/tasks/thinkrec/cf_source.py) into the embedding space at those rows; per-row vectors (SASRec, DCN,
+DIN, inline) come with the batch, tables are looked up by id.
 The trained projector is part of the stage's export (``export/projector.safetensors`` + ``projector.json``,
 written by ``save_extra``); a later stage reloads it by path with ``init_projector`` (shape-checked). A frozen
 projector (``train_projector: false``) without ``init_projector`` is a ConfigError: it would be random.
