@@ -9,8 +9,8 @@
 # Usage: scripts/thinkrec_demo_full.sh [OUT_DIR]     (default runs/thinkrec_demo_full; from the repository root)
 # Environment: QUICK=1 (CI: a 300-user world, 40/20/20 steps, one process, 200 test rows, 8 explained rows;
 # about 3 minutes on 2 quiet cores) or the full run (the 1000-user world, 150/100/100 steps on 2 ranks under
-# ZeRO-3, the whole test split, 64 explained rows; see docs/thinkrec.md for its time and figures). STEPS1/STEPS2/STEPS3, NPROC,
-# LIMIT (test rows scored; 0 = all), EXPLAIN (rows explained), SEED override either.
+# ZeRO-3, the whole test split, 64 explained rows; see docs/thinkrec.md for its time and figures).
+# STEPS1/STEPS2/STEPS3, NPROC, LIMIT (test rows scored; 0 = all), EXPLAIN (rows explained), SEED override either.
 set -euo pipefail
 
 OUT=${1:-runs/thinkrec_demo_full}

@@ -248,9 +248,8 @@ def test_stage2_trains_on_per_row_vectors(world, tmp_path, source, nproc):
     DIN's target-aware user vectors on 2 ranks under ZeRO-3, inline JSON vectors on one process."""
     import json
 
-    from safetensors.torch import load_file
-
     from _train_utils import launch, metrics
+    from safetensors.torch import load_file
 
     prep = tmp_path / "prep"
     prep.mkdir()

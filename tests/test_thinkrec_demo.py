@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _train_utils import ROOT, env
 
 

@@ -9,7 +9,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from _train_utils import ROOT, env, free_port, launch, metrics
 
 
