@@ -16,10 +16,27 @@ from _tolerance import TINY_DECODER_K, fp_tol
 from distthink.data.packing import collate_packed, model_inputs
 from distthink.data.types import EncodedSample
 from distthink.errors import ConfigError, DistthinkError
-from distthink.models.molora import (GateSlot, MoLoRALinear, apply_molora, clear_gates, global_gate, hard_gate,
-                                     molora_gates, molora_layers, set_gates, tokens_from_samples)
-from distthink.tasks.thinkrec.gate import (BRANCH_EXPERT, BRANCH_FUSE, BRANCH_GLOBAL, EntropyGate, GateConfig,
-                                           branch_counts, entropy_gate)
+from distthink.models.molora import (
+    GateSlot,
+    MoLoRALinear,
+    apply_molora,
+    clear_gates,
+    global_gate,
+    hard_gate,
+    molora_gates,
+    molora_layers,
+    set_gates,
+    tokens_from_samples,
+)
+from distthink.tasks.thinkrec.gate import (
+    BRANCH_EXPERT,
+    BRANCH_FUSE,
+    BRANCH_GLOBAL,
+    EntropyGate,
+    GateConfig,
+    branch_counts,
+    entropy_gate,
+)
 
 def _layer(k=3, r=4, d_in=24, d_out=16, alpha=8.0, dropout=0.0, bias=True, seed=0):
     torch.manual_seed(seed)
@@ -211,12 +228,12 @@ def _crafted_users(target_w: torch.Tensor, tau: float):
 
 
 def _expected_branch(w, margin=0.6, frac=0.95):
-    """The rule in plain Python on one weight vector."""
+    """The rule in plain Python on one weight vector, in ThinkRec's order (entropy test first)."""
     n = len(w)
-    if max(w) > 0.5 + margin / n:
-        return BRANCH_EXPERT
     h = -sum(p * math.log(p) for p in w if p > 0)
-    return BRANCH_GLOBAL if h >= frac * math.log(n) else BRANCH_FUSE
+    if h > frac * math.log(n):
+        return BRANCH_GLOBAL
+    return BRANCH_EXPERT if max(w) > 0.5 + margin / n else BRANCH_FUSE
 
 
 def _cases(n: int) -> list[list[float]]:
@@ -264,7 +281,7 @@ def test_entropy_gate_settings_and_scaler():
     g = torch.Generator().manual_seed(0)
     cents = torch.randn(k, d, generator=g)
     z = torch.randn(32, d, generator=g)
-    cfg = GateConfig(tau=0.3, expert_margin=0.2, entropy_frac=0.9)
+    cfg = GateConfig(tau=0.3, expert_margin=0.2, entropy_frac=0.9, space="standardised")
     dec = entropy_gate(z, cents, cfg)
     want = [_expected_branch(w, 0.2, 0.9) for w in torch.softmax(F.cosine_similarity(
         z.double()[:, None], cents.double()[None], dim=-1) / 0.3, -1).tolist()]
@@ -278,11 +295,48 @@ def test_entropy_gate_settings_and_scaler():
     m = ((raw.abs() / scale).norm(dim=1) / z.norm(dim=1)).max()
     assert (gate(raw).weights - dec.weights).abs().max() < fp_tol(torch.float32, m / 0.3, k=d)
     back = EntropyGate.from_json(gate.to_json())
-    assert torch.equal(back(raw).weights, gate(raw).weights)
+    assert torch.equal(back(raw).weights, gate(raw).weights) and back.cfg == cfg
+    # space raw (ThinkRec): the raw vector against the centroids as given, the scaler unused
+    raw_gate = EntropyGate(cents, mean, scale, GateConfig(tau=0.3, expert_margin=0.2, entropy_frac=0.9))
+    assert raw_gate.cfg.space == "raw" and torch.equal(raw_gate(z).weights, dec.weights)
+    assert not torch.equal(raw_gate(raw).weights, dec.weights)
+    assert EntropyGate.from_json(raw_gate.to_json()).cfg.space == "raw"
+    # a molora.json written before the setting holds standardised centroids
+    legacy = {k: v for k, v in gate.to_json().items() if k != "space"}
+    assert EntropyGate.from_json(legacy).cfg.space == "standardised"
     with pytest.raises(ConfigError):
         entropy_gate(z, cents[:1])
     with pytest.raises(ConfigError):
         entropy_gate(z, cents, GateConfig(tau=0))
+
+
+def test_entropy_test_comes_first_as_thinkrec():
+    """Where both tests pass for the same w, ThinkRec sends the user to the global adapter (the old order picked
+    the expert). With K=2, margin 0 and entropy_frac 0.5, w = (0.6, 0.4): max w 0.6 > 0.5 and H = 0.673 nats >
+    0.5 ln 2 = 0.347. Exactly at the threshold (H = entropy_frac ln K) the test is strict, as ThinkRec's `>`."""
+    cfg = GateConfig(tau=0.1, expert_margin=0.0, entropy_frac=0.5)
+    w = torch.tensor([[0.6, 0.4], [0.9, 0.1]], dtype=torch.float64)
+    users, cents = _crafted_users(w, 0.1)
+    dec = entropy_gate(users, cents, cfg)
+    assert dec.branch.tolist() == [BRANCH_GLOBAL, BRANCH_EXPERT]
+    assert [_expected_branch(x, 0.0, 0.5) for x in w.tolist()] == dec.branch.tolist()
+    # uniform w has H = ln K exactly: global for entropy_frac < 1, not for entropy_frac = 1 (strict >)
+    flat = _crafted_users(torch.full((1, 3), 1 / 3, dtype=torch.float64), 0.1)
+    assert entropy_gate(*flat, GateConfig(entropy_frac=0.99)).branch.item() == BRANCH_GLOBAL
+    assert entropy_gate(*flat, GateConfig(entropy_frac=1.0)).branch.item() == BRANCH_FUSE
+
+
+@pytest.mark.parametrize("n", range(2, 41))
+def test_default_thresholds_never_let_the_two_orders_disagree(n):
+    """With ThinkRec's 0.6 / 0.95, a w passing the margin test has at most the entropy of its top weight plus the
+    rest spread evenly (the maximum-entropy completion), and that bound is below 0.95 ln K: the order of the two
+    tests only matters for other settings (test above)."""
+    p = 0.5 + 0.6 / n
+    bound = -p * math.log(p) - (1 - p) * math.log((1 - p) / (n - 1))
+    assert bound < 0.95 * math.log(n)
+    w = torch.tensor([[p + 1e-4] + [(1 - p - 1e-4) / (n - 1)] * (n - 1)], dtype=torch.float64)
+    # a small tau keeps the crafted cosines inside the unit ball for large K
+    assert entropy_gate(*_crafted_users(w, 0.02), GateConfig(tau=0.02)).branch.item() == BRANCH_EXPERT
 
 
 def test_hard_and_global_gates():

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from _tolerance import TINY_DECODER_K, fp_tol
 
@@ -47,6 +48,7 @@ def _groups_dir(path, k=K, d=5):
     g = np.random.default_rng(0)
     path.mkdir()
     save_file({"centroids": g.normal(size=(k, d)).astype(np.float32),
+               "centroids_raw": g.normal(size=(k, d)).astype(np.float32),
                "scaler_mean": g.normal(size=d).astype(np.float32),
                "scaler_scale": (g.random(d) + 0.5).astype(np.float32)}, str(path / "groups.safetensors"))
     (path / "groups.json").write_text(json.dumps({"n_groups": k}))
@@ -109,7 +111,8 @@ def test_molora_json_and_reload(tmp_path):
     assert meta["group_to_adapter"] == {"0": "expert_0", "1": "expert_1", "2": "expert_2"}
     assert meta["global_adapter"] == "global" and meta["adapters"][-1] == "global"
     assert meta["gate"]["tau"] == 0.2 and meta["gate"]["expert_margin"] == 0.5 and meta["gate"]["entropy_frac"] == 0.9
-    assert np.allclose(meta["gate"]["centroids"], gate.centroids.numpy())
+    assert meta["gate"]["space"] == "raw"  # the default: the raw group means of groups.safetensors
+    assert np.allclose(meta["gate"]["centroids"], load_file(str(groups / "groups.safetensors"))["centroids_raw"])
     assert meta["user_groups"] == "user_groups.parquet" and (out / "user_groups.parquet").is_file()
 
     reloaded, gate2 = load_molora(_base(), out)

@@ -2,12 +2,12 @@
 ZeRO-3) -> rec eval, and stage 1's test AUC beats MF's on the same split (both printed). ~3-4 minutes on 2 cores."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
-
 from _train_utils import ROOT, env
 
 
@@ -32,10 +32,39 @@ def test_demo_script_stage1_beats_mf(tmp_path):
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == 150
 
 
-def test_demo_script_passes_shellcheck():
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_full_quick_every_stage(tmp_path):
+    """The all-stages script (QUICK=1: 300-user world, 40/20/20 steps, one process, 200 test rows): MF, stage 1,
+    stage 2, rec group, stage 3, rec eval --fusion and rec explain all run and print one table. Checks that can
+    fail: stage 2 still scores (a wrong tokenizer or projector drops it to chance), stage 3's global adapter is
+    stage 2's adapter untouched (hard routing sends every user of the table to an expert), the trained experts
+    change the scores, the branch counts cover the rows, and rec explain reads its Yes-probability from the
+    scored position."""
+    e = env(QUICK="1")
+    e["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), e.get("PATH", "")])
+    out = tmp_path / "full"
+    p = subprocess.run(["bash", "scripts/thinkrec_demo_full.sh", str(out)], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=850)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    lines = p.stdout.strip().splitlines()
+    print("\n".join(lines[-10:-1]))  # the table
+    res = json.loads(lines[-1])
+    assert res["n"] == 200 and sum(res["branch_counts"].values()) == 200
+    assert res["stage1"] > 0.6 and res["stage2"] > 0.6, res
+    assert abs(res["stage3_global"] - res["stage2"]) < 1e-3, res
+    for mode in ("stage3_hard", "stage3_fusion"):
+        assert abs(res[mode] - res["stage3_global"]) > 1e-4, res
+    recs = [json.loads(x) for x in (out / "explain.jsonl").read_text().splitlines()]
+    assert len(recs) == res["explain"]["rows"] == 8
+    assert all(abs(r["yes_prob"] - 1 / (1 + math.exp(-r["score"]))) < 1e-12 and r["gate_branch"] for r in recs)
+
+
+@pytest.mark.parametrize("script", ["scripts/thinkrec_demo.sh", "scripts/thinkrec_demo_full.sh"])
+def test_demo_script_passes_shellcheck(script):
     import shutil
 
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
-    p = subprocess.run(["shellcheck", "scripts/thinkrec_demo.sh"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["shellcheck", script], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout

@@ -17,6 +17,13 @@ from _train_utils import ROOT, env
 from test_thinkrec_stage3 import EVAL_K, _write_adapter
 
 LIMIT = 12
+GATE_SETTINGS = {"tau": 0.5, "expert_margin": 0.1, "entropy_frac": 0.9}
+
+
+def _gate():
+    from distthink.tasks.thinkrec.gate import GateConfig
+
+    return GateConfig(**GATE_SETTINGS)
 
 
 def _cli(*args):
@@ -62,7 +69,8 @@ def stage3(tmp_path_factory):
             a, b = layer.adapter_weights(e)
             layer.set_adapter_weights(e, a + 0.3 * torch.randn(a.shape, generator=g),
                                       b + 0.3 * torch.randn(b.shape, generator=g))
-    export_molora(model, export / "molora", gate=EntropyGate.from_groups(groups), groups_dir=groups)
+    # non-default settings, as task.options.molora would write them: `rec eval --fusion` must read them back
+    export_molora(model, export / "molora", gate=EntropyGate.from_groups(groups, _gate()), groups_dir=groups)
     return root, prep, cf, groups, export, overrides, cfg
 
 
@@ -122,3 +130,39 @@ def test_rec_eval_fusion_three_modes_and_branch_counts(stage3, tmp_path):
     np.testing.assert_allclose(r["fusion"][order], hard, rtol=0, atol=tol)
     np.testing.assert_allclose(r["hard"][order], hard, rtol=0, atol=tol)
     assert hard_gate(torch.tensor([0, -1]), 2).tolist() == [[1, 0, 0], [0, 0, 1]]
+
+
+def _thinkrec_rule(users, cf, groups, tau, margin, frac):
+    """The gate in plain numpy/pandas from the raw CF vectors and the raw group means (mean of the fitted members'
+    vectors), in ThinkRec's order: entropy test first, then the single-expert margin, else fuse."""
+    from safetensors.torch import load_file
+
+    vec = load_file(str(cf / "embeddings.safetensors"))["user"].double().numpy()
+    table = pd.read_parquet(groups / "user_groups.parquet")
+    fitted = table[table["fitted"]]
+    k = int(table["group"].max()) + 1
+    means = np.stack([vec[fitted["user_id"][fitted["group"] == g].to_numpy()].mean(0) for g in range(k)])
+    out = []
+    for u in users:
+        cos = means @ vec[u] / (np.linalg.norm(means, axis=1) * np.linalg.norm(vec[u]))
+        w = np.exp(cos / tau - (cos / tau).max())
+        w /= w.sum()
+        h = -(w * np.log(w)).sum()
+        out.append("global" if h > frac * np.log(k) else "expert" if w.max() > 0.5 + margin / k else "fuse")
+    return out
+
+
+def test_fusion_reads_the_gate_settings_back_from_molora_json(stage3, tmp_path):
+    root, prep, cf, groups, export, overrides, cfg = stage3
+    meta = json.loads((export / "molora" / "molora.json").read_text())
+    assert {k: meta["gate"][k] for k in GATE_SETTINGS} == GATE_SETTINGS and meta["gate"]["space"] == "raw"
+    scores = tmp_path / "s.parquet"
+    # the config's own molora settings are the defaults: the export's molora.json must win
+    _cli("eval", "--config", "configs/thinkrec/stage3_smoke.yaml", "--export", str(export), "--split",
+         str(prep / "test.parquet"), "--fusion", "--scores", str(scores), *overrides)
+    df = pd.read_parquet(scores).sort_values("sample_index")
+    users = df["user_id"].tolist()
+    assert df["gate_branch"].tolist() == _thinkrec_rule(users, cf, groups, **dict(zip(
+        ("tau", "margin", "frac"), GATE_SETTINGS.values())))
+    # with the defaults the branches differ on these rows, so the equality above can fail
+    assert df["gate_branch"].tolist() != _thinkrec_rule(users, cf, groups, 0.1, 0.6, 0.95)

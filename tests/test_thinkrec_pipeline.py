@@ -114,7 +114,7 @@ def test_pipeline_prepare_cf_stage1_zero3_eval(tmp_path, prepared):
     from distthink.models.inject import Projector
 
     torch.manual_seed(0)  # build_wrapper's init: the exported tensors are trained ones, not the init
-    init = Projector(64, 64, mult=10).state_dict()
+    init = Projector(64, 64, mult=5, activation="relu").state_dict()
     assert not torch.equal(init["net.2.weight"], exported["net.2.weight"])
     meta = json.loads((ex2 / "projector.json").read_text())
     assert meta["d_in"] == 64 and meta["k"] == 1 and meta["cf_export"] == str(cf.resolve())

@@ -5,6 +5,7 @@ are checked against the consolidated checkpoint in test_thinkrec_pipeline.py.)""
 
 import copy
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -20,13 +21,13 @@ DIM = 8
 def world(tmp_path_factory):
     """Prepared synthetic data, two CF exports of the same shape (different vectors), a tokenizer and a batch."""
     from distthink.data.chat import ChatPolicy
-    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.models.inject import add_placeholder_tokens
+    from distthink.models.tiny import tiny_tokenizer
     from distthink.tasks.thinkrec import prompts
-    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
+    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.tasks.thinkrec.options import ThinkRecOptions
     from distthink.tasks.thinkrec.samples import ThinkRecCollator, build_samples
-    from distthink.models.tiny import tiny_tokenizer
+    from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     root = tmp_path_factory.mktemp("proj")
     prep = root / "prep"
@@ -58,7 +59,7 @@ def _wrapper(world, base, **options):
     from distthink.tasks.thinkrec.model import build_wrapper
     from distthink.tasks.thinkrec.options import ThinkRecOptions
 
-    opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0]), "projector_mult": 2,
+    opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0]), "mid_mult": 2,
                                      **options})
     return opt, build_wrapper(base, world["tok"], opt, impl="hf").eval()
 
@@ -99,8 +100,8 @@ def test_export_holds_the_trained_tensors_and_its_shape(world, stage2_export):
     ref = trained.projector.state_dict()
     assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
     meta = json.loads((out / "projector.json").read_text())
-    assert {k: meta[k] for k in ("d_in", "hidden_size", "mult", "k")} == {"d_in": DIM, "hidden_size": 64,
-                                                                            "mult": 2, "k": 1}
+    want = {"d_in": DIM, "hidden_size": 64, "mult": 2, "k": 1, "activation": "relu"}
+    assert {k: meta[k] for k in want} == want
     assert meta["cf_export"] == str(world["cf"][0].resolve()) and len(meta["cf_fingerprint"]) == 64
 
 
@@ -119,7 +120,7 @@ def test_reloaded_projector_gives_identical_logits_in_a_new_wrapper(world, stage
 
 def test_mismatches_and_a_frozen_random_projector_are_config_errors(world, stage2_export, tmp_path):
     out, _, base = stage2_export
-    for bad, words in (({"projector_mult": 3}, "mult: export 2 vs this config 3"),
+    for bad, words in (({"mid_mult": 3}, "mult: export 2 vs this config 3"),
                        ({"proj_token_num": 2}, "k: export 1 vs this config 2")):
         with pytest.raises(ConfigError, match="init_projector") as err:
             _wrapper(world, copy.deepcopy(base), init_projector=str(out), **bad)
@@ -152,3 +153,45 @@ def test_eval_picks_the_projector_from_the_export(world, stage2_export):
     assert projector_source(frozen, None, None) == ("task.options.init_projector", str(out))
     with pytest.raises(ConfigError, match="needs the trained projector. Fix: pass --export"):
         projector_source(opt, str(world["root"]), None)  # trained, no projector in the folder given
+
+
+def test_seed_defaults_relu_mid_mult_5_and_the_old_option_name(world, caplog):
+    """ThinkRec's projector: Linear(d, 5d) -> ReLU -> Linear(5d, hidden*k); `projector_mult` still accepted (one
+    warning line) for one release and mapped to mid_mult."""
+    import logging
+
+    from distthink.tasks.thinkrec.options import ThinkRecOptions
+
+    base = _base(world["tok"])
+    opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0])})
+    assert (opt.mid_mult, opt.activation) == (5, "relu")
+    from distthink.tasks.thinkrec.model import build_wrapper
+
+    p = build_wrapper(copy.deepcopy(base), world["tok"], opt, impl="hf").projector
+    assert isinstance(p.net[1], torch.nn.ReLU) and p.net[0].out_features == 5 * DIM
+    x = torch.randn(3, DIM)
+    by_hand = torch.relu(x @ p.net[0].weight.T + p.net[0].bias) @ p.net[2].weight.T + p.net[2].bias
+    assert torch.allclose(p(x).reshape(3, -1), by_hand, atol=1e-6)
+    from distthink import config
+
+    config._warned.discard("task.options.projector_mult")  # one line per process: make this test see it
+    with caplog.at_level(logging.WARNING):
+        old = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(world["cf"][0]), "projector_mult": 7})
+    assert old.mid_mult == 7 and "projector_mult' is deprecated" in caplog.text
+    with pytest.raises(ConfigError, match="activation='tanh'.*Fix"):
+        ThinkRecOptions.from_dict({"activation": "tanh"})
+
+
+def test_activation_is_recorded_and_checked_on_reload(world, stage2_export, tmp_path):
+    out, _, base = stage2_export
+    with pytest.raises(ConfigError, match="activation: export relu vs this config gelu.*Fix"):
+        _wrapper(world, copy.deepcopy(base), init_projector=str(out), activation="gelu")
+    # an export written before the activation was recorded holds a GELU projector: read as such
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    meta = json.loads((legacy / "projector.json").read_text())
+    del meta["activation"]
+    (legacy / "projector.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="activation: export gelu vs this config relu"):
+        _wrapper(world, copy.deepcopy(base), init_projector=str(legacy))
+    _wrapper(world, copy.deepcopy(base), init_projector=str(legacy), activation="gelu")

@@ -49,7 +49,8 @@ def _write_groups(out, train_users, k=3, missing=()):
     pd.DataFrame({"user_id": users, "raw_user_id": [str(u) for u in users], "group": group,
                   "fitted": True}).to_parquet(out / "user_groups.parquet", index=False)
     rng = np.random.default_rng(0)
-    save_file({"centroids": rng.normal(size=(k, 8)).astype(np.float32), "scaler_mean": np.zeros(8, np.float32),
+    centroids = rng.normal(size=(k, 8)).astype(np.float32)
+    save_file({"centroids": centroids, "centroids_raw": centroids, "scaler_mean": np.zeros(8, np.float32),
                "scaler_scale": np.ones(8, np.float32)}, str(out / "groups.safetensors"))
     (out / "groups.json").write_text(json.dumps({"n_groups": k}))
 
@@ -86,10 +87,28 @@ def test_options_validated_with_key_and_fix(world):
     ThinkRecOptions.from_dict({"molora": good})
     for bad, words in (({**good, "gate": "fuzzy"}, "molora.gate"), ({**good, "groups_dir": str(root)}, "groups_dir"),
                        ({**good, "init_adapter": str(root)}, "init_adapter"), ({**good, "experts": 3}, "unknown"),
-                       ({**good, "gate": "soft"}, "cf_export")):
+                       ({**good, "gate": "soft"}, "cf_export"), ({**good, "tau": 0}, "molora.tau=0"),
+                       ({**good, "entropy_frac": 1.5}, "molora.entropy_frac"),
+                       ({**good, "expert_margin": -1}, "molora.expert_margin"),
+                       ({**good, "gate_space": "cosine"}, "molora.gate_space")):
         with pytest.raises(ConfigError, match=words) as e:
             ThinkRecOptions.from_dict({"molora": bad})
         assert "Fix" in str(e.value)
+    m = ThinkRecOptions.from_dict({"molora": {**good, "tau": 0.3, "gate_space": "standardised"}}).molora
+    assert (m.gate_config().tau, m.gate_config().space, m.dropout) == (0.3, "standardised", 0.05)
+    # a `rec group` folder from before the raw gate space has no raw group means: raw needs them, standardised not
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    old = root / "groups_old"
+    if not old.exists():
+        shutil.copytree(root / "groups", old)
+        t = load_file(str(old / "groups.safetensors"))
+        save_file({k: v for k, v in t.items() if k != "centroids_raw"}, str(old / "groups.safetensors"))
+    with pytest.raises(ConfigError, match="centroids_raw.*Fix: run `distthink rec group` again"):
+        ThinkRecOptions.from_dict({"molora": {**good, "groups_dir": str(old)}})
+    ThinkRecOptions.from_dict({"molora": {**good, "groups_dir": str(old), "gate_space": "standardised"}})
 
 
 def test_hard_gates_follow_the_group_table(world):
@@ -117,6 +136,58 @@ def test_hard_gates_follow_the_group_table(world):
     expected[0, int(table.set_index("user_id").loc[users[1], "group"])] = 1
     expected[1, 3] = expected[2, 2] = expected[3, 3] = 1  # missing / unknown id -> global (column K)
     assert torch.equal(g, expected)
+
+
+def _soft_task(root, cfg):
+    """A stage-3 ThinkRecTask reduced to its soft gate (no model): sample_gates is what forward calls."""
+    from distthink.tasks.thinkrec.gate import EntropyGate
+    from distthink.tasks.thinkrec.task import ThinkRecTask
+
+    task = ThinkRecTask.__new__(ThinkRecTask)
+    task.gate, task.num_experts = EntropyGate.from_groups(root / "groups", cfg), 3
+    return task
+
+
+def test_soft_gates_follow_the_configured_rule_on_raw_vectors(world):
+    """gate: soft, CPU: per-sample weights = ThinkRec's rule with the configured settings on the raw CF vectors vs
+    the raw group means (computed here in float64 numpy, entropy test first)."""
+    from distthink.tasks.thinkrec.gate import GateConfig
+
+    root = world[0]
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(50, 8, generator=g)
+    ids = torch.tensor([3, 17, 17, 42, 0, 9])
+    for cfg in (GateConfig(), GateConfig(tau=0.5, expert_margin=0.1, entropy_frac=0.8)):
+        w = _soft_task(root, cfg).sample_gates(ids, table)
+        from safetensors.numpy import load_file
+
+        c = load_file(str(root / "groups" / "groups.safetensors"))["centroids_raw"].astype(np.float64)
+        for row, u in zip(w, ids.tolist()):
+            e = table[u].double().numpy()
+            cos = c @ e / (np.linalg.norm(c, axis=1) * np.linalg.norm(e))
+            p = np.exp(cos / cfg.tau - (cos / cfg.tau).max())
+            p /= p.sum()
+            if -(p * np.log(p)).sum() > cfg.entropy_frac * np.log(3):
+                want = np.eye(4)[3]
+            elif p.max() > 0.5 + cfg.expert_margin / 3:
+                want = np.eye(4)[p.argmax()]
+            else:
+                want = np.append(p, 0.0)
+            np.testing.assert_allclose(row.double().numpy(), want, atol=1e-6)
+        assert w.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_soft_gates_with_ids_on_the_accelerator(world):
+    """The batch is moved to the accelerator before forward; the CF table stays on the CPU: the gate must look the
+    ids up on the CPU (indexing a CPU table with CUDA ids raises)."""
+    from distthink.tasks.thinkrec.gate import GateConfig
+
+    task = _soft_task(world[0], GateConfig())
+    table = torch.randn(50, 8)
+    ids = torch.tensor([3, 17, 42])
+    assert torch.equal(task.sample_gates(ids.cuda(), table), task.sample_gates(ids, table))
 
 
 @pytest.mark.slow
@@ -160,6 +231,7 @@ def test_stage3_zero3_two_ranks_experts_learn_only_from_their_group(tmp_path, wo
     from distthink.tasks.thinkrec.gate import load_molora
 
     mol, gate = load_molora(AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float32), mdir)
+    mol.eval()  # the experts were exported with dropout 0.05 (ThinkRec), active in train mode
     assert gate is not None and gate.num_experts == 3
     with torch.no_grad(), molora_gates(mol, hard_gate(torch.tensor([1]), 3)):
         got = mol(input_ids=x).logits
@@ -187,12 +259,12 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
     from safetensors.torch import load_file
 
     from distthink.models.inject import Projector
-    from distthink.tasks.thinkrec.projector_export import save_projector_export
     from distthink.tasks.thinkrec.options import ThinkRecOptions
+    from distthink.tasks.thinkrec.projector_export import save_projector_export
 
     torch.manual_seed(5)
     stage2 = tmp_path / "stage2_export"
-    save_projector_export(Projector(64, 64, mult=10), stage2,
+    save_projector_export(Projector(64, 64, mult=5, activation="relu"), stage2,
                           ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": str(cf)}))
     out = tmp_path / "run"
     launch(["--config", "configs/thinkrec/stage3_smoke.yaml", f"data.train={prep / 'train.parquet'}",
@@ -200,11 +272,15 @@ def test_stage3_soft_gate_with_gradient_checkpointing(tmp_path, world):
             f"task.options.cf_export={cf}", f"task.options.molora.groups_dir={groups}",
             f"task.options.molora.init_adapter={root / 'stage1'}", "task.options.molora.gate=soft",
             "task.options.prompt_mode=ids", f"task.options.init_projector={stage2}",
+            "task.options.molora.tau=0.3", "task.options.molora.entropy_frac=0.9",
             "task.options.train_projector=false", "task.options.max_train_samples=8", "train.max_steps=2"], nproc=1)
     rows = metrics(out)
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     meta = json.loads((out / "export" / "molora" / "molora.json").read_text())
-    assert meta["num_experts"] == 2 and meta["gate"]["tau"] == pytest.approx(0.1)
+    # the gate settings of the config are the ones exported (and read back by rec eval --fusion / rec explain)
+    assert meta["num_experts"] == 2 and meta["gate"]["tau"] == pytest.approx(0.3)
+    assert meta["gate"]["entropy_frac"] == pytest.approx(0.9) and meta["gate"]["space"] == "raw"
+    assert meta["gate"]["expert_margin"] == pytest.approx(0.6)
     # the stage-3 export carries the projector it used: stage 2's, unchanged (frozen)
     a, b = load_file(str(stage2 / "projector.safetensors")), load_file(str(out / "export" / "projector.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,6 +7,7 @@ term and the log-sigmoid formula for the BCE, summed by hand with the mixing wei
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -25,10 +26,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
+    from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
 
     out = tmp_path_factory.mktemp("prep")
     prepare_synthetic(out, reasons="template", n_users=40, n_items=60, min_per_user=10, max_per_user=30)
+    n_u, n_i = len(pd.read_parquet(out / "users.parquet")), len(pd.read_parquet(out / "items.parquet"))
+    torch.manual_seed(0)  # an (untrained) MF export: id prompts need the CF source of the data
+    export_cf(CFResult(model=MF(n_u, n_i, 8), config=CFConfig(dim=8), best_epoch=0, valid_auc=0.5), out / "cf", out)
     return out
 
 
@@ -52,7 +57,7 @@ def _model(tok):
 
 def _samples(tok, prepared, mode="text", n=40, ratio=0.5, seed=0, **kw):
     opt = ThinkRecOptions.from_dict({"prompt_mode": mode, "reason_ratio": ratio,
-                                     **({"cf_export": str(prepared)} if mode == "ids" else {}), **kw})
+                                     **({"cf_export": str(prepared / "cf")} if mode == "ids" else {}), **kw})
     return opt, build_samples(tok, prepared / "train.parquet", opt, ChatPolicy(think="drop"), seed=seed,
                               split="train", limit=n)
 

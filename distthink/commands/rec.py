@@ -21,9 +21,10 @@ Recommendation data, collaborative-filtering encoders and user groups for the Th
   distthink rec synth      --out data/synth --format parquet        # or real data: MovieLens, Amazon, Yelp, CSV
   distthink rec prepare    --input data/synth/interactions.parquet --items data/synth/items.parquet \\
                            --out data/prep --reasons template
-  distthink rec train-cf   --data data/prep --model mf --out runs/cf_mf
+  distthink rec train-cf   --data data/prep --model mf --out runs/cf_mf    # or lightgcn, sasrec, dcn, din
   distthink rec group      --cf runs/cf_mf --out runs/groups --data data/prep
   distthink rec eval       --config STAGE.yaml --export RUN/export --split data/prep/test.parquet
+  distthink rec explain    --config STAGE.yaml --export RUN/export --split data/prep/test.parquet --out why.jsonl
   distthink rec synthesize --split data/prep/train.parquet --out reasons.jsonl    # needs a teacher endpoint
 
 `distthink rec ACTION --help` explains the options of each action."""
@@ -73,17 +74,19 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed for --input synthetic")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec and export embeddings (safetensors)")
+    s = sub.add_parser("train-cf", help="train MF / LightGCN / SASRec / DCN / DIN and export embeddings (safetensors)")
     s.add_argument("--data", required=True, help="folder written by `distthink rec prepare`")
-    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec"), default="mf",
+    s.add_argument("--model", choices=("mf", "lightgcn", "sasrec", "dcn", "din"), default="mf",
                    help="mf: matrix factorisation; lightgcn: graph propagation over the user-item graph; sasrec: "
-                        "self-attention over the user's history (default mf)")
+                        "self-attention over the user's history; dcn / din: target-aware, a row's user vector "
+                        "encodes (user, target, last history items) (default mf)")
     s.add_argument("--out", required=True, help="export folder")
     s.add_argument("--dim", type=int, default=64, help="embedding size of users and items (default 64)")
-    s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks")
-    s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec 3e-3")
+    s.add_argument("--layers", type=int, default=2, help="LightGCN propagation layers / SASRec blocks / DCN cross "
+                   "layers")
+    s.add_argument("--lr", type=float, default=None, help="default: mf/lightgcn 5e-2, sasrec/dcn/din 3e-3")
     s.add_argument("--weight-decay", type=float, default=1e-2,
-                   help="MF/LightGCN: L2 on the batch rows; SASRec: AdamW decay")
+                   help="MF/LightGCN: L2 on the batch rows; SASRec/DCN/DIN: AdamW decay")
     s.add_argument("--batch-size", type=int, default=512, help="training rows per step (default 512)")
     s.add_argument("--epochs", type=int, default=50, help="maximum epochs")
     s.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a valid-AUC gain")
@@ -92,7 +95,8 @@ def register(subparsers) -> None:
     s.set_defaults(func=_train_cf)
 
     s = sub.add_parser("group", help="K-means / ward user groups on standardised CF user vectors")
-    s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`")
+    s.add_argument("--cf", required=True, help="export folder of `distthink rec train-cf`, or .npz shards "
+                   "(user_ids, user_emb) keyed by the prepared user ids")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-groups", default="auto", help="'auto' (k in --k-min..--k-max by silhouette) or an integer")
     s.add_argument("--k-min", type=int, default=2, help="fewest groups tried by --n-groups auto (default 2)")
@@ -100,6 +104,9 @@ def register(subparsers) -> None:
     s.add_argument("--method", choices=("kmeans", "ward"), default="kmeans",
                    help="ward (agglomerative) is O(n^2) memory: small user sets only")
     s.add_argument("--sample", type=int, default=10000, help="users sampled (seeded) for the silhouette score")
+    s.add_argument("--space", choices=("standardised", "raw"), default="standardised",
+                   help="clustering space: per-dimension standardised CF vectors (default) or the raw vectors "
+                   "(ThinkRec). Both centroid sets are saved: the gate's space is task.options.molora.gate_space")
     s.add_argument("--data", default=None, help="prepared folder: also write per-group train/valid/test splits")
     s.add_argument("--include-cold-users", action="store_true",
                    help="also fit on users without train interactions (by default they are only assigned to "
@@ -115,7 +122,8 @@ def register(subparsers) -> None:
     s.add_argument("--split", required=True, help="prepared split file, e.g. PREP/test.parquet")
     s.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     s.add_argument("--scores", default=None, help="write per-sample scores to this Parquet file")
-    s.add_argument("--cf", default=None, help="a `rec train-cf` export: also report its metrics on the same rows")
+    s.add_argument("--cf", default=None, help="a `rec train-cf` export (or .npz shards, or `inline`): also report "
+                   "its metrics on the same rows (SASRec/DCN/DIN score each row with its encoder)")
     s.add_argument("--projector", default=None, help="prompt_mode=ids stages: a training checkpoint's "
                    "model.safetensors holding the trained projector (not needed with --export of the stage: the "
                    "export holds projector.safetensors)")
@@ -124,6 +132,37 @@ def register(subparsers) -> None:
                    "report entropy-gated fusion, global-adapter-only and hard-routing-only metrics + gate branches")
     s.add_argument("overrides", nargs="*", help="dotted config overrides")
     s.set_defaults(func=_eval)
+    s = sub.add_parser("explain", help="generate each row's verdict and reason with a trained stage (JSONL + metrics)",
+                       description="For each (user, item) row of --split, continue the stage's prompt (CF vectors "
+                       "injected; a stage-3 export's experts mixed per row by its gate) and write the verdict, the "
+                       "reason, the Yes-probability of the scored verdict and the gate's branch/weights to --out. "
+                       "Prints verdict agreement (generated vs scored) and BLEU-4 / ROUGE-L / METEOR of the reasons "
+                       "against the rows' reference reasons. Under torchrun every rank takes a share; with a ZeRO-3 "
+                       "distributed.deepspeed JSON the model is partitioned and the ranks generate in lockstep.")
+    s.add_argument("--config", required=True, help="the stage's YAML config (task.options, model)")
+    s.add_argument("--export", required=True, help="the stage's export folder (train.output_dir/export); a stage-3 "
+                   "export (export/molora) mixes its experts by --mode")
+    s.add_argument("--split", required=True, help="prepared split file, e.g. PREP/test.parquet")
+    s.add_argument("--out", required=True, help="JSONL of the records (rank 0 writes it, in split order)")
+    s.add_argument("--mode", choices=("fusion", "global", "hard"), default="fusion",
+                   help="stage 3: the entropy gate of molora.json (fusion), the global adapter (global), or one-hot "
+                   "by the group table (hard)")
+    s.add_argument("--limit", type=int, default=None, help="the first N rows only")
+    s.add_argument("--sample", action="store_true", help="sample (default greedy)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--min-new-tokens", type=int, default=0, help="forbid the end of turn before this many tokens "
+                   "(e.g. 3 to ask for a reason after the verdict from a model trained mostly on label-only answers)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu or cuda (ZeRO-3 runs use DeepSpeed's device)")
+    s.add_argument("--projector", default=None, help="as rec eval: a checkpoint's model.safetensors with the projector")
+    s.add_argument("--metrics", default=None, help="also write the metrics JSON to this file")
+    s.add_argument("overrides", nargs="*", help="dotted config overrides")
+    s.set_defaults(func=_explain)
+
     s = sub.add_parser("synthesize", help="ask a teacher (OpenAI-compatible endpoint) for reasoning traces")
     s.add_argument("--split", required=True, help="prepared split file to synthesise reasons for")
     s.add_argument("--out", required=True, help="JSONL of records (resumable: existing keys are skipped)")
@@ -132,9 +171,13 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=int, default=None, help="only the first N rows of the split")
     s.add_argument("--base-url", default=None, help="default: $OPENAI_BASE_URL")
     s.add_argument("--model", default=None, help="default: $DISTTHINK_TEACHER_MODEL")
-    s.add_argument("--max-rounds", type=int, default=3,
-                   help="rounds per row: while the teacher's verdict is wrong, the conversation continues with a "
-                        "hint giving the right label, up to N rounds (default 3)")
+    s.add_argument("--max-rounds", type=int, default=10,
+                   help="reflection rounds per row: while the teacher's verdict is wrong, the conversation continues "
+                        "with a hint, up to N rounds (default 10); a row still wrong is stored as failed (ok: false) "
+                        "and counted")
+    s.add_argument("--match", choices=("substring", "strict"), default="substring",
+                   help="substring: the label's text appears in the answer (ThinkRec); strict: the answer's first "
+                   "verdict word is the label")
     s.add_argument("--concurrency", type=int, default=4, help="requests to the teacher in flight at once (default 4)")
     s.add_argument("--write-split", default=None, help="also write the split with the new reasons (Parquet)")
     s.set_defaults(func=_synthesize)
@@ -207,7 +250,7 @@ def _group(args) -> int:
     n_groups = args.n_groups if args.n_groups == "auto" else _int_or_error(args.n_groups)
     cfg = GroupConfig(n_groups=n_groups, k_min=args.k_min, k_max=args.k_max, method=args.method,
                       silhouette_sample=args.sample, seed=args.seed, only_trained_users=not args.include_cold_users,
-                      plots=not args.no_plots)
+                      plots=not args.no_plots, space=args.space)
     summary = group_users(args.cf, args.out, cfg, prepared_dir=args.data)
     print(json.dumps({k: summary[k] for k in ("n_groups", "sizes", "silhouette", "out")}))
     return 0
@@ -255,23 +298,48 @@ def _eval(args) -> int:
                          batch_size=args.batch_size, projector=args.projector)
             out = {"llm": m}
         if args.cf:
-            from distthink.tasks.thinkrec.cf import load_cf_export
+            from distthink.tasks.thinkrec.cf_source import open_cf_source
             from distthink.tasks.thinkrec.prepare import read_split
 
-            cf = load_cf_export(args.cf)
             df = read_split(args.split)
             if args.limit is not None:
                 df = df.iloc[:args.limit]
-            import torch
-
-            sc = cf.score(torch.as_tensor(df["user_id"].to_numpy()), torch.as_tensor(df["item_id"].to_numpy()))
-            out["cf"] = compute_metrics(df["user_id"].to_numpy(), df["label"].to_numpy().astype(np.int64),
-                                        sc.numpy().astype(np.float64))
+            sc = open_cf_source(args.cf).score_rows(df, source=args.split)
+            out["cf"] = compute_metrics(df["user_id"].to_numpy(), df["label"].to_numpy().astype(np.int64), sc)
         if not dist.is_initialized() or dist.get_rank() == 0:
             for k, v in out.items():
                 print(f"{k}: " + (" ".join(f"{b}={c}" for b, c in v.items()) if k == "branch_counts"
                                   else format_metrics(v)))
             print(json.dumps(out))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _explain(args) -> int:
+    """`rec explain`: one process, or every rank of a torchrun launch."""
+    import os
+
+    import torch.distributed as dist
+
+    from distthink.config import load_config
+    from distthink.inference.generate import GenerationOptions
+    from distthink.tasks.thinkrec.explain import explain
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        gen = GenerationOptions(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        m = explain(cfg, args.split, export=args.export, out=args.out, mode=args.mode, gen=gen, limit=args.limit,
+                    projector=args.projector, device=args.device)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            if args.metrics:
+                Path(args.metrics).write_text(json.dumps(m, indent=1))
+            print(json.dumps(m))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -288,7 +356,7 @@ def _synthesize(args) -> int:
     cfg = TeacherConfig(base_url=args.base_url or os.environ.get("OPENAI_BASE_URL", ""),
                         model=args.model or os.environ.get("DISTTHINK_TEACHER_MODEL", ""),
                         api_key=os.environ.get("OPENAI_API_KEY"), max_rounds=args.max_rounds,
-                        concurrency=args.concurrency)
+                        concurrency=args.concurrency, match=args.match)
     split = read_split(args.split)
     counts = synthesize(select_rows(split, args.scores, args.threshold, args.limit), args.out, cfg)
     if args.write_split:

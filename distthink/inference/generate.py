@@ -50,6 +50,7 @@ class GenerationOptions:
     top_p: float = 1.0
     top_k: int = 0                     # 0 = off
     max_new_tokens: int = 256
+    min_new_tokens: int = 0            # end of turn forbidden before this many new tokens (0 = off)
     max_think_tokens: int | None = None  # thinking budget (tokens before </think>); None = no budget
     batch_size: int = 8
     seed: int = 0
@@ -62,6 +63,9 @@ class GenerationOptions:
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("generation: max_new_tokens and batch_size must be >= 1. Fix: positive values")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"generation: min_new_tokens={self.min_new_tokens} must be in 0..max_new_tokens="
+                              f"{self.max_new_tokens}. Fix: a smaller min_new_tokens")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
             raise ConfigError(f"generation: temperature={self.temperature} top_p={self.top_p} top_k={self.top_k}. "
                               "Fix: temperature > 0, 0 < top_p <= 1, top_k >= 0")
@@ -173,6 +177,18 @@ class Generator:
         """Token-level batch generation: ids[i] = prompt token ids (left-padded here), extras[i] = its side inputs.
 
         Returns (generated ids per row, right-padded with pad, as lists; the ThinkBudget or None)."""
+        out, budget, _ = self._generate(ids, extras, opts, first_logits=False)
+        return out, budget
+
+    @torch.no_grad()
+    def generate_ids_with_first_logits(self, ids: Sequence[list[int]], extras: Sequence[Any] | None,
+                                       opts: GenerationOptions):
+        """generate_ids + the raw logits (B, V) float32 of the first generated position, before any processor
+        or sampling warper: what the model predicts right after each prompt (a task can read a scored token's
+        logit from it without a second forward)."""
+        return self._generate(ids, extras, opts, first_logits=True)
+
+    def _generate(self, ids, extras, opts: GenerationOptions, first_logits: bool):
         tok = self.tokenizer
         L = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
@@ -188,14 +204,20 @@ class Generator:
         placeholders = list(getattr(self.prompt_inputs, "placeholder_ids", ()))
         if placeholders:  # input slots (`<|graph|>`), never outputs: a generated one would need a vector to fill it
             kwargs["suppress_tokens"] = placeholders
+        if opts.min_new_tokens:
+            kwargs["min_new_tokens"] = opts.min_new_tokens
         if opts.synced_gpus is not None:
             kwargs["synced_gpus"] = opts.synced_gpus
         if opts.do_sample:
             kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-        return out.tolist(), budget
+        if not first_logits:
+            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return out.tolist(), budget, None
+        res = self.model.generate(inputs_embeds=embeds, attention_mask=mask, return_dict_in_generate=True,
+                                  output_logits=True, **kwargs)
+        return res.sequences.tolist(), budget, res.logits[0].float()
 
     def generate(self, messages: Sequence[list[dict]], extras: Sequence[Any] | None = None,
                  opts: GenerationOptions | None = None, *, ids: Sequence | None = None,

@@ -15,7 +15,7 @@ never injecting a vector into the wrong prompt, and it is small next to a decode
 Pieces:
 - :func:`add_placeholder_tokens`  registers the placeholders as added special tokens and grows the embedding
   matrix only when needed (Qwen3's matrix is already larger than its tokenizer; it must never shrink).
-- :class:`Projector`  the MLP d -> m*d -> hidden*k (k = ``proj_token_num`` tokens per id).
+- :class:`Projector`  the MLP d -> m*d -> hidden*k (k = ``proj_token_num`` tokens per id), ReLU or GELU.
 - :class:`PlaceholderSlot` + :func:`inject_placeholders`  the replacement itself.
 - :func:`embed_with_injection`  convenience: model's embedding layer + injection -> ``inputs_embeds``.
 """
@@ -33,6 +33,7 @@ from distthink.errors import DistthinkError
 __all__ = [
     "add_placeholder_tokens",
     "Projector",
+    "PROJECTOR_ACTIVATIONS",
     "PlaceholderSlot",
     "inject_placeholders",
     "embed_with_injection",
@@ -78,22 +79,31 @@ def add_placeholder_tokens(tokenizer, tokens: Sequence[str], model: nn.Module | 
     return ids
 
 
+#: Projector activations by name (the name is what task options and export metadata record).
+PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
 class Projector(nn.Module):
     """MLP mapping encoder vectors into the LLM embedding space, ``k`` tokens per input vector.
 
-    ``d_in -> mult*d_in -> hidden_size*k`` with a GELU in between.
+    ``d_in -> mult*d_in -> hidden_size*k`` with ``activation`` (``relu`` or ``gelu``) in between.
 
     Shapes: ``forward(x)``: (N, d_in) -> (N, k, hidden_size).
-    Defaults follow the ThinkRec design: ``mult=10``, ``k=1`` (``proj_token_num``).
+    The constructor defaults (``mult=10``, GELU) are the molecule task's; ThinkRec builds its projector from its
+    own options (``mid_mult`` 5 and ReLU, as the ThinkRec code: distthink/tasks/thinkrec/options.py).
     """
 
-    def __init__(self, d_in: int, hidden_size: int, *, mult: int = 10, k: int = 1):
+    def __init__(self, d_in: int, hidden_size: int, *, mult: int = 10, k: int = 1, activation: str = "gelu"):
         super().__init__()
         if d_in <= 0 or hidden_size <= 0 or mult <= 0 or k <= 0:
             raise DistthinkError(f"Projector sizes must be positive, got d_in={d_in}, hidden_size={hidden_size}, "
                                  f"mult={mult}, k={k}. Fix: check the encoder dim and proj_token_num in the config.")
-        self.d_in, self.hidden_size, self.k = d_in, hidden_size, k
-        self.net = nn.Sequential(nn.Linear(d_in, mult * d_in), nn.GELU(), nn.Linear(mult * d_in, hidden_size * k))
+        if activation not in PROJECTOR_ACTIVATIONS:
+            raise DistthinkError(f"Projector activation {activation!r} is unknown. Fix: use one of "
+                                 f"{sorted(PROJECTOR_ACTIVATIONS)}.")
+        self.d_in, self.hidden_size, self.k, self.activation = d_in, hidden_size, k, activation
+        self.net = nn.Sequential(nn.Linear(d_in, mult * d_in), PROJECTOR_ACTIVATIONS[activation](),
+                                 nn.Linear(mult * d_in, hidden_size * k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[-1] != self.d_in:

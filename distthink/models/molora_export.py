@@ -18,8 +18,8 @@ equals the MoLoRA model with a one-hot gate on that adapter. ``molora.json``::
      "lora_dropout": p, "target_modules": [...], "modules": [full module paths],
      "adapters": ["expert_0", ..., "global"],        # index e = column e of the gates
      "group_to_adapter": {"0": "expert_0", ...}, "global_adapter": "global",
-     "gate": {"tau", "expert_margin", "entropy_frac", "centroids" (K x d), "scaler_mean", "scaler_scale",
-              "rule", "space"} or null,
+     "gate": {"tau", "expert_margin", "entropy_frac", "space" (raw | standardised), "centroids" (K x d, in that
+              space), "scaler_mean", "scaler_scale", "rule"} or null,
      "user_groups": "user_groups.parquet" or null, "base_model_name_or_path": ...}
 
 Under ZeRO-3 every rank must call `export_molora` (parameters are gathered); rank 0 writes.

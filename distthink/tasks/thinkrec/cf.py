@@ -1,6 +1,6 @@
-"""Collaborative-filtering encoders for ThinkRec: MF, LightGCN, SASRec; training and export.
+"""Collaborative-filtering encoders for ThinkRec: MF, LightGCN, SASRec, DCN, DIN; training and export.
 
-All three score a (user, item) pair as a dot product ``<user_vector, item_vector>`` and are trained
+All five score a (user, item) pair as a dot product ``<user_vector, item_vector>`` and are trained
 pointwise with BCE on the binarised labels of a prepared train split, with early stopping on the
 validation AUC (the best epoch's weights are kept). What each "user vector" is:
 
@@ -12,7 +12,15 @@ validation AUC (the best epoch's weights are kept). What each "user vector" is:
 - ``sasrec``: a small Transformer over the user's history (item + liked/disliked + recency position
   embeddings, a learned [CLS] slot at position 0 whose output is the user vector; padding masked).
   The exported user table encodes each user's last ``history_len`` *train* interactions; the full
-  weights are exported too, for per-sample encoding of a history (`SASRec.encode`).
+  weights are exported too: injection encodes each row's own history (`user_vector: history`).
+- ``dcn`` and ``din`` are *target-aware* (`user_vector: target_aware`): the user vector of a row is
+  ``encode_user(user, target item, last history_len history items)``, so the same user gets another vector for
+  another target. DCN: a cross network (DCN-v2 form, ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``) and a parallel MLP
+  over ``[user embedding, target embedding, mean of the history item embeddings]``, mapped to d. DIN: an attention
+  unit scores each history item against the target (MLP on ``[h, t, h - t, h * t]``), the weighted sum of the
+  history (unnormalised, as DIN) is joined with the user embedding and mapped to d. History items carry a
+  liked/disliked embedding (as SASRec). The exported ``user`` table is the user-id embedding (what `rec group`
+  clusters and the gate compares); the per-row vectors come from the exported weights.
 
 Export folder (`export_cf` / `load_cf_export`):
 
@@ -21,7 +29,9 @@ Export folder (`export_cf` / `load_cf_export`):
 - ``users.parquet`` / ``items.parquet``: the id maps copied from the prepared folder.
 - ``cf_meta.json``: model, dim, n_users, n_items, score="dot", propagated (bool), best_epoch,
   valid_auc, test_auc, test_uauc, train config, prepared_dir.
-- ``sasrec.safetensors`` (SASRec only): the encoder weights; its config is in cf_meta.json.
+- ``<model>.safetensors`` (SASRec, DCN, DIN): the encoder weights; the config is in cf_meta.json, and
+  ``user_vector`` (``table`` | ``history`` | ``target_aware``) says whether injection looks the user row up or
+  encodes it per row (`CFExport.row_user_vectors`).
 """
 
 from __future__ import annotations
@@ -48,8 +58,12 @@ from distthink.tasks.thinkrec.metrics import auc
 from distthink.tasks.thinkrec.prepare import read_split
 
 log = get_logger(__name__)
-MODELS = ("mf", "lightgcn", "sasrec")
-_DEFAULT_LR = {"mf": 5e-2, "lightgcn": 5e-2, "sasrec": 3e-3}
+MODELS = ("mf", "lightgcn", "sasrec", "dcn", "din")
+_DEFAULT_LR = {"mf": 5e-2, "lightgcn": 5e-2, "sasrec": 3e-3, "dcn": 3e-3, "din": 3e-3}
+#: how injection gets a row's user vector: a table row, the row's history encoded, or (user, target, history)
+USER_VECTOR = {"mf": "table", "lightgcn": "table", "sasrec": "history", "dcn": "target_aware", "din": "target_aware"}
+#: models whose exported weights encode rows (file <model>.safetensors)
+ENCODERS = ("sasrec", "dcn", "din")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,16 +111,20 @@ def _right_align(lists: pd.Series, k: int, pad: int) -> tuple[np.ndarray, np.nda
 
 def load_split(path: str | Path, n_items: int, history_len: int = 10) -> CFSplit:
     """Read a prepared split file into a `CFSplit` (ids must be below the prepared n_users/n_items)."""
-    df = read_split(path)
+    return split_from_frame(read_split(path), n_items, history_len, source=str(path))
+
+
+def split_from_frame(df: pd.DataFrame, n_items: int, history_len: int = 10, source: str | None = None) -> CFSplit:
+    """Rows of a prepared split (DataFrame) -> `CFSplit`: the last `history_len` history items, right-aligned."""
     for col in ("user_id", "item_id", "label", "history_item_ids", "history_labels"):
         if col not in df.columns:
-            raise DataError("missing column", source=str(path), field=col,
+            raise DataError("missing column", source=source, field=col,
                             fix="use a split written by `distthink rec prepare`", reason="missing_field")
     hist, mask = _right_align(df["history_item_ids"], history_len, n_items)
     hlab, _ = _right_align(df["history_labels"], history_len, 0)
     item = df["item_id"].to_numpy(dtype=np.int64)
     if len(item) and (item.max() >= n_items or item.min() < 0):
-        raise DataError(f"item_id out of range 0..{n_items - 1}", source=str(path), field="item_id",
+        raise DataError(f"item_id out of range 0..{n_items - 1}", source=source, field="item_id",
                         fix="the split and items.parquet must come from the same prepare run", reason="bad_value")
     return CFSplit(torch.tensor(df["user_id"].to_numpy(dtype=np.int64)), torch.tensor(item),
                    torch.tensor(df["label"].to_numpy(dtype=np.float32)), torch.from_numpy(hist),
@@ -250,6 +268,78 @@ class SASRec(nn.Module):
         return (u * self.item(batch.item)).sum(-1)
 
 
+class _TargetAware(nn.Module):
+    """Shared parts of DCN and DIN: user / item (+ padding row) / liked-disliked embeddings; score = <u(row), t>."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, history_len: int):
+        super().__init__()
+        self.n_users, self.n_items, self.history_len = n_users, n_items, history_len
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # last row = padding
+        self.label = nn.Embedding(2, dim)
+        for emb in (self.user, self.item):
+            nn.init.normal_(emb.weight, std=0.1)
+        nn.init.normal_(self.label.weight, std=0.1)
+        with torch.no_grad():
+            self.item.weight[n_items].zero_()
+
+    def history(self, hist_items: torch.Tensor, hist_labels: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
+        """(n, K, d) history item embeddings + liked/disliked embedding, zero on padding."""
+        h = self.item(hist_items) + self.label(hist_labels.clamp(0, 1))
+        return h * hist_mask[..., None]
+
+    def encode_user(self, user, item, hist_items, hist_labels, hist_mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user-id embedding (n_users, d), item (n_items, d)): what `rec group` clusters / the item rows."""
+        return self.user.weight, self.item.weight[: self.n_items]
+
+    def forward(self, batch: CFSplit) -> torch.Tensor:
+        u = self.encode_user(batch.user, batch.item, batch.hist_items, batch.hist_labels, batch.hist_mask)
+        return (u * self.item(batch.item)).sum(-1)
+
+
+class DCN(_TargetAware):
+    """Deep & Cross Network (DCN-v2 cross layers + a parallel MLP) as a target-aware user encoder."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, history_len: int = 10, layers: int = 2,
+                 dropout: float = 0.1):
+        super().__init__(n_users, n_items, dim, history_len)
+        width = 3 * dim
+        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.deep = nn.Sequential(nn.Linear(width, 2 * dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim),
+                                  nn.ReLU())
+        self.out = nn.Linear(width + dim, dim)
+
+    def encode_user(self, user, item, hist_items, hist_labels, hist_mask) -> torch.Tensor:
+        """(n,) users, (n,) targets, (n, K) right-aligned history -> (n, d) target-aware user vectors."""
+        h = self.history(hist_items, hist_labels, hist_mask)
+        pooled = h.sum(1) / hist_mask.sum(1, keepdim=True).clamp(min=1)
+        x0 = torch.cat([self.user(user), self.item(item), pooled], -1)
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        return self.out(torch.cat([x, self.deep(x0)], -1))
+
+
+class DIN(_TargetAware):
+    """Deep Interest Network: target-attention over the history, joined with the user embedding."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, history_len: int = 10, dropout: float = 0.1):
+        super().__init__(n_users, n_items, dim, history_len)
+        self.attention = nn.Sequential(nn.Linear(4 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, 1))
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+
+    def encode_user(self, user, item, hist_items, hist_labels, hist_mask) -> torch.Tensor:
+        """(n,) users, (n,) targets, (n, K) right-aligned history -> (n, d) target-aware user vectors."""
+        h = self.history(hist_items, hist_labels, hist_mask)
+        t = self.item(item)[:, None].expand_as(h)
+        weight = self.attention(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1) * hist_mask  # DIN: no softmax
+        interest = (weight[..., None] * h).sum(1)
+        return self.out(torch.cat([self.user(user), interest], -1))
+
+
 # ----------------------------------------------------------------------------------------------------
 # training
 
@@ -260,12 +350,12 @@ class CFConfig:
 
     model: str = "mf"
     dim: int = 64
-    layers: int = 2            # LightGCN propagation layers / SASRec blocks
+    layers: int = 2            # LightGCN propagation layers / SASRec blocks / DCN cross layers
     heads: int = 2             # SASRec
-    dropout: float = 0.1       # SASRec
-    history_len: int = 10      # SASRec input length; should match prepare's history_len
-    lr: float | None = None    # None: the model's default (mf/lightgcn 5e-2, sasrec 3e-3)
-    weight_decay: float = 1e-2  # MF/LightGCN: L2 on the batch's rows; SASRec: AdamW decay
+    dropout: float = 0.1       # SASRec, DCN, DIN
+    history_len: int = 10      # SASRec/DCN/DIN input length (ThinkRec: the last 10); prepare's history_len
+    lr: float | None = None    # None: the model's default (mf/lightgcn 5e-2, sasrec/dcn/din 3e-3)
+    weight_decay: float = 1e-2  # MF/LightGCN: L2 on the batch's rows; SASRec/DCN/DIN: AdamW decay
     device: str = "auto"        # "auto": cuda when available, else cpu
     batch_size: int = 512
     max_epochs: int = 50
@@ -301,6 +391,10 @@ def build_model(cfg: CFConfig, n_users: int, n_items: int) -> nn.Module:
         return MF(n_users, n_items, cfg.dim)
     if cfg.model == "lightgcn":
         return LightGCN(n_users, n_items, cfg.dim, cfg.layers)
+    if cfg.model == "dcn":
+        return DCN(n_users, n_items, cfg.dim, cfg.history_len, cfg.layers, cfg.dropout)
+    if cfg.model == "din":
+        return DIN(n_users, n_items, cfg.dim, cfg.history_len, cfg.dropout)
     return SASRec(n_users, n_items, cfg.dim, cfg.history_len, cfg.layers, cfg.heads, cfg.dropout)
 
 
@@ -354,7 +448,8 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
     if isinstance(model, LightGCN):
         pos = train.label > 0.5
         model.adjacency = normalized_adjacency(train.user[pos], train.item[pos], n_users, n_items)
-    if isinstance(model, SASRec):
+    dense = isinstance(model, (SASRec, _TargetAware))
+    if dense:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         # Adam's weight_decay would shrink *every* embedding row on every step (rows absent from the
@@ -374,7 +469,7 @@ def train_cf(train: CFSplit, valid: CFSplit, n_users: int, n_items: int, cfg: CF
         for s in range(0, len(train), cfg.batch_size):
             batch = train.take(perm[s:s + cfg.batch_size])
             loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)
-            if not isinstance(model, SASRec) and cfg.weight_decay:
+            if not dense and cfg.weight_decay:
                 loss = loss + cfg.weight_decay * model.l2(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -429,22 +524,57 @@ class CFExport:
     items: pd.DataFrame
     path: Path
 
+    @property
+    def user_vector(self) -> str:
+        """table | history | target_aware: how injection gets a row's user vector (see the module docstring).
+        Exports written before the key existed: SASRec encodes the row's history, the others are tables."""
+        return self.meta.get("user_vector") or USER_VECTOR.get(self.meta.get("model"), "table")
+
     def score(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        """(n,) dot-product logits for contiguous ids."""
+        """(n,) dot-product logits of the *tables* for contiguous ids (table models; see score_split)."""
         return (self.user[user_ids] * self.item[item_ids]).sum(-1)
+
+    def load_encoder(self) -> nn.Module:
+        """The SASRec / DCN / DIN encoder (eval mode) from ``<model>.safetensors``, for per-row user vectors."""
+        model = self.meta.get("model")
+        if model not in ENCODERS:
+            raise CheckpointError(f"{self.path}: a {model} export has no encoder (tables only)")
+        if getattr(self, "_encoder", None) is None:
+            c = self.meta["config"]
+            m = build_model(CFConfig(**{**c, "dropout": 0.0, "extra": c.get("extra") or {}}), self.meta["n_users"],
+                            self.meta["n_items"])
+            m.load_state_dict(load_file(str(self.path / f"{model}.safetensors")))
+            self._encoder = m.eval()
+        return self._encoder
 
     def load_sasrec(self) -> SASRec:
         """The SASRec encoder (eval mode), for per-sample history encoding."""
         if self.meta.get("model") != "sasrec":
             raise CheckpointError(f"{self.path}: not a SASRec export (model={self.meta.get('model')})")
-        c = self.meta["config"]
-        m = SASRec(self.meta["n_users"], self.meta["n_items"], c["dim"], c["history_len"], c["layers"], c["heads"], 0.0)
-        m.load_state_dict(load_file(str(self.path / "sasrec.safetensors")))
-        return m.eval()
+        return self.load_encoder()
+
+    @torch.no_grad()
+    def row_user_vectors(self, split: CFSplit, batch_size: int = 4096) -> torch.Tensor:
+        """(n, d) user vectors of the rows of `split`: the table row (table models), the row's history encoded
+        (SASRec), or encode_user(user, target, history) (DCN, DIN)."""
+        if self.user_vector == "table":
+            return self.user[split.user]
+        enc = self.load_encoder()
+        out = []
+        for s in range(0, len(split), batch_size):
+            b = split.take(torch.arange(s, min(s + batch_size, len(split))))
+            out.append(enc.encode(b.hist_items, b.hist_labels, b.hist_mask) if isinstance(enc, SASRec)
+                       else enc.encode_user(b.user, b.item, b.hist_items, b.hist_labels, b.hist_mask))
+        return torch.cat(out).float() if out else torch.zeros(0, self.user.shape[1])
+
+    @torch.no_grad()
+    def score_split(self, split: CFSplit) -> torch.Tensor:
+        """(n,) logits of the rows as the encoder scores them: <row user vector, item row>."""
+        return (self.row_user_vectors(split) * self.item[split.item]).sum(-1)
 
 
 def export_cf(result: CFResult, out_dir: str | Path, prepared_dir: str | Path, extra_meta: dict | None = None) -> Path:
-    """Write embeddings.safetensors (+ sasrec.safetensors), id maps and cf_meta.json into out_dir."""
+    """Write embeddings.safetensors (+ <model>.safetensors for encoders), id maps and cf_meta.json into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = result.model
@@ -452,19 +582,22 @@ def export_cf(result: CFResult, out_dir: str | Path, prepared_dir: str | Path, e
         if isinstance(model, SASRec):
             user, item = model.eval().tables(result.user_history)
         else:
-            user, item = model.tables()  # LightGCN: propagated once, here
+            user, item = model.eval().tables()  # LightGCN: propagated once, here; DCN/DIN: the id embeddings
     save_file({"user": user.detach().float().cpu().contiguous(), "item": item.detach().float().cpu().contiguous()},
               str(out / "embeddings.safetensors"))
-    if isinstance(model, SASRec):
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "sasrec.safetensors"))
+    name = result.config.model
+    if name in ENCODERS:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
     prepared = Path(prepared_dir)
-    for name in ("users.parquet", "items.parquet"):
-        shutil.copyfile(prepared / name, out / name)
+    for fname in ("users.parquet", "items.parquet"):
+        shutil.copyfile(prepared / fname, out / fname)
     cfg = asdict(result.config)
-    meta = {"model": result.config.model, "dim": int(user.shape[1]), "n_users": int(user.shape[0]),
+    tables = {"mf": "mf embedding", "lightgcn": "lightgcn layer-mean propagated",
+              "sasrec": "sasrec encoding of each user's last train history", "dcn": "dcn user-id embedding",
+              "din": "din user-id embedding"}
+    meta = {"model": name, "dim": int(user.shape[1]), "n_users": int(user.shape[0]),
             "n_items": int(item.shape[0]), "score": "dot", "propagated": isinstance(model, LightGCN),
-            "user_table": ("sasrec encoding of each user's last train history" if isinstance(model, SASRec)
-                           else "lightgcn layer-mean propagated" if isinstance(model, LightGCN) else "mf embedding"),
+            "user_table": tables[name], "user_vector": USER_VECTOR[name],
             "best_epoch": result.best_epoch, "valid_auc": result.valid_auc, "history": result.history,
             "config": cfg, "prepared_dir": str(prepared.resolve())}
     meta.update(extra_meta or {})
@@ -482,6 +615,9 @@ def load_cf_export(path: str | Path) -> CFExport:
     meta = json.loads((p / "cf_meta.json").read_text())
     t = load_file(str(p / "embeddings.safetensors"))
     users, items = pd.read_parquet(p / "users.parquet"), pd.read_parquet(p / "items.parquet")
+    if meta.get("model") in ENCODERS and not (p / f"{meta['model']}.safetensors").is_file():
+        raise CheckpointError(f"{p}: a {meta['model']} export needs {meta['model']}.safetensors (its encoder). Fix: "
+                              "export it again with `distthink rec train-cf`")
     if t["user"].shape != (meta["n_users"], meta["dim"]) or t["item"].shape != (meta["n_items"], meta["dim"]) \
             or len(users) != meta["n_users"] or len(items) != meta["n_items"]:
         raise CheckpointError(f"{p}: table shapes {tuple(t['user'].shape)}/{tuple(t['item'].shape)} and id maps "

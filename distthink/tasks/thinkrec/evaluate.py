@@ -33,10 +33,10 @@ from distthink.logging_utils import get_logger
 from distthink.models.load import build_model_config, load_tokenizer
 from distthink.models.molora import global_gate, hard_gate, molora_gates
 from distthink.models.molora_export import read_molora_json
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import open_cf_source
 from distthink.tasks.thinkrec.gate import BRANCH_NAMES, load_molora
 from distthink.tasks.thinkrec.metrics import compute_metrics, gather_predictions, write_scores
-from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper
+from distthink.tasks.thinkrec.model import SCORE_KEYS, build_wrapper, side_inputs
 from distthink.tasks.thinkrec.projector_export import PROJECTOR_META, load_projector_export
 from distthink.tasks.thinkrec.samples import split_encoding
 from distthink.tasks.thinkrec.task import ThinkRecTask
@@ -107,21 +107,26 @@ class FusionGates:
                               "task.options.molora.groups_dir. Fix: pass the stage's config")
 
         self.gate, self.k = gate, num_experts
-        self.cf_user = load_cf_export(cf_export).user.detach().float().cpu()
+        table = open_cf_source(cf_export).user  # None for inline vectors: the rows' own User_emb are used
+        self.cf_user = None if table is None else table.detach().float().cpu()
         table = pd.read_parquet(table_path)
         n = int(max(table["user_id"].max(), 0)) + 1
         self.user_group = torch.full((n,), -1, dtype=torch.long)
         self.user_group[torch.as_tensor(table["user_id"].to_numpy().copy(), dtype=torch.long)] = torch.as_tensor(
             table["group"].to_numpy().copy(), dtype=torch.long)
 
-    def __call__(self, user_ids: torch.Tensor) -> dict:
-        """(S,) user ids -> {mode: (S, K+1) gates} + {"branch": (S,) long} of the entropy gate."""
+    def __call__(self, user_ids: torch.Tensor, user_vecs: torch.Tensor | None = None) -> dict:
+        """(S,) user ids (+ (S, d) per-row user vectors when the source has no table) -> {mode: (S, K+1) gates}
+        + {"branch": (S,) long} and {"weights"} of the entropy gate."""
         u = torch.as_tensor(user_ids).detach().cpu().long()
-        bad = (u < 0) | (u >= self.cf_user.shape[0])
-        if bad.any():
-            raise ConfigError(f"user id {int(u[bad][0])} is outside the CF table ({self.cf_user.shape[0]} users). "
-                              "Fix: task.options.cf_export must be the CF export of the prepared data")
-        dec = self.gate(self.cf_user[u])
+        if self.cf_user is None:
+            dec = self.gate(user_vecs.detach().float().cpu())
+        else:
+            bad = (u < 0) | (u >= self.cf_user.shape[0])
+            if bad.any():
+                raise ConfigError(f"user id {int(u[bad][0])} is outside the CF table ({self.cf_user.shape[0]} users). "
+                                  "Fix: task.options.cf_export must be the CF export of the prepared data")
+            dec = self.gate(self.cf_user[u])
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
@@ -158,16 +163,16 @@ def score_split_fusion(cfg: Config, split_path: str, *, export: str, limit: int 
     opt = task.opt
     ex = Path(export).parent if (Path(export) / "molora.json").is_file() else Path(export)  # export or export/molora
     source = projector_source(opt, str(ex), None) if opt.prompt_mode == "ids" else None
-    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    tokenizer, samples = eval_samples(cfg, task, split_path, limit)
     device, dtype = eval_placement(cfg)
     model, gate, mdir = load_stage3_for_eval(export, device, dtype)
     _log_placement(model, len(samples), rank, world)
     gates = FusionGates(mdir, gate, gate.num_experts if gate is not None else 0, opt.cf_export,
                         opt.molora.groups_dir if opt.molora else None)
-    wrapper = _eval_wrapper(model, tokenizer, opt, source, device)
+    wrapper = eval_wrapper(model, tokenizer, opt, source, device)
     out = {"idx": [], "user": [], "item": [], "label": [], "branch": [], **{m: [] for m in FUSION_MODES}}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size, device):
-        g = gates(batch["user_ids"])
+        g = gates(batch["user_ids"], batch.get("user_vecs"))
         if gates_fn is not None:
             g.update(gates_fn(batch["user_ids"]))
         for mode in FUSION_MODES:
@@ -209,11 +214,11 @@ def score_split(cfg: Config, split_path: str, *, export: str | None = None, limi
     of this rank and the split size."""
     task = ThinkRecTask(cfg)
     source = projector_source(task.opt, export, projector) if task.opt.prompt_mode == "ids" else None
-    tokenizer, samples = _eval_samples(cfg, task, split_path, limit)
+    tokenizer, samples = eval_samples(cfg, task, split_path, limit)
     device, dtype = eval_placement(cfg)
     model = load_for_eval(cfg, export, tokenizer, device, dtype)
     _log_placement(model, len(samples), rank, world)
-    wrapper = _eval_wrapper(model, tokenizer, task.opt, source, device)
+    wrapper = eval_wrapper(model, tokenizer, task.opt, source, device)
     out = {"idx": [], "user": [], "item": [], "label": [], "score": []}
     for part, batch in _eval_batches(task, tokenizer, samples, rank, world, batch_size, device):
         out["score"] += _batch_scores(wrapper, model, batch).double().tolist()
@@ -230,7 +235,7 @@ def _log_placement(model, n: int, rank: int, world: int) -> None:
              w.device, str(w.dtype).replace("torch.", ""), attn)
 
 
-def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
+def eval_samples(cfg: Config, task, split_path: str, limit: int | None):
     """(tokenizer with the placeholder tokens, the split's samples as label-only prompts), from the encoded-data
     cache (collective under a process group: one rank encodes, every rank reads)."""
     tokenizer = load_tokenizer(cfg)
@@ -241,7 +246,7 @@ def _eval_samples(cfg: Config, task, split_path: str, limit: int | None):
                                                progress=False)
 
 
-def _eval_wrapper(model, tokenizer, opt, source, device: torch.device | None = None):
+def eval_wrapper(model, tokenizer, opt, source, device: torch.device | None = None):
     """The scoring wrapper around an exported model: the export already holds the adapters, and the projector
     is loaded from `source` (projector_source), never from the training-time options. Moved to `device` with
     the model (the projector and the CF tables with it)."""
@@ -265,7 +270,7 @@ def _eval_batches(task, tokenizer, samples, rank: int, world: int, batch_size: i
 def _batch_scores(wrapper, model, batch) -> torch.Tensor:
     attn = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
     dtype = next(model.parameters()).dtype  # eager's additive mask in the model's dtype
-    return wrapper.score(**{k: batch[k] for k in SCORE_KEYS},
+    return wrapper.score(**side_inputs(batch, SCORE_KEYS),
                          **model_inputs(batch, attn, dtype=dtype, with_input_ids=False))
 
 
@@ -298,7 +303,7 @@ def _load_projector_from(wrapper, source: tuple[str, str], opt) -> None:
         return
 
     # opt=None: a CF space other than the projector's is refused at eval (no training can adapt it)
-    load_projector_export(wrapper.projector, path, None, cf=load_cf_export(opt.cf_export), option=kind)
+    load_projector_export(wrapper.projector, path, None, cf=open_cf_source(opt.cf_export), option=kind)
 
 
 def load_projector(wrapper, path: str) -> None:

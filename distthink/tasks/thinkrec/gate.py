@@ -1,10 +1,21 @@
 """The ThinkRec gate rule: which of the K group experts (or the global adapter) serves a user.
 
-w = softmax(cos(z_u, c_k) / tau) over the K group centroids c_k, with z_u the user's CF vector mapped to the
-groups' standardised space (`grouping.to_gate_space`); if max w > 0.5 + expert_margin / K the top expert alone
-(one-hot); else if H(w) >= entropy_frac * ln K the global adapter alone; else the experts fused with w (global
-weight 0). Applied per sample, vectorised. The weights feed the generic MoLoRA layers of distthink.models.molora
-(`set_gates`); the rule itself belongs to ThinkRec, so it lives here.
+w = softmax(cos(e_u, c_k) / tau) over the K group centroids c_k, H(w) = -sum w log w (nats), then, in ThinkRec's
+order:
+
+1. H(w) > entropy_frac * ln K  -> the global adapter alone (the user fits no group well);
+2. elif max w > 0.5 + expert_margin / K -> the top expert alone (one-hot);
+3. else the experts fused with w (global weight 0).
+
+The space of the comparison (`GateConfig.space`): ``raw`` (ThinkRec's) compares the user's CF vector e_u as
+exported with the raw group means (mean of the member users' CF vectors, ``centroids_raw`` of `rec group`);
+``standardised`` compares z_u = (e_u - scaler_mean) / scaler_scale with the standardised centroids, the space
+`rec group` clusters in (`grouping.to_gate_space`). Applied per sample, vectorised. The weights feed the generic
+MoLoRA layers of distthink.models.molora (`set_gates`); the rule itself belongs to ThinkRec, so it lives here.
+
+With the default thresholds (0.6, 0.95) the order of tests 1 and 2 never matters: a w whose top weight passes
+0.5 + 0.6/K has at most the entropy of the rest spread evenly, which stays below 0.95 ln K for every K (checked in
+tests/test_molora.py). With other settings both tests can pass for the same w; the entropy test then wins.
 """
 
 from __future__ import annotations
@@ -20,27 +31,39 @@ import torch.nn.functional as F
 from distthink.errors import ConfigError, DistthinkError
 from distthink.models.molora import hard_gate
 from distthink.models.molora_export import load_molora_adapters
-from distthink.tasks.thinkrec.grouping import SPACE, load_groups, to_gate_space
+from distthink.tasks.thinkrec.grouping import load_groups, to_gate_space
 
 BRANCH_EXPERT, BRANCH_GLOBAL, BRANCH_FUSE = 0, 1, 2
 BRANCH_NAMES = ("expert", "global", "fuse")
+GATE_SPACES = ("raw", "standardised")
+RULE = ("w = softmax(cos(u, c_k)/tau) over K centroids; H(w) > entropy_frac*ln K -> global; elif max w > 0.5 + "
+        "expert_margin/K -> that expert; else fuse experts with w. space raw: u = e_u, c_k = raw group means; "
+        "space standardised: u = (e_u - scaler_mean)/scaler_scale, c_k = standardised centroids")
 
 
 @dataclass
 class GateConfig:
-    """Entropy gate settings (ThinkRec defaults). N below is the number of group experts K."""
+    """Entropy gate settings (ThinkRec's released values). N below is the number of group experts K."""
 
     tau: float = 0.1             # softmax temperature on cosine similarities
     expert_margin: float = 0.6   # one expert alone when max w > 0.5 + expert_margin / N
-    entropy_frac: float = 0.95   # global adapter when H(w) >= entropy_frac * ln N (nats)
+    entropy_frac: float = 0.95   # global adapter when H(w) > entropy_frac * ln N (nats); tested first
+    space: str = "raw"           # raw (ThinkRec: CF vectors vs raw group means) | standardised
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "molora gate ") -> None:
+        """ConfigError naming `prefix` + the field and the fix (prefix e.g. "task.options.molora.")."""
+        for name in ("tau", "expert_margin", "entropy_frac"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{prefix}{name}={v!r} must be a number. Fix: e.g. {getattr(GateConfig, name)}")
         if not self.tau > 0:
-            raise ConfigError(f"molora gate tau must be > 0, got {self.tau}")
+            raise ConfigError(f"{prefix}tau={self.tau} must be > 0. Fix: e.g. 0.1 (ThinkRec)")
         if not 0 <= self.entropy_frac <= 1:
-            raise ConfigError(f"molora gate entropy_frac must be in [0, 1], got {self.entropy_frac}")
+            raise ConfigError(f"{prefix}entropy_frac={self.entropy_frac} must be in [0, 1]. Fix: e.g. 0.95 (ThinkRec)")
         if self.expert_margin < 0:
-            raise ConfigError(f"molora gate expert_margin must be >= 0, got {self.expert_margin}")
+            raise ConfigError(f"{prefix}expert_margin={self.expert_margin} must be >= 0. Fix: e.g. 0.6 (ThinkRec)")
+        if self.space not in GATE_SPACES:
+            raise ConfigError(f"{prefix}space={self.space!r}. Fix: use raw (ThinkRec) or standardised")
 
 
 class GateDecision(NamedTuple):
@@ -59,9 +82,9 @@ class GateDecision(NamedTuple):
 
 
 def entropy_gate(user_vectors: torch.Tensor, centroids: torch.Tensor, cfg: GateConfig | None = None) -> GateDecision:
-    """The ThinkRec gate, per sample and vectorised.
+    """The ThinkRec gate, per sample and vectorised (rule in the module docstring).
 
-    user_vectors (S, d) in the centroids' space (standardised: see `to_gate_space`), centroids (K, d), K >= 2.
+    user_vectors (S, d) in the centroids' space (EntropyGate maps raw CF vectors there), centroids (K, d), K >= 2.
     """
     cfg = cfg or GateConfig()
     cfg.validate()
@@ -77,8 +100,8 @@ def entropy_gate(user_vectors: torch.Tensor, centroids: torch.Tensor, cfg: GateC
     probs = torch.softmax(cos / cfg.tau, dim=-1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)             # 0 * log 0 := 0
     top_w, top = probs.max(dim=-1)
-    alone = top_w > 0.5 + cfg.expert_margin / k
-    flat = ~alone & (entropy >= cfg.entropy_frac * math.log(k))
+    flat = entropy > cfg.entropy_frac * math.log(k)                             # tested first, as ThinkRec
+    alone = ~flat & (top_w > 0.5 + cfg.expert_margin / k)
     weights = torch.zeros(u.shape[0], k + 1, dtype=torch.float32, device=u.device)
     weights[:, :k] = probs
     # the three branches as row-wise selections (no per-sample loop)
@@ -98,9 +121,10 @@ def branch_counts(branch: torch.Tensor) -> dict:
 
 
 class EntropyGate:
-    """The gate with its centroids and scaler, as saved by `distthink rec group` (and in molora.json).
+    """The gate with its centroids (and scaler), as saved by `distthink rec group` and stored in molora.json.
 
-    centroids (K, d) in the standardised space; scaler_mean/scaler_scale (d,) map raw CF vectors there.
+    centroids (K, d) live in ``cfg.space``: raw group means for ``raw``, standardised centroids for
+    ``standardised``; scaler_mean/scaler_scale (d,) map raw CF vectors to the standardised space (unused in raw).
     """
 
     def __init__(self, centroids, scaler_mean=None, scaler_scale=None, cfg: GateConfig | None = None):
@@ -118,12 +142,22 @@ class EntropyGate:
 
     @classmethod
     def from_groups(cls, groups_dir: str | Path, cfg: GateConfig | None = None) -> "EntropyGate":
-        """From the folder written by `distthink rec group` (groups.safetensors)."""
+        """From the folder written by `distthink rec group` (groups.safetensors): the raw group means
+        (``centroids_raw``) for space raw, the standardised centroids for space standardised."""
+        cfg = cfg or GateConfig()
         g = load_groups(groups_dir)
+        if cfg.space == "raw":
+            if "centroids_raw" not in g:
+                raise ConfigError(f"{groups_dir}: groups.safetensors has no centroids_raw (written by `rec group` "
+                                  "since the raw gate space). Fix: run `distthink rec group` again, or set "
+                                  "task.options.molora.gate_space: standardised")
+            return cls(g["centroids_raw"], g["scaler_mean"], g["scaler_scale"], cfg)
         return cls(g["centroids"], g["scaler_mean"], g["scaler_scale"], cfg)
 
     def to_gate_space(self, raw_user_vectors: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(raw_user_vectors, dtype=torch.float32)
+        if self.cfg.space == "raw":
+            return x
         return to_gate_space(x, self.scaler_mean.to(x.device), self.scaler_scale.to(x.device))
 
     def __call__(self, raw_user_vectors: torch.Tensor) -> GateDecision:
@@ -135,14 +169,13 @@ class EntropyGate:
 
     def to_json(self) -> dict:
         return {**asdict(self.cfg), "centroids": self.centroids.tolist(), "scaler_mean": self.scaler_mean.tolist(),
-                "scaler_scale": self.scaler_scale.tolist(),
-                "rule": "w = softmax(cos(z_u, c_k)/tau), z_u = (e_u - scaler_mean)/scaler_scale; "
-                        "max w > 0.5 + expert_margin/K -> that expert; elif H(w) >= entropy_frac*ln K -> global; "
-                        "else fuse experts with w", "space": SPACE}
+                "scaler_scale": self.scaler_scale.tolist(), "rule": RULE}
 
     @classmethod
     def from_json(cls, d: dict) -> "EntropyGate":
-        cfg = GateConfig(tau=d["tau"], expert_margin=d["expert_margin"], entropy_frac=d["entropy_frac"])
+        # molora.json files written before the setting carry standardised centroids (the only space then)
+        space = d.get("space") if d.get("space") in GATE_SPACES else "standardised"
+        cfg = GateConfig(tau=d["tau"], expert_margin=d["expert_margin"], entropy_frac=d["entropy_frac"], space=space)
         return cls(d["centroids"], d.get("scaler_mean"), d.get("scaler_scale"), cfg)
 
 

@@ -1,17 +1,18 @@
-"""User groups for the mixture-of-LoRA stage: clustering of standardised CF user vectors.
+"""User groups for the mixture-of-LoRA stage: clustering of CF user vectors.
 
-**The gate's space.** Clustering runs on standardised user vectors
-``z = (e - scaler_mean) / scaler_scale`` (per-dimension mean and standard deviation over the users that
-were fitted). The saved centroids live in this *standardised* space. The MoLoRA gate must therefore
-compare ``to_gate_space(e_u)`` with the centroids (cosine similarity), never the raw CF vector;
-`load_groups` returns everything needed, and `to_gate_space` applies the saved scaler.
+**Spaces.** By default clustering runs on standardised user vectors ``z = (e - scaler_mean) / scaler_scale``
+(per-dimension mean and standard deviation over the users that were fitted; ``GroupConfig.space=raw``, ThinkRec's
+choice, clusters the raw vectors: scaler 0 / 1). ``centroids`` live in the clustering space; ``centroids_raw``
+are the raw group means (mean of the member users' CF vectors as exported), what ThinkRec's gate compares the raw
+CF vector with. The gate (distthink/tasks/thinkrec/gate.py) uses one pair consistently: raw vector vs
+``centroids_raw`` (gate space raw, the default) or ``to_gate_space(e_u)`` vs ``centroids`` (standardised).
 
 Output folder of `group_users`:
 
 - ``user_groups.parquet``: user_id (contiguous, as in the CF export), raw_user_id, group (int),
   fitted (bool: False for cold users that were only assigned to the nearest centroid).
-- ``groups.safetensors``: ``centroids`` (K, d) float32 in the standardised space, ``scaler_mean`` (d,),
-  ``scaler_scale`` (d,).
+- ``groups.safetensors``: ``centroids`` (K, d) float32 in the clustering space, ``centroids_raw`` (K, d) the
+  raw group means over the fitted members, ``scaler_mean`` (d,), ``scaler_scale`` (d,).
 - ``groups.json``: n_groups, method, sizes (list, by group), silhouette (of the chosen k),
   silhouette_curve ({k: score} for auto), space (text), cf_dir, cf_model, seed, fitted_users.
 - ``splits/group_<g>/{train,valid,test}.parquet`` when a prepared folder is given.
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from sklearn.cluster import AgglomerativeClustering, MiniBatchKMeans
@@ -35,11 +38,12 @@ from sklearn.metrics import silhouette_score
 
 from distthink.errors import CheckpointError, ConfigError, DataError
 from distthink.logging_utils import get_logger
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import ExportSource, open_cf_source
 from distthink.tasks.thinkrec.prepare import SPLITS, find_split, read_split
 
 log = get_logger(__name__)
-SPACE = "standardised: z = (e - scaler_mean) / scaler_scale, e = CF user vector from the export"
+SPACES = {"standardised": "standardised: z = (e - scaler_mean) / scaler_scale, e = CF user vector from the export",
+          "raw": "raw: the CF user vectors as exported (scaler_mean 0, scaler_scale 1)"}
 
 
 @dataclass
@@ -54,11 +58,14 @@ class GroupConfig:
     plots: bool = True
     batch_size: int = 1024
     n_init: int = 3
+    space: str = "standardised"    # clustering space: standardised | raw (ThinkRec)
 
     def validate(self, n_points: int) -> list[int]:
         """The candidate k values. Raises ConfigError on impossible settings."""
         if self.method not in ("kmeans", "ward"):
             raise ConfigError(f"group.method must be kmeans or ward, got {self.method!r}")
+        if self.space not in SPACES:
+            raise ConfigError(f"group space {self.space!r}. Fix: use {' or '.join(SPACES)}")
         if self.n_groups == "auto":
             if not 2 <= self.k_min <= self.k_max:
                 raise ConfigError(f"need 2 <= k_min <= k_max, got {self.k_min}..{self.k_max}")
@@ -77,10 +84,12 @@ class GroupConfig:
 
 @dataclass
 class GroupResult:
-    """labels (n,) int over the fitted rows; centroids (K, d) in the standardised space; scaler."""
+    """labels (n,) int over the fitted rows; centroids (K, d) in the clustering space, centroids_raw (K, d) the raw
+    group means; scaler."""
 
     labels: np.ndarray
     centroids: np.ndarray
+    centroids_raw: np.ndarray
     scaler_mean: np.ndarray
     scaler_scale: np.ndarray
     k: int
@@ -129,13 +138,13 @@ def _lloyd(z: np.ndarray, centroids: np.ndarray, max_iter: int = 50) -> tuple[np
 
 
 def fit_groups(x: np.ndarray, cfg: GroupConfig) -> GroupResult:
-    """Standardise x (n, d), cluster, and pick k by silhouette when cfg.n_groups == 'auto'."""
+    """Standardise x (n, d) (space standardised), cluster, and pick k by silhouette when cfg.n_groups == 'auto'."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise DataError("user vectors must be a finite (n, d) matrix", field="user",
                         fix="re-export the CF embeddings", reason="bad_value")
     ks = cfg.validate(len(x))
-    mean, scale = standardize_fit(x)
+    mean, scale = standardize_fit(x) if cfg.space == "standardised" else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     z = (x - mean) / scale
     sample = min(cfg.silhouette_sample, len(z))
     curve, best = {}, None
@@ -151,12 +160,14 @@ def fit_groups(x: np.ndarray, cfg: GroupConfig) -> GroupResult:
             best = (score, k, labels, centroids)
         log.info("groups: k=%d silhouette=%.4f", k, score)
     score, k, labels, centroids = best
-    return GroupResult(labels.astype(np.int64), centroids.astype(np.float32), mean.astype(np.float32),
-                       scale.astype(np.float32), k, score, curve)
+    raw = np.stack([x[labels == g].mean(axis=0) if (labels == g).any() else centroids[g] * scale + mean
+                    for g in range(k)])
+    return GroupResult(labels.astype(np.int64), centroids.astype(np.float32), raw.astype(np.float32),
+                       mean.astype(np.float32), scale.astype(np.float32), k, score, curve)
 
 
 def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Nearest centroid (Euclidean) in the standardised space: (n, d), (K, d) -> (n,) groups."""
+    """Nearest centroid (Euclidean) in the clustering space: (n, d), (K, d) -> (n,) groups."""
     d2 = (z ** 2).sum(1)[:, None] - 2 * z @ centroids.T + (centroids ** 2).sum(1)[None, :]
     return d2.argmin(axis=1)
 
@@ -164,11 +175,11 @@ def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
                 prepared_dir: str | Path | None = None) -> dict:
     """Cluster the users of a CF export and write the outputs listed in the module docstring."""
-    exp = load_cf_export(cf_dir)
+    src = open_cf_source(str(cf_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    users = exp.users.reset_index(drop=True)
-    x = exp.user.numpy().astype(np.float64)
+    users = src.users_frame()
+    x = src.user[torch.as_tensor(users["user_id"].to_numpy().copy(), dtype=torch.long)].numpy().astype(np.float64)
     fitted = np.ones(len(x), dtype=bool)
     if cfg.only_trained_users and "n_train" in users.columns:
         fitted = users["n_train"].to_numpy() > 0
@@ -183,12 +194,13 @@ def group_users(cf_dir: str | Path, out_dir: str | Path, cfg: GroupConfig,
     table = pd.DataFrame({"user_id": users["user_id"].to_numpy(), "raw_user_id": users["raw_user_id"].astype(str),
                           "group": group, "fitted": fitted})
     table.to_parquet(out / "user_groups.parquet", index=False)
-    save_file({"centroids": res.centroids, "scaler_mean": res.scaler_mean, "scaler_scale": res.scaler_scale},
-              str(out / "groups.safetensors"))
+    save_file({"centroids": res.centroids, "centroids_raw": res.centroids_raw, "scaler_mean": res.scaler_mean,
+               "scaler_scale": res.scaler_scale}, str(out / "groups.safetensors"))
     sizes = np.bincount(group, minlength=res.k).tolist()
     summary = {"n_groups": res.k, "method": cfg.method, "sizes": sizes, "silhouette": res.silhouette,
-               "silhouette_curve": {str(k): v for k, v in res.silhouette_curve.items()}, "space": SPACE,
-               "cf_dir": str(Path(cf_dir).resolve()), "cf_model": exp.meta.get("model"), "seed": cfg.seed,
+               "silhouette_curve": {str(k): v for k, v in res.silhouette_curve.items()}, "space": SPACES[cfg.space],
+               "cf_dir": str(Path(cf_dir).resolve()),
+               "cf_model": src.export.meta.get("model") if isinstance(src, ExportSource) else "npz", "seed": cfg.seed,
                "fitted_users": int(fitted.sum()), "out": str(out)}
     if prepared_dir is not None:
         summary["splits"] = write_group_splits(prepared_dir, table, out / "splits", res.k)
@@ -229,7 +241,7 @@ def _plots(z: np.ndarray, group: np.ndarray, res: GroupResult, out: Path) -> Non
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(p[:, 0], p[:, 1], c=group, cmap="tab10", s=6, alpha=0.7)
     ax.scatter(c[:, 0], c[:, 1], c="black", marker="x", s=80, label="centroids")
-    ax.set_title(f"users by group (k={res.k}), PCA of standardised CF vectors")
+    ax.set_title(f"users by group (k={res.k}), PCA of the {res_space(res)} CF vectors")
     ax.legend(*sc.legend_elements(), title="group", loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "user_map.png", dpi=100)
@@ -244,6 +256,17 @@ def _plots(z: np.ndarray, group: np.ndarray, res: GroupResult, out: Path) -> Non
     fig.tight_layout()
     fig.savefig(out / "silhouette.png", dpi=100)
     plt.close(fig)
+
+
+def res_space(res: GroupResult) -> str:
+    """'raw' when the result's scaler is the identity, else 'standardised' (for plot titles)."""
+    return "raw" if not res.scaler_mean.any() and (res.scaler_scale == 1).all() else "standardised"
+
+
+def group_tensor_names(path: str | Path) -> set[str]:
+    """Names of the tensors in a groups folder's groups.safetensors (header only; no tensor is read)."""
+    with safe_open(str(Path(path) / "groups.safetensors"), framework="numpy") as fh:
+        return set(fh.keys())
 
 
 def load_groups(path: str | Path) -> dict:

@@ -7,7 +7,6 @@ which checks the shape and the CF space it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from distthink.errors import CheckpointError, ConfigError
 from distthink.logging_utils import get_logger
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import INLINE, open_cf_source
 from distthink.zero3 import gathered, is_partitioned
 
 if TYPE_CHECKING:
@@ -30,20 +29,16 @@ PROJECTOR_META = "projector.json"
 PROJECTOR_FORMAT = "distthink.thinkrec.projector/1"
 
 
+# Exports written before the activation was recorded used GELU (the projector had no other).
+LEGACY_ACTIVATION = "gelu"
+
+
 def projector_shape(projector) -> dict:
-    """{d_in, hidden_size, mult, k} of a Projector (attributes only: valid on ZeRO-3 partitioned modules too)."""
+    """{d_in, hidden_size, mult, k, activation} of a Projector (attributes only: valid on ZeRO-3 partitioned
+    modules too). ``mult`` is task.options.mid_mult."""
     return {"d_in": int(projector.d_in), "hidden_size": int(projector.hidden_size),
-            "mult": int(projector.net[0].out_features // projector.d_in), "k": int(projector.k)}
-
-
-def cf_fingerprint(cf) -> str:
-    """sha256 of the CF tables' values (not of the file: a copied or re-saved export keeps its fingerprint)."""
-    h = hashlib.sha256()
-    for t in (cf.user, cf.item):
-        t = t.detach().float().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+            "mult": int(projector.net[0].out_features // projector.d_in), "k": int(projector.k),
+            "activation": str(projector.activation)}
 
 
 def check_projector_export(folder: str, option: str = "task.options.init_projector") -> dict:
@@ -70,8 +65,9 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     """Collective under ZeRO-3 (every rank calls; the partitioned parameters are gathered, rank 0 writes).
 
     export_dir/projector.safetensors: the projector's state dict in fp32 (keys ``net.0.weight`` ...);
-    export_dir/projector.json: format, shape ({d_in, hidden_size, mult, k}), the cf_export it was trained with
-    and that export's fingerprint (cf_fingerprint), so a later stage can check it gets the same CF space.
+    export_dir/projector.json: format, shape ({d_in, hidden_size, mult (= mid_mult), k, activation}), the cf_export
+    it was trained with and its fingerprint (CFSource.fingerprint; None for inline vectors), so a later stage can
+    check it gets the same CF space.
     """
     was_partitioned = is_partitioned(projector)
     with gathered(projector.parameters()):
@@ -88,8 +84,10 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
     save_file(sd, str(out / PROJECTOR_FILE), metadata={"format": PROJECTOR_FORMAT})
     cf_path, fp = opt.cf_export, None
     if cf_path:
-        fp = cf_fingerprint(load_cf_export(cf_path))
-    meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": str(Path(cf_path).resolve()) if cf_path else None,
+        fp = open_cf_source(cf_path).fingerprint()  # None for inline vectors (they live in the rows)
+    if cf_path and cf_path != INLINE:
+        cf_path = str(Path(cf_path).resolve())
+    meta = {"format": PROJECTOR_FORMAT, **shape, "cf_export": cf_path,
             "cf_fingerprint": fp, "trained": bool(opt.train_projector),
             "init_projector": opt.init_projector}
     (out / PROJECTOR_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -98,7 +96,7 @@ def save_projector_export(projector, export_dir, opt: ThinkRecOptions, *, is_mai
 
 
 def _projector_tensor_shapes(shape: dict) -> dict:
-    d, m, h, k = shape["d_in"], shape["mult"], shape["hidden_size"], shape["k"]
+    d, m, h, k = (shape[key] for key in ("d_in", "mult", "hidden_size", "k"))
     return {"net.0.weight": (m * d, d), "net.0.bias": (m * d,), "net.2.weight": (h * k, m * d), "net.2.bias": (h * k,)}
 
 
@@ -112,22 +110,24 @@ def load_projector_export(projector, folder: str, opt: ThinkRecOptions | None = 
     Returns the export's meta."""
     meta = check_projector_export(folder, option)
     have = projector_shape(projector)
-    saved = {k: meta.get(k) for k in have}
+    saved = {k: meta.get(k, LEGACY_ACTIVATION if k == "activation" else None) for k in have}
     if saved != have:
         diff = ", ".join(f"{k}: export {saved[k]} vs this config {have[k]}" for k in have if saved[k] != have[k])
         raise ConfigError(f"{option}={folder!r}: the exported projector does not fit this stage ({diff}). Fix: use "
-                          f"the stage-2 settings (task.options.projector_mult={saved['mult']}, proj_token_num="
-                          f"{saved['k']}), the same base model (hidden {saved['hidden_size']}) and a CF export of "
-                          f"dim {saved['d_in']} (the stage-2 one: {meta.get('cf_export')})")
+                          f"the stage-2 settings (task.options.mid_mult={saved['mult']}, activation="
+                          f"{saved['activation']}, proj_token_num={saved['k']}), the same base model (hidden "
+                          f"{saved['hidden_size']}) and a CF export of dim {saved['d_in']} (the stage-2 one: "
+                          f"{meta.get('cf_export')})")
     sd = load_file(str(Path(folder) / PROJECTOR_FILE))
     want = _projector_tensor_shapes(have)
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if got != want:
         raise ConfigError(f"{option}={folder!r}: {PROJECTOR_FILE} holds {got}, projector.json says {want}. Fix: "
                           "re-export the stage (the file was modified or truncated)")
-    if cf is not None and meta.get("cf_fingerprint") and meta["cf_fingerprint"] != cf_fingerprint(cf):
+    fp = cf.fingerprint() if cf is not None else None
+    if fp and meta.get("cf_fingerprint") and meta["cf_fingerprint"] != fp:
         msg = (f"{option}={folder!r} was trained on the CF export {meta.get('cf_export')}, whose vectors differ from "
-               f"task.options.cf_export={cf.path}")
+               f"task.options.cf_export={cf.spec}")
         if opt is None or not opt.train_projector:  # None: scoring, nothing can adapt it
             raise ConfigError(msg + ". Fix: set task.options.cf_export to the CF export of stage 2, or train the "
                               "projector again (train_projector: true)")

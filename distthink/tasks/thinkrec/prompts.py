@@ -18,6 +18,7 @@ Rendering happens once, at dataset construction (never string surgery inside the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,13 +80,14 @@ def history_lines(titles: Sequence[str], labels: Sequence[int], with_ids: bool) 
 
 
 def render(row: dict, *, template: str, mode: str, answer: str, source: str | None = None,
-           line: int | None = None) -> RenderedPrompt:
+           line: int | None = None, history_ids: bool = True) -> RenderedPrompt:
     """Render one prepared row (fields of `distthink rec prepare`) into a user + assistant conversation.
 
     ``answer`` is the assistant text ("Yes", "No", or a reason starting with the verdict). A title that
     itself contains a placeholder string is refused: it would create an unmatched id token.
+    ``history_ids=False`` lists the history by title only in ids mode (inline vectors without History_embs).
     """
-    with_ids = mode == "ids"
+    with_ids = mode == "ids" and history_ids
     titles = [str(t) for t in row["history_titles"]]
     labels = [int(v) for v in row["history_labels"]]
     hist_ids = [int(v) for v in row["history_item_ids"]]
@@ -100,6 +102,24 @@ def render(row: dict, *, template: str, mode: str, answer: str, source: str | No
     content = content.replace(TARGET_ITEM_TITLE, str(row["target_title"]))
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return RenderedPrompt(messages, int(row["user_id"]), int(row["item_id"]), hist_ids if with_ids else [])
+
+
+def verdict_of(text: str, yes_text: str = "Yes", no_text: str = "No") -> int | None:
+    """The answer's first verdict word (case-insensitive, whole word): 1 for yes_text, 0 for no_text, None if
+    neither appears."""
+    m = re.search(rf"\b({re.escape(yes_text)}|{re.escape(no_text)})\b", text, flags=re.IGNORECASE)
+    if m is None:
+        return None
+    return 1 if m.group(1).lower() == yes_text.lower() else 0
+
+
+def split_verdict(text: str, yes_text: str = "Yes", no_text: str = "No") -> tuple[int | None, str]:
+    """(verdict, reason) of an answer "Yes. because ...": the verdict of a leading verdict word (None when the
+    answer does not start with one) and the text after it and its punctuation."""
+    m = re.match(rf"\s*({re.escape(yes_text)}|{re.escape(no_text)})\b[\s.,:;!-]*", text, flags=re.IGNORECASE)
+    if m is None:
+        return None, text.strip()
+    return (1 if m.group(1).lower() == yes_text.lower() else 0), text[m.end():].strip()
 
 
 def template_reason(label: int, target_title: str, target_genres: list[str],

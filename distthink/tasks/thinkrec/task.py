@@ -28,7 +28,9 @@ label-only samples still weighs its LM term by gamma, it is not renormalised bac
 
 Injection (``prompt_mode: ids``). ``<UserID>``, ``<TargetItemID>`` and one ``<ItemID>`` per history item are
 added special tokens (always added, so every stage has the same vocabulary). A projector MLP maps the CF
-vectors of a ``distthink rec train-cf`` export (``cf_export``) into the embedding space at those rows.
+vectors of ``cf_export`` (a ``distthink rec train-cf`` export, ``.npz`` shards or ``inline`` row vectors:
+distthink/tasks/thinkrec/cf_source.py) into the embedding space at those rows; per-row vectors (SASRec, DCN,
+DIN, inline) come with the batch, tables are looked up by id.
 The trained projector is part of the stage's export (``export/projector.safetensors`` + ``projector.json``,
 written by ``save_extra``); a later stage reloads it by path with ``init_projector`` (shape-checked). A frozen
 projector (``train_projector: false``) without ``init_projector`` is a ConfigError: it would be random.
@@ -53,10 +55,10 @@ from distthink.models.inject import add_placeholder_tokens
 from distthink.models.molora import apply_molora, hard_gate, set_gates
 from distthink.models.molora_export import export_molora
 from distthink.tasks.thinkrec import prompts
-from distthink.tasks.thinkrec.cf import load_cf_export
+from distthink.tasks.thinkrec.cf_source import open_cf_source
 from distthink.tasks.thinkrec.gate import EntropyGate
 from distthink.tasks.thinkrec.grouping import load_groups
-from distthink.tasks.thinkrec.model import SIDE_KEYS, build_wrapper
+from distthink.tasks.thinkrec.model import build_wrapper, side_inputs
 from distthink.tasks.thinkrec.options import ThinkRecOptions
 from distthink.tasks.thinkrec.projector_export import save_projector_export
 from distthink.tasks.thinkrec.samples import ThinkRecCollator, split_encoding
@@ -109,17 +111,21 @@ class ThinkRecTask:
         self.user_group[torch.as_tensor(table["user_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(
             table["group"].to_numpy(), dtype=torch.long)
         self.num_experts = k
-        self.gate = EntropyGate.from_groups(m.groups_dir) if m.gate == "soft" else None
+        self.gate = EntropyGate.from_groups(m.groups_dir, m.gate_config()) if m.gate == "soft" else None
         inner = apply_molora(model, k, dropout=float(m.dropout), init_from_peft_adapter=m.init_adapter)
         self.molora_model = inner
         return inner
 
-    def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None) -> torch.Tensor:
-        """(S,) user ids -> (S, K+1) gates on the host: one-hot by group (hard) or the entropy gate on CF vectors
-        (soft). The lookups use a host copy of the ids: the tables live on the host, the batch may be on the GPU."""
+    def sample_gates(self, user_ids: torch.Tensor, user_table: torch.Tensor | None = None,
+                     user_vecs: torch.Tensor | None = None) -> torch.Tensor:
+        """(S,) user ids -> (S, K+1) gates on the CPU: one-hot by group (hard) or the entropy gate on the CF user
+        vectors (soft): the user table's rows, or `user_vecs` (S, d) when the source has no table (inline).
+        The tables live on the CPU and the ids may come on the accelerator (the batch was moved there): every
+        lookup uses the CPU copy of the ids."""
         u = user_ids.detach().cpu().long()
         if self.gate is not None:
-            return self.gate(user_table[u.to(user_table.device)].detach().float().cpu()).weights
+            vecs = user_table.detach().cpu()[u] if user_table is not None else user_vecs.detach().cpu()
+            return self.gate(vecs.float()).weights
         g = torch.full_like(u, -1)
         known = u < self.user_group.numel()
         g[known] = self.user_group[u[known]]
@@ -133,13 +139,14 @@ class ThinkRecTask:
 
             table = None
             if self.gate is not None:
-                if getattr(self, "_cf_user", None) is None:
-                    self._cf_user = load_cf_export(self.opt.cf_export).user
-                table = self._cf_user
-            gates = self.sample_gates(batch["user_ids"], table).to(batch["input_ids"].device)
+                # the user table of the CF source (what `rec group` clustered); inline vectors: the row's own
+                if not hasattr(self, "_gate_table"):
+                    self._gate_table = open_cf_source(self.opt.cf_export).user
+                table = self._gate_table
+            gates = self.sample_gates(batch["user_ids"], table, batch.get("user_vecs")).to(batch["input_ids"].device)
             set_gates(self.molora_model, gates, segment_ids=batch["segment_ids"])
         kw = model_inputs(batch, attn_impl, dtype=dtype, with_input_ids=False)
-        return wrapped(**{k: batch[k] for k in SIDE_KEYS}, **kw)
+        return wrapped(**side_inputs(batch), **kw)
 
     def save_extra(self, accelerator, wrapped, export_dir) -> None:
         """Collective, all ranks. prompt_mode=ids: the projector as export_dir/projector.safetensors + projector.json
@@ -155,7 +162,7 @@ class ThinkRecTask:
 
         m = self.opt.molora
         export_molora(accelerator.unwrap_model(wrapped).model, Path(export_dir) / "molora",
-                      gate=EntropyGate.from_groups(m.groups_dir), groups_dir=m.groups_dir)
+                      gate=EntropyGate.from_groups(m.groups_dir, m.gate_config()), groups_dir=m.groups_dir)
         if accelerator.is_main_process:
             _clean_full_export(Path(export_dir))
         accelerator.wait_for_everyone()
