@@ -276,3 +276,66 @@ def test_stage2_trains_on_per_row_vectors(world, tmp_path, source, nproc):
     init = Projector(DIM, 64, mult=5, activation="relu").state_dict()
     assert not torch.equal(load_file(str(out / "export" / "projector.safetensors"))["net.0.weight"],
                            init["net.0.weight"])
+
+
+def _cached(world, tmp_path, opt, path, on_error="raise", num_proc=1):
+    """The split as the trainer reads it: streamed through split_encoding into the encoded-data cache."""
+    from distthink.config import load_config
+    from distthink.engine import batching
+    from distthink.tasks.thinkrec.samples import split_encoding
+
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=false",
+                             f"data.on_error={on_error}", f"data.num_proc={num_proc}"])
+    enc = split_encoding(world["tok"], path, opt, ChatPolicy(think="drop"), seed=0, split="train")
+    return batching.open_encoding(cfg, enc, world["tok"], "test split")
+
+
+def _assert_same_samples(got, ref):
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.input_ids == b.input_ids and a.labels == b.labels and a.meta["index"] == b.meta["index"]
+        for key in ("cf_user", "cf_target", "cf_hist"):
+            assert (key in a.meta) == (key in b.meta), key
+            if key in b.meta:  # float32 vectors stored as float64: exact
+                assert a.meta[key].dtype == np.float32 and np.array_equal(a.meta[key], b.meta[key]), key
+
+
+@pytest.mark.parametrize("source", ["din", "inline", "inline_no_history"])
+def test_the_cache_streams_the_same_vectors_as_build_samples(world, tmp_path, monkeypatch, source):
+    """What training reads (rows validated and encoded chunk by chunk, vectors stored in the cache) equals the
+    in-memory build_samples, vectors included; chunks of 5 rows put chunk borders inside the split."""
+    from distthink.tasks.thinkrec import samples as samples_mod
+
+    monkeypatch.setattr(samples_mod, "CF_CHUNK_ROWS", 5)
+    if source == "din":
+        path, spec = tmp_path / "rows.parquet", str(world["root"] / "din")
+        world["df"].to_parquet(path, index=False)
+    else:
+        path, spec = tmp_path / "rows.jsonl", "inline"
+        rows = _inline(world["df"], np.random.default_rng(4), _b64, with_history=source == "inline")
+        rows.to_json(path, orient="records", lines=True)
+    opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": spec})
+    ref = build_samples(world["tok"], path, opt, ChatPolicy(think="drop"), seed=0, split="train")
+    got = _cached(world, tmp_path, opt, path, num_proc=2)
+    _assert_same_samples(got, ref)
+    assert "cf_user" in got[0].meta and ("cf_hist" in got[0].meta) == source.startswith("inline")
+
+
+def test_the_cache_names_the_line_of_a_bad_vector_or_counts_it(world, tmp_path, monkeypatch):
+    from distthink.tasks.thinkrec import samples as samples_mod
+
+    monkeypatch.setattr(samples_mod, "CF_CHUNK_ROWS", 3)  # line 7 sits in the third chunk
+    df = pd.concat([world["df"]] * 3, ignore_index=True)  # 15 rows
+    rows = _inline(df, np.random.default_rng(5), lambda v: [float(x) for x in v])
+    rows["User_emb"] = rows["User_emb"].astype(object)
+    rows.at[6, "User_emb"] = [float("nan")] * DIM
+    path = tmp_path / "bad.jsonl"
+    rows.to_json(path, orient="records", lines=True)
+    opt = ThinkRecOptions.from_dict({"prompt_mode": "ids", "cf_export": "inline"})
+    with pytest.raises(DataError, match=r"bad.jsonl, line 7, field 'User_emb': NaN or Inf.*Fix"):
+        _cached(world, tmp_path / "a", opt, path)
+    got = _cached(world, tmp_path / "b", opt, path, on_error="skip")
+    ref = build_samples(world["tok"], path, opt, ChatPolicy(think="drop"), seed=0, split="train", on_error="skip")
+    _assert_same_samples(got, ref)
+    assert [s.meta["index"] for s in got] == [i for i in range(len(rows)) if i != 6]
+    assert got.meta["report"]["skipped"] == {"cf_not_finite": 1}
