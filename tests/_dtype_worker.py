@@ -1,4 +1,4 @@
-"""Run the real recipe (distthink.train.run) with dtype probes, under torchrun, for tests/test_bf16_zero.py.
+"""Run the real recipe (distthink.train.run) with dtype probes, under torchrun, for tests/train/test_bf16_zero.py.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_dtype_worker.py OUT_JSON_PREFIX CONFIG [overrides...]
 

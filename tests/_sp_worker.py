@@ -1,4 +1,4 @@
-"""Worker of tests/test_sequence_parallel_dist.py: one packed row, loss and gradients at SP=1 and with Ulysses SP.
+"""Worker of tests/engine/test_sequence_parallel_dist.py: one packed row, loss and gradients at SP=1 and with Ulysses SP.
 
 Launched as `torchrun --nproc_per_node N tests/_sp_worker.py OUT.json` (gloo, CPU). Every rank builds the same tiny
 Qwen3 and the same packed row (three samples, cut points inside samples), computes the SP=1 reference on the whole

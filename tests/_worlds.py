@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from test_thinkrec_stage3 import _write_adapter
+from _thinkrec_inputs import write_adapter
 
 CF_DIM = 8
 
 
 def thinkrec_world(root: Path) -> dict:
     """prep/ (synthetic, prepared), cf/ (an MF export, CF_DIM), groups/ (`rec group` of it, 2 groups), stage1/ (a
-    PEFT adapter of tiny-qwen3, r=4 on q_proj/v_proj)."""
+    PEFT adapter of tiny-qwen3, r=8 on q_proj/v_proj)."""
     from distthink.tasks.thinkrec.cf import MF, CFConfig, CFResult, export_cf
     from distthink.tasks.thinkrec.grouping import GroupConfig, group_users
     from distthink.tasks.thinkrec.synthetic_world import prepare_synthetic
@@ -25,7 +25,7 @@ def thinkrec_world(root: Path) -> dict:
     torch.manual_seed(0)
     export_cf(CFResult(model=MF(n_u, n_i, CF_DIM), config=CFConfig(dim=CF_DIM), best_epoch=0, valid_auc=0.5), cf, prep)
     group_users(cf, groups, GroupConfig(n_groups=2, seed=0, plots=False))
-    _write_adapter(root / "stage1")
+    write_adapter(root / "stage1", r=8, alpha=16)  # the LoRA shape of configs/thinkrec/smoke.yaml (ThinkRec's)
     return {"root": root, "prep": prep, "cf": cf, "groups": groups, "stage1": root / "stage1"}
 
 

@@ -1,8 +1,13 @@
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests live in folders that mirror the package (tests/engine, tests/tasks/thinkrec, ...); their shared helpers
+# (_train_utils, _tolerance, references/, ...) live here at the top, importable from every folder.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # Tests are CPU-only and must never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -26,7 +26,7 @@ Method (template-agnostic, see docs/data.md "How labels are computed"):
 Why not the two common shortcuts: sentinel-wrapping the content changes what `strip`/`trim` in the template
 removes (the markers shield the whitespace), and rendering prefixes messages[:i] and diffing breaks on
 templates that are not prefix-stable (Qwen3 renders a turn's reasoning only while it is after the last user
-query). tests/test_encode_chat_methods.py shows both failing where this method is exact.
+query). tests/data/test_encode_chat_methods.py shows both failing where this method is exact.
 """
 
 from __future__ import annotations

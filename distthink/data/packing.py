@@ -15,7 +15,7 @@ Three pieces, each usable on its own:
    block-diagonal causal 4-D mask built from ``segment_ids``. We do *not* rely on transformers
    detecting packing from ``position_ids`` alone: that detection is skipped whenever a KV cache exists,
    and HF models create one by default (``config.use_cache=True``) unless gradient checkpointing is on.
-   ``tests/test_packed_forward.py`` demonstrates that trap.
+   ``tests/models/test_packed_forward.py`` demonstrates that trap.
 
 3. ``PackedBatchSampler`` plans, per epoch, which samples share a micro-batch so that each micro-batch
    holds at most ``token_budget`` tokens, every rank gets the same number of micro-batches (collectives
@@ -415,7 +415,7 @@ class PackedBatchSampler:
     Each epoch it plans micro-batches of at most ``token_budget`` tokens over the *whole* dataset with
     :func:`plan_bins`, then hands rank r the micro-batches r, r + W, r + 2W, ... (W = num_replicas).
 
-    Guarantees (tested in tests/test_packing.py):
+    Guarantees (tested in tests/data/test_packing.py):
     - every sample is in exactly one micro-batch of exactly one rank per epoch (no loss, no duplicate);
     - every rank gets the same number of micro-batches, each non-empty; with
       ``grad_accumulation=GA`` that number is also a multiple of GA, so optimizer steps line up. The

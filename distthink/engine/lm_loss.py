@@ -17,7 +17,7 @@ rank knows W. Each micro-batch then back-propagates
 because both accelerate (non-DeepSpeed: loss / grad_accum; DDP: mean over ranks) and DeepSpeed (engine
 backward scales by 1 / grad_accum; gradient all-reduce averages over ranks) divide by exactly
 world_size * grad_accum. The accumulated, averaged gradient is then d/dθ [sum_m sum_t w_t CE_t / W]:
-the gradient of L. tests/test_train_normalisation.py checks that 1x4x1, 1x1x4 and 2x1x2
+the gradient of L. tests/train/test_train_normalisation.py checks that 1x4x1, 1x1x4 and 2x1x2
 (ranks x samples per micro-batch x GA) give the same loss and grad-norm trajectories.
 
 The LM-head loss part. `LMHeadLoss` is the one module every task's wrapper is built on (torchtune's "the loss

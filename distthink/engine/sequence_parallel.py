@@ -17,7 +17,7 @@ back-propagates its shard's loss sum; its gradient also receives, through the al
 other shards' losses send back, so the gradients of an SP group sum to the gradient of its rows. DeepSpeed then
 sums over all ranks and divides by a stage-dependent number (`gradient_divisor`: DP under ZeRO-1/2, the world
 size under ZeRO-3), which the trainer's scale DP-or-world * GA / W undoes exactly; the step loss and gradient
-equal the SP=1 run's (tests/test_sequence_parallel_train.py, with leaky variants that fail).
+equal the SP=1 run's (tests/train/test_sequence_parallel_train.py, with leaky variants that fail).
 
 Think state. The dynamic "after </think>" weights (distthink/ops/flce.py) decide a sample's multiplier from the
 model's argmax over the sample's whole learned region, which may span shards: a shard's rows are masked up to a
@@ -83,7 +83,7 @@ def gradient_divisor(cfg: Config, lay: Layout) -> int:
     ZeRO-1/2 by world / N = DP (stage_1_and_2.py: `div_(dp_world_size / sequence_parallel_size)` on every path),
     ZeRO-3 by the world size (its default reduce-scatter, stage3.py `__avg_scatter_grads` ->
     reduce_scatter_coalesced, applies no SP factor; its contiguous all-reduce path does, which is why
-    distthink.config refuses ZeRO-3 with reduce_scatter=false under SP). tests/test_sequence_parallel_train.py
+    distthink.config refuses ZeRO-3 with reduce_scatter=false under SP). tests/train/test_sequence_parallel_train.py
     fails if a DeepSpeed release changes either."""
     if not lay.enabled:
         return lay.dp_size

@@ -14,7 +14,7 @@ Memory (`memory_terms`) is modelled as persistent states + max(start of backward
 - on GPU only: the CUDA context and a fragmentation margin.
 
 The CPU/fp32 case is validated against measured peaks of real runs (benchmarks/plan_validation.py,
-tests/test_plan_validation.py); the GPU-only terms are not validated (no GPU in this project's CI).
+tests/launch/test_plan_validation.py); the GPU-only terms are not validated (no GPU in this project's CI).
 
 Time: FLOPs per token (6 per weight for full fine-tuning, 4 for LoRA, +2 with recomputation, plus causal
 attention), divided by the GPU's dense bf16 peak times an assumed utilisation (HFU); ZeRO collectives
@@ -133,7 +133,7 @@ class ModelShape:
         """Bytes one decoder layer keeps for backward, per token, with no checkpointing.
 
         Counted with `torch.autograd.graph.saved_tensors_hooks` on transformers' Llama/Qwen3 layers
-        (tests/test_plan_activations.py re-counts it on real models, full and LoRA, fp32 and bf16, so a
+        (tests/launch/test_plan_activations.py re-counts it on real models, full and LoRA, fp32 and bf16, so a
         transformers change that saves more fails a test). b = dtype size; `lora_targets` None = full
         fine-tuning (every weight trains), else the LoRA target modules (base weights frozen):
         - each RMSNorm keeps its input upcast to fp32 (4 B; the input itself when b = 4) and an fp32

@@ -1,7 +1,7 @@
 """Fill in the SLURM templates (what `distthink slurm render` prints).
 
 The templates ship as package data in distthink/launch/templates/ (the repository's `slurm/` holds the same files,
-checked byte-equal by tests/test_slurm_render.py, for `sbatch slurm/sft.sbatch` from a checkout). The training
+checked byte-equal by tests/launch/test_slurm_render.py, for `sbatch slurm/sft.sbatch` from a checkout). The training
 ones (`sft.sbatch`, `stage1..3.sbatch`) are ordinary sbatch scripts: `#SBATCH` lines,
 `export DISTTHINK_*=...` defaults, then a launcher block that execs the shared `slurm/launch.sh`.
 `render()` sets the chosen `#SBATCH` options and settings, and inlines `launch.sh` in place of the

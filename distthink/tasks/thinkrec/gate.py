@@ -15,7 +15,7 @@ MoLoRA layers of distthink.models.molora (`set_gates`); the rule itself belongs 
 
 With the default thresholds (0.6, 0.95) the order of tests 1 and 2 never matters: a w whose top weight passes
 0.5 + 0.6/K has at most the entropy of the rest spread evenly, which stays below 0.95 ln K for every K (checked in
-tests/test_molora.py). With other settings both tests can pass for the same w; the entropy test then wins.
+tests/models/test_molora.py). With other settings both tests can pass for the same w; the entropy test then wins.
 """
 
 from __future__ import annotations
