@@ -13,6 +13,9 @@ real multi-process runs, not mocks. Unset, each hook is a no-op.
                                         equality tests can fail: `normaliser` keeps each shard's normaliser at the
                                         whole row's (W counts a token N times), `think_state` does not pass the
                                         `</think>` state across shards, `scale` divides by world instead of DP.
+- DISTTHINK_FAULT_RESHARD_LEAK=KIND     a resume on another data layout is wrong on purpose: `per_rank_position`
+                                        keeps each rank's saved position in the new layout's plan instead of
+                                        continuing at the global sample position (repeats and skips samples).
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ def sleep_inside_save(step: int, name: str) -> None:
 def sp_leak(kind: str) -> bool:
     """DISTTHINK_FAULT_SP_LEAK: leave out one piece of sequence parallelism's exactness (tests only)."""
     return os.environ.get("DISTTHINK_FAULT_SP_LEAK", "") == kind
+
+
+def reshard_leak(kind: str) -> bool:
+    """DISTTHINK_FAULT_RESHARD_LEAK: resume the data plan the wrong way after a topology change (tests only)."""
+    return os.environ.get("DISTTHINK_FAULT_RESHARD_LEAK", "") == kind
 
 
 class InfGradient(torch.autograd.Function):
