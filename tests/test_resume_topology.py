@@ -1,5 +1,5 @@
 """Resuming a DeepSpeed ZeRO checkpoint on another topology (real launcher, gloo, DS_ACCELERATOR=cpu):
-ZeRO-3 2 -> 1 ranks, 1 -> 2 ranks, and sequence parallelism SP 2 (2 ranks) -> 1 rank.
+ZeRO-3 2 -> 1 ranks, 1 -> 2 ranks, sequence parallelism SP 2 (2 ranks) -> 1 rank, and ZeRO-2 2 -> 1 ranks.
 
 The first launch stops after step 3 of epoch 0 (train.max_steps=3, which saves step-3). The second launch, at the
 other world size, resumes it with train.epochs=2 and finishes. Each scenario checks that
@@ -90,7 +90,7 @@ def test_zero3_two_ranks_resume_on_one_and_a_second_resume_reuses_the_conversion
     shutil.copytree(out, leaky)
     proc = _resume(tmp_path, out, nproc=1)
     assert proc.stderr.count(CONVERTED) == 1 and REUSED not in proc.stderr, proc.stderr[-3000:]
-    assert "global batch: 2 -> 1 micro-batches per step" in proc.stderr
+    assert "global batch: 2 -> 1 micro-batches (packed rows of <= 256 tokens) per optimizer step" in proc.stderr
     records = _records(tmp_path / "samples")
     assert {r["dp_size"] for r in records} == {1, 2}
     assert sample_problems(records, N_SAMPLES, EPOCHS) == []
@@ -115,7 +115,7 @@ def test_zero3_one_rank_resumes_on_two(tmp_path):
     out = _first_launch(tmp_path, nproc=1)
     proc = _resume(tmp_path, out, nproc=2)
     assert proc.stderr.count(CONVERTED) == 1, proc.stderr[-3000:]
-    assert "global batch: 1 -> 2 micro-batches per step" in proc.stderr
+    assert "global batch: 1 -> 2 micro-batches (packed rows of <= 256 tokens) per optimizer step" in proc.stderr
     assert sample_problems(_records(tmp_path / "samples"), N_SAMPLES, EPOCHS) == []
     _optimizer_equal(tmp_path / "optimizer", 3)
 
@@ -129,4 +129,13 @@ def test_sequence_parallel_two_ranks_resume_on_one(tmp_path):
     records = _records(tmp_path / "samples")
     assert {r["dp_size"] for r in records} == {1}
     assert sample_problems(records, N_SAMPLES, EPOCHS) == []
+    _optimizer_equal(tmp_path / "optimizer", 3)
+
+
+def test_zero2_two_ranks_resume_on_one(tmp_path):
+    zero2 = ["distributed.deepspeed=ds_configs/zero2.json"]
+    out = _first_launch(tmp_path, nproc=2, extra=zero2)
+    proc = _resume(tmp_path, out, nproc=1, extra=zero2)
+    assert proc.stderr.count(CONVERTED) == 1, proc.stderr[-3000:]
+    assert sample_problems(_records(tmp_path / "samples"), N_SAMPLES, EPOCHS) == []
     _optimizer_equal(tmp_path / "optimizer", 3)

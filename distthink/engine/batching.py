@@ -151,12 +151,14 @@ def continue_plan(cfg: Config, samples: list, sampler, state: dict, *, world: in
                                                              epoch=epoch, shuffle=shuffle)]
                 if len(remaining) >= per_step else [])
     skipped = len(remaining) - sum(len(b) for b in plan)
+    unit = (f"{cfg.batch.samples_per_micro} samples" if cfg.batch.mode == "samples"
+            else f"packed rows of <= {cfg.batch.max_tokens} tokens")
     log.info("resuming on %d data-parallel rank(s) x GA %d (the checkpoint had %d x GA %d): continuing epoch %d "
              "after its %d consumed samples; its %d remaining samples are re-planned over the new ranks%s; global "
-             "batch: %d -> %d micro-batches per step", world, grad_accumulation, old_world, old_ga, epoch,
-             len(consumed), len(remaining),
+             "batch: %d -> %d micro-batches (%s) per optimizer step", world, grad_accumulation, old_world, old_ga,
+             epoch, len(consumed), len(remaining),
              f" ({skipped} that cannot fill a step on every rank are skipped)" if skipped else "",
-             old_world * old_ga, per_step)
+             old_world * old_ga, per_step, unit)
     return RemainderOfEpoch(sampler, epoch, plan, world, rank), 0
 
 
