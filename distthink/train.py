@@ -124,7 +124,8 @@ def run(cfg: Config) -> int:
             sampler, resume_micro = train_data.continue_plan(cfg, train_set, sampler, saved, world=sp.dp_size,
                                                              rank=sp.dp_rank, grad_accumulation=ga,
                                                              shuffle=cfg.batch.shuffle)
-            if not cfg.train.max_steps:  # train.epochs: the resumed epoch's remainder, then whole epochs
+            if not cfg.train.max_steps and isinstance(sampler, train_data.RemainderOfEpoch):
+                # train.epochs on a new layout: the resumed epoch's remainder, then whole epochs
                 total_steps = (saved["step"] + (len(sampler.rank_batches(saved["epoch"])) - resume_micro) // ga
                                + (cfg.train.epochs - saved["epoch"] - 1) * steps_per_epoch)
 
@@ -219,7 +220,6 @@ def run(cfg: Config) -> int:
             if hasattr(task, "on_step_start"):  # optional hook: on-policy tasks refresh this step's samples
                 task.on_step_start(step, accelerator.unwrap_model(wrapped), train_set,
                                    [i for b in step_batches for i in b])
-            probes.samples_seen(step + 1, epoch, sp, [i for b in step_batches for i in b])
             micro = [seqpar.shard(collate([train_set[i] for i in b]), sp) for b in step_batches]
             local_norms = [sum(task.norms(m)[k] for m in micro) for k in keys]
             local_n = sum(m["num_target_tokens"] for m in micro)
@@ -287,6 +287,7 @@ def run(cfg: Config) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             micro_index += ga
+            probes.samples_seen(step, epoch, sp, [i for b in step_batches for i in b])
             dt = time.time() - t0
             for counters in (launch, run_totals):
                 counters["learned_tokens"] += int(N)

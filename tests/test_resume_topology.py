@@ -1,5 +1,6 @@
 """Resuming a DeepSpeed ZeRO checkpoint on another topology (real launcher, gloo, DS_ACCELERATOR=cpu):
-ZeRO-3 2 -> 1 ranks, 1 -> 2 ranks, sequence parallelism SP 2 (2 ranks) -> 1 rank, and ZeRO-2 2 -> 1 ranks.
+ZeRO-3 2 -> 1 ranks, 1 -> 2 ranks, sequence parallelism SP 2 (2 ranks) -> 1 rank, ZeRO-2 2 -> 1 ranks, and DDP
+2 -> 1 ranks (no ZeRO state: only the data part applies, and (c) does not).
 
 The first launch stops after step 3 of epoch 0 (train.max_steps=3, which saves step-3). The second launch, at the
 other world size, resumes it with train.epochs=2 and finishes. Each scenario checks that
@@ -24,10 +25,8 @@ from _train_utils import FAST, launch, summary
 from safetensors.torch import load_file
 
 from distthink.config import load_config
-from distthink.engine.batching import chat_policy, load_split, make_sampler
+from distthink.engine.batching import chat_policy, continue_plan, load_split, make_sampler
 from distthink.models.load import load_tokenizer
-
-pytestmark = pytest.mark.slow
 
 N_SAMPLES, EPOCHS = 40, 2
 COMMON = FAST + ["batch.max_tokens=256", "data.max_length=256", f"data.max_train_samples={N_SAMPLES}",
@@ -84,6 +83,7 @@ def _resume(tmp_path: Path, out: Path, nproc: int, extra=(), probe="samples", **
     return proc
 
 
+@pytest.mark.slow
 def test_zero3_two_ranks_resume_on_one_and_a_second_resume_reuses_the_conversion(tmp_path):
     out = _first_launch(tmp_path, nproc=2)
     leaky = tmp_path / "leaky-run"
@@ -111,6 +111,7 @@ def test_zero3_two_ranks_resume_on_one_and_a_second_resume_reuses_the_conversion
     assert sample_problems(leaked, N_SAMPLES, EPOCHS) != []
 
 
+@pytest.mark.slow
 def test_zero3_one_rank_resumes_on_two(tmp_path):
     out = _first_launch(tmp_path, nproc=1)
     proc = _resume(tmp_path, out, nproc=2)
@@ -120,6 +121,7 @@ def test_zero3_one_rank_resumes_on_two(tmp_path):
     _optimizer_equal(tmp_path / "optimizer", 3)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_two_ranks_resume_on_one(tmp_path):
     # SP 2 on 2 ranks is one data-parallel rank, like 1 rank: the data plan continues unchanged, while ZeRO-3's
     # shards (over all ranks of the SP group) go from 2 to 1.
@@ -132,6 +134,7 @@ def test_sequence_parallel_two_ranks_resume_on_one(tmp_path):
     _optimizer_equal(tmp_path / "optimizer", 3)
 
 
+@pytest.mark.slow
 def test_zero2_two_ranks_resume_on_one(tmp_path):
     zero2 = ["distributed.deepspeed=ds_configs/zero2.json"]
     out = _first_launch(tmp_path, nproc=2, extra=zero2)
@@ -139,3 +142,50 @@ def test_zero2_two_ranks_resume_on_one(tmp_path):
     assert proc.stderr.count(CONVERTED) == 1, proc.stderr[-3000:]
     assert sample_problems(_records(tmp_path / "samples"), N_SAMPLES, EPOCHS) == []
     _optimizer_equal(tmp_path / "optimizer", 3)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_resume_on_one(tmp_path):
+    # Without DeepSpeed there are no shards to convert; the data plan continues at the same global sample.
+    ddp = ["distributed.deepspeed=null"]
+    out = _first_launch(tmp_path, nproc=2, extra=ddp)
+    proc = _resume(tmp_path, out, nproc=1, extra=ddp)
+    assert CONVERTED not in proc.stderr and "global batch: 2 -> 1" in proc.stderr
+    assert sample_problems(_records(tmp_path / "samples"), N_SAMPLES, EPOCHS) == []
+
+
+@pytest.mark.parametrize("mode", ["tokens", "samples"])
+@pytest.mark.parametrize("old, new", [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 2), (3, 1)), ((4, 1), (2, 3))])
+def test_continue_plan_sees_each_sample_once_per_epoch(mode, old, new):
+    """The data part alone, for several (DP, GA) -> (DP, GA) and positions: the steps before the save (old layout)
+    plus those after the resume (new layout) cover the epoch once; the leaky per-rank position does not."""
+    lengths = [17 + (i * 37) % 90 for i in range(60)]  # 17..106 tokens
+    samples = [[0] * n for n in lengths]
+    cfg = load_config(None, [f"batch.mode={mode}", "batch.max_tokens=256", "data.max_length=256",
+                              "batch.samples_per_micro=2"])
+
+    def sampler(dp, ga, rank=0):
+        return make_sampler(cfg, samples, world=dp, rank=rank, grad_accumulation=ga, shuffle=True)
+
+    (dp0, ga0), (dp1, ga1) = old, new
+    steps_before = len(sampler(dp0, ga0).rank_batches(0)) // ga0
+    for done in range(steps_before + 1):
+        before = [i for r in range(dp0) for b in sampler(dp0, ga0, r).rank_batches(0)[:done * ga0] for i in b]
+        state = {"dp_size": dp0, "world_size": dp0, "grad_accumulation": ga0, "epoch": 0, "micro_index": done * ga0}
+        after, leaky = [], []
+        for r in range(dp1):
+            resumed, start = continue_plan(cfg, samples, sampler(dp1, ga1, r), state, world=dp1, rank=r,
+                                           grad_accumulation=ga1, shuffle=True)
+            batches = resumed.rank_batches(0)[start:]
+            assert len(batches) % ga1 == 0
+            after += [i for b in batches for i in b]
+            leaky += [i for b in sampler(dp1, ga1, r).rank_batches(0)[done * ga0:] for i in b]
+        usable = sorted(i for b in sampler(dp0, ga0).global_plan(0) for i in b)
+        seen = sorted(before + after)
+        if mode == "tokens":  # every sample once, as in any uninterrupted epoch
+            assert seen == list(range(len(samples))), (done, seen)
+        else:  # none repeated; only the tail that cannot fill a step on the new ranks is left out
+            assert len(set(seen)) == len(seen) and set(seen) <= set(usable)
+            assert len(usable) - len(seen) < 2 * dp1 * ga1
+        if 0 < done < steps_before and mode == "tokens":
+            assert sorted(before + leaky) != list(range(len(samples))), done
