@@ -84,8 +84,9 @@ def _convert(checkpoint: Path, target: Path) -> float:
     from deepspeed.checkpoint import ds_to_universal
 
     t0 = time.time()
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     args = argparse.Namespace(input_folder=str(checkpoint / DS_TAG), output_folder=str(tmp / DS_TAG),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
