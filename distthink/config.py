@@ -624,14 +624,15 @@ def zero_stage_of(cfg: Config) -> int:
     return int(read_deepspeed_json(cfg.distributed.deepspeed).get("zero_optimization", {}).get("stage", 0))
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """The run's DeepSpeed JSON with every "auto" filled and every batch field checked against the run.
 
     One packed row per micro-batch (the token budget, not the row count, sizes a micro-batch), so
     train_micro_batch_size_per_gpu = 1, gradient_accumulation_steps = batch.gradient_accumulation and
     train_batch_size = (world_size / distributed.sequence_parallel) x GA (the ranks of a sequence-parallel group
     share one row). A number that disagrees, or a ZeRO stage that cannot do the offload the
-    JSON asks for, is a ConfigError with the fix, raised before any process group or model exists."""
+    JSON asks for, is a ConfigError with the fix, raised before any process group or model exists.
+    `load_universal`: the resumed checkpoint is loaded from DeepSpeed's universal form (distthink.engine.reshard)."""
     path = cfg.distributed.deepspeed
     ds = copy.deepcopy(read_deepspeed_json(path))
     ga = cfg.batch.gradient_accumulation
@@ -682,6 +683,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     for key in ("optimizer", "scheduler"):
         if ds.get(key) == "auto":
             ds.pop(key)
+    if load_universal:
+        ds["checkpoint"] = {**(ds.get("checkpoint") or {}), "load_universal": True}
     return ds
 
 

@@ -46,7 +46,7 @@ from distthink.data.packing import attn_implementation_of, batch_to
 from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
-from distthink.engine import faults, overflow
+from distthink.engine import faults, overflow, probes, reshard
 from distthink.engine import sequence_parallel as seqpar
 from distthink.engine.exit_status import report_error, write_status
 from distthink.engine.export import export_model
@@ -93,7 +93,9 @@ def run(cfg: Config) -> int:
 
     # 1. Process group first: under ZeRO-3 the DeepSpeed config must exist before the model is built.
     trackers = (["tensorboard"] if cfg.logging.tensorboard else []) + (["wandb"] if cfg.logging.wandb else [])
-    accelerator = dist.setup(cfg, log_with=trackers, project_dir=str(out_dir))
+    # A ZeRO checkpoint saved at another world size is loaded from its universal form (engine/reshard.py).
+    universal = bool(cfg.distributed.deepspeed) and reshard.layout_changed(resume_from, world_size_of_launch())
+    accelerator = dist.setup(cfg, log_with=trackers, project_dir=str(out_dir), load_universal=universal)
     try:
         device, dtype = accelerator.device, param_dtype(cfg)
         world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.batch.gradient_accumulation
@@ -121,6 +123,15 @@ def run(cfg: Config) -> int:
         mixture = getattr(train_set, "names", None)  # sources of a mixture: per-source counts in the metrics
         steps_per_epoch = len(sampler.rank_batches(0)) // ga
         total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        if resume_from is not None:  # on other data-parallel ranks / GA: continue at the same global sample
+            saved = ckpt.read_state(resume_from)
+            sampler, resume_micro = train_data.continue_plan(cfg, train_set, sampler, saved, world=sp.dp_size,
+                                                             rank=sp.dp_rank, grad_accumulation=ga,
+                                                             shuffle=cfg.batch.shuffle)
+            if not cfg.train.max_steps and isinstance(sampler, train_data.RemainderOfEpoch):
+                # train.epochs on a new layout: the resumed epoch's remainder, then whole epochs
+                total_steps = (saved["step"] + (len(sampler.rank_batches(saved["epoch"])) - resume_micro) // ga
+                               + (cfg.train.epochs - saved["epoch"] - 1) * steps_per_epoch)
 
         # 3. Model (partitioned at construction under ZeRO-3), loss wrapper, optimizer, schedule.
         model = load_model(cfg, tokenizer, device.type, dtype, compute_dtype=resolve_dtype(cfg, device.type))
@@ -149,12 +160,9 @@ def run(cfg: Config) -> int:
         run_totals = {"learned_tokens": 0, "tokens": 0, "train_time_s": 0.0}
         metrics_path = out_dir / "metrics.jsonl"
         if resume_from is not None:
-            state = ckpt.load_checkpoint(accelerator, resume_from)
-            if state.get("world_size") != world or state.get("grad_accumulation") != ga:
-                log.warning("resuming with world_size=%d GA=%d, checkpoint had %s/%s: the data order continues "
-                            "but will not equal an uninterrupted run", world, ga, state.get("world_size"),
-                            state.get("grad_accumulation"))
-            step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
+            state = ckpt.load_checkpoint(accelerator, resume_from, universal)
+            probes.optimizer_state("load", state["step"], wrapped)
+            step, epoch, micro_index = state["step"], state["epoch"], resume_micro
             nan_streak = state.get("nan_streak", 0)
             run_totals.update(state.get("run_totals") or {"learned_tokens": state.get("learned_tokens_total", 0)})
             scheduler.load_state_dict(state["scheduler"])
@@ -166,9 +174,11 @@ def run(cfg: Config) -> int:
         def trainer_state() -> dict:
             return {"step": step, "epoch": epoch, "micro_index": micro_index, "nan_streak": nan_streak,
                     "scheduler": scheduler.state_dict(), "run_totals": dict(run_totals), "world_size": world,
-                    "grad_accumulation": ga, "sampler_seed": cfg.train.seed, "data_digests": digests}
+                    "dp_size": sp.dp_size, "sequence_parallel": sp.size, "grad_accumulation": ga,
+                    "sampler_seed": cfg.train.seed, "data_digests": digests}
 
         def save() -> Path:
+            probes.optimizer_state("save", step, wrapped)
             return ckpt.save_checkpoint(accelerator, str(out_dir), step, trainer_state(), cfg.to_dict(),
                                         keep_last=cfg.checkpoint.keep_last)
 
@@ -288,6 +298,7 @@ def run(cfg: Config) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             micro_index += ga
+            probes.samples_seen(step, epoch, sp, [i for b in step_batches for i in b])
             dt = time.time() - t0
             for counters in (launch, run_totals):
                 counters["learned_tokens"] += int(N)

@@ -13,6 +13,11 @@ Two batching modes (config `batch.mode`):
 
 Both samplers expose `rank_batches(epoch) -> list[list[int]]`, with a length that is a multiple of GA
 and the same on every rank, so the recipe can index (epoch, step) directly for exact resume.
+
+A resume on another data layout (data-parallel ranks or GA changed) continues at the same *global* sample
+position instead (`continue_plan`): the checkpoint's ranks had consumed the first micro_index x DP micro-batches of
+its epoch plan; the epoch's remaining samples are planned anew over the new ranks (RemainderOfEpoch), and later
+epochs follow the new layout's plan. Over the whole run every sample is still seen once per epoch.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from distthink.data.mixture import MixedSplit, is_mixture, parse_sources
 from distthink.data.packing import PackedBatchSampler, PackingCollator, plan_bins
 from distthink.data.parallel_encode import SplitEncoding
 from distthink.data.types import IGNORE_INDEX
+from distthink.engine import faults
 from distthink.engine.shared_cache import open_split, ranks
 from distthink.errors import ConfigError, DataError
 from distthink.logging_utils import get_logger
@@ -213,6 +219,54 @@ def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulati
 
     return PackedBatchSampler(lengths_of(samples), cfg.batch.max_tokens, num_replicas=world, rank=rank,
                               seed=cfg.train.seed, shuffle=shuffle, grad_accumulation=grad_accumulation)
+
+
+class RemainderOfEpoch:
+    """The rest of one epoch, planned over a new layout after a resume; other epochs are the base sampler's."""
+
+    def __init__(self, base, epoch: int, plan: list[list[int]], world: int, rank: int):
+        self.base, self.epoch, self.plan, self.world, self.rank = base, epoch, plan, world, rank
+
+    def global_plan(self, epoch: int) -> list[list[int]]:
+        return self.plan if epoch == self.epoch else self.base.global_plan(epoch)
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        return self.plan[self.rank::self.world] if epoch == self.epoch else self.base.rank_batches(epoch)
+
+
+def continue_plan(cfg: Config, samples: list, sampler, state: dict, *, world: int, rank: int,
+                  grad_accumulation: int, shuffle: bool):
+    """(sampler, micro_index) that continue a resumed run at the global sample position of `state` (its trainer
+    state) when the data-parallel size or GA changed; unchanged otherwise (exact resume)."""
+    old_world, old_ga = int(state.get("dp_size") or state["world_size"]), int(state["grad_accumulation"])
+    epoch, position = int(state["epoch"]), int(state["micro_index"])
+    if (old_world, old_ga) == (world, grad_accumulation) or faults.reshard_leak("per_rank_position"):
+        return sampler, position
+    old = make_sampler(cfg, samples, world=old_world, rank=0, grad_accumulation=old_ga, shuffle=shuffle)
+    old_plan = old.global_plan(epoch)
+    consumed = {i for b in old_plan[:position * old_world] for i in b}
+    remaining = [i for b in old_plan[position * old_world:] for i in b]  # the samples the old run had left
+    per_step = world * grad_accumulation
+    if cfg.batch.mode == "samples":
+        s = cfg.batch.samples_per_micro
+        usable = len(remaining) - len(remaining) % (s * per_step)
+        plan = [remaining[i:i + s] for i in range(0, usable, s)]
+    else:
+        lengths = [len(samples[i]) for i in remaining]
+        plan = ([[remaining[j] for j in b] for b in plan_bins(lengths, cfg.batch.max_tokens,
+                                                             num_bins_multiple_of=per_step, seed=cfg.train.seed,
+                                                             epoch=epoch, shuffle=shuffle)]
+                if len(remaining) >= per_step else [])
+    skipped = len(remaining) - sum(len(b) for b in plan)
+    unit = (f"{cfg.batch.samples_per_micro} samples" if cfg.batch.mode == "samples"
+            else f"packed rows of <= {cfg.batch.max_tokens} tokens")
+    log.info("resuming on %d data-parallel rank(s) x GA %d (the checkpoint had %d x GA %d): continuing epoch %d "
+             "after its %d consumed samples; its %d remaining samples are re-planned over the new ranks%s; global "
+             "batch: %d -> %d micro-batches (%s) per optimizer step", world, grad_accumulation, old_world, old_ga,
+             epoch, len(consumed), len(remaining),
+             f" ({skipped} that cannot fill a step on every rank are skipped)" if skipped else "",
+             old_world * old_ga, per_step, unit)
+    return RemainderOfEpoch(sampler, epoch, plan, world, rank), 0
 
 
 def make_collator(cfg: Config, tokenizer):

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from distthink.atomic import fsync_dir, write_text_atomic
-from distthink.engine import faults
+from distthink.engine import faults, reshard
 from distthink.engine.distributed import barrier
 from distthink.errors import CheckpointError
 from distthink.logging_utils import get_logger
@@ -131,10 +131,23 @@ def resolve_resume(resume: str, output_dir: str) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Collective: restores model, optimizer and RNG states; returns the trainer state."""
-    accelerator.load_state(str(path))
+def read_state(path: Path) -> dict:
+    """The trainer state of a checkpoint, with `dp_size` (data-parallel ranks) filled in for checkpoints older than
+    that field: world size / the saved config's distributed.sequence_parallel."""
     state = json.loads((path / STATE_FILE).read_text())
+    if "dp_size" not in state and "world_size" in state:
+        saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+        sp = int(((saved or {}).get("distributed") or {}).get("sequence_parallel") or 1)
+        state["dp_size"] = max(int(state["world_size"]) // sp, 1)
+    return state
+
+
+def load_checkpoint(accelerator, path: Path, universal: bool = False) -> dict:
+    """Collective: restores model, optimizer and RNG states; returns the trainer state. `universal`: the ZeRO
+    shards were saved at another world size, load DeepSpeed's universal form of them (engine/reshard.py)."""
+    source = reshard.universal_dir(path, accelerator.num_processes, accelerator.is_main_process) if universal else path
+    accelerator.load_state(str(source))
+    state = read_state(path)
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
 

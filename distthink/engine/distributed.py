@@ -44,8 +44,10 @@ def zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | None = None):
-    """Create the Accelerator (and with it the process group). Returns it.
+def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | None = None,
+          load_universal: bool = False):
+    """Create the Accelerator (and with it the process group). Returns it. `load_universal`: DeepSpeed will load
+    the resumed checkpoint's universal form (another world size saved it: distthink.engine.reshard).
 
     Must run before the model is built: under ZeRO-3 the DeepSpeed plugin installs the config that makes
     `from_pretrained` / `from_config` construct partitioned parameters.
@@ -74,7 +76,7 @@ def setup(cfg: Config, log_with: list[str] | None = None, project_dir: str | Non
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(
             backend=backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))]
     if cfg.distributed.deepspeed:
-        ds = deepspeed_config(cfg, world)
+        ds = deepspeed_config(cfg, world, load_universal)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=True)
         # distributed.sequence_parallel > 1: accelerate registers DeepSpeed's Ulysses attention at prepare()
         kwargs["parallelism_config"] = parallelism_config(cfg, world, device, resolve_dtype(cfg, device))

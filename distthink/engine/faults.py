@@ -15,6 +15,9 @@ real multi-process runs, not mocks. Unset, each hook is a no-op.
                                         equality tests can fail: `normaliser` keeps each shard's normaliser at the
                                         whole row's (W counts a token N times), `think_state` does not pass the
                                         `</think>` state across shards, `scale` divides by world instead of DP.
+- DISTTHINK_FAULT_RESHARD_LEAK=KIND     a resume on another data layout is wrong on purpose: `per_rank_position`
+                                        keeps each rank's saved position in the new layout's plan instead of
+                                        continuing at the global sample position (repeats and skips samples).
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ def kill_during_encode(chunks_written: int) -> None:
         log.warning("DISTTHINK_FAULT_KILL_DURING_ENCODE: the cache writer kills itself (-9) after %d chunks",
                     chunks_written)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reshard_leak(kind: str) -> bool:
+    """DISTTHINK_FAULT_RESHARD_LEAK: resume the data plan the wrong way after a topology change (tests only)."""
+    return os.environ.get("DISTTHINK_FAULT_RESHARD_LEAK", "") == kind
 
 
 class InfGradient(torch.autograd.Function):
