@@ -25,7 +25,8 @@ from _train_utils import FAST, launch, summary
 from safetensors.torch import load_file
 
 from distthink.config import load_config
-from distthink.engine.batching import chat_policy, continue_plan, load_split, make_sampler
+from distthink.engine.batching import continue_plan, load_split, make_sampler
+from distthink.engine.task import make_task
 from distthink.models.load import load_tokenizer
 
 N_SAMPLES, EPOCHS = 40, 2
@@ -54,7 +55,9 @@ def sample_problems(records: list[dict], num_samples: int, epochs: int) -> list[
 def _uninterrupted_sample_set(dp: int) -> Counter:
     """The ids of the uninterrupted run's epochs, planned by the run's own sampler at `dp` ranks."""
     cfg = load_config(None, [f"data.max_train_samples={N_SAMPLES}", "batch.max_tokens=256", "data.max_length=256"])
-    samples = load_split(cfg, "train", load_tokenizer(cfg), chat_policy(cfg))
+    task, tok = make_task(cfg), load_tokenizer(cfg)
+    task.prepare_tokenizer(tok)
+    samples = load_split(cfg, task, "train", tok)
     sampler = make_sampler(cfg, samples, world=dp, rank=0, grad_accumulation=1, shuffle=True)
     return Counter(i for e in range(EPOCHS) for b in sampler.global_plan(e) for i in b)
 
