@@ -366,6 +366,8 @@ def run(cfg: Config) -> int:
                     "checkpoint": str(last_ckpt) if last_ckpt else None,
                     "export": str(export_path) if export_path else None, "wall_s": round(time.time() - t_start, 1),
                     "train_samples": len(train_set), "eval_samples": len(eval_set),
+                    "data": {"train": train_data.skips_summary(train_data.split_report(train_set)),
+                             "eval": train_data.skips_summary(train_data.split_report(eval_set))},
                     "zero_stage": dist.zero_stage(accelerator), "zero3_partitioned": partitioned,
                 }
                 (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -125,6 +125,28 @@ def _load_one(cfg: Config, task, split: str, tokenizer, label: str, source: str 
     return data
 
 
+def split_report(dataset) -> DatasetReport | None:
+    """What encoding did to a split's records (counts, skips by reason with the first message of each), as stored
+    with its cache entry; a mixture's sources added up. None for a split that is not cached (in-memory lists)."""
+    parts = getattr(dataset, "parts", [dataset])
+    stored = [getattr(p, "meta", {}).get("report") for p in parts]
+    if not stored or any(r is None for r in stored):
+        return None
+    report = DatasetReport.from_dict(stored[0])
+    for other in stored[1:]:
+        report.merge(DatasetReport.from_dict(other))
+    return report
+
+
+def skips_summary(report: DatasetReport | None, first: int = 3) -> dict:
+    """{records, skipped, reasons: {reason: count}, examples: {reason: first message} of the `first` commonest}."""
+    if report is None:
+        return {}
+    top = sorted(report.skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:first]
+    return {"records": report.records, "skipped": report.num_skipped, "reasons": dict(report.skipped),
+            "examples": {reason: report.examples.get(reason, "") for reason, _ in top}}
+
+
 def lengths_of(dataset) -> np.ndarray:
     """Tokens per sample: the cache's lengths column, or len() of each in-memory sample."""
     lengths = getattr(dataset, "lengths", None)

@@ -62,6 +62,18 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def skipped_lines(data: dict) -> list[str]:
+    """The run summary's lines about skipped records (data.on_error=skip): the count per split and the first
+    message of its commonest reasons. Nothing when no record was skipped."""
+    lines = []
+    for split, d in (data or {}).items():
+        if d and d.get("skipped"):
+            reasons = ", ".join(f"{n} x {r}" for r, n in sorted(d["reasons"].items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"  skipped records    {d['skipped']} of {d['records']} {split} records ({reasons})")
+            lines += [f"    e.g. {text}" for text in d["examples"].values()]
+    return lines
+
+
 def summary_text(s: dict) -> str:
     def fmt(x, spec):
         return format(x, spec) if isinstance(x, (int, float)) else ("n/a" if x is None else str(x))
@@ -78,5 +90,6 @@ def summary_text(s: dict) -> str:
         f"  checkpoint         {s['checkpoint']}",
         f"  export             {s['export']}",
         f"  wall time          {s['wall_s']} s",
+        *skipped_lines(s.get("data", {})),
         "=" * 64,
     ])

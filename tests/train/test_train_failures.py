@@ -106,3 +106,21 @@ def test_sigusr1_to_the_launcher_is_preemption_for_its_orphaned_ranks(tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert int(latest.split("-")[1]) == status["step"]
     assert len(metrics(out)) == status["step"]  # the ranks stopped there, nothing ran to the end
+
+
+def test_skipped_records_are_counted_in_the_run_summary(tmp_path):
+    """data.on_error=skip (the default): the run summary (stdout and summary.json) gives the skipped records per
+    split, by reason, with the first message of each; a clean split reports 0 skipped and no summary line."""
+    rows = (ROOT / "distthink" / "assets" / "sample_sft.jsonl").read_text().splitlines()[:40]
+    bad = ["{not json", json.dumps({"messages": [{"role": "user", "content": "no answer"}]}), "{also not json"]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(rows[:10] + bad[:1] + rows[10:20] + bad[1:] + rows[20:]) + "\n")
+    out = tmp_path / "run"
+    proc = launch(FAST + [f"train.output_dir={out}", f"data.train={train}", "data.eval=bundled",
+                          "data.max_eval_samples=8", "train.max_steps=2", "checkpoint.export=none"])
+    data = summary(out)["data"]
+    assert data["train"]["records"] == 43 and data["train"]["skipped"] == 3, data
+    assert sum(data["train"]["reasons"].values()) == 3 and len(data["train"]["reasons"]) == 2, data
+    assert all(f"{train.name}, line" in text for text in data["train"]["examples"].values()), data
+    assert data["eval"]["skipped"] == 0
+    assert "skipped records    3 of 43 train records" in proc.stdout and "eval records" not in proc.stdout
