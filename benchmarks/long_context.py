@@ -103,10 +103,10 @@ def cpu_worker(out_path: str, opts: dict) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    from distthink.data.packing import model_inputs
     from distthink.engine import sequence_parallel as sp
     from distthink.engine.lm_loss import LMHeadLoss
     from distthink.models import ulysses
+    from distthink.models.attention import model_inputs
     from distthink.models.tiled_mlp import tile_mlps
 
     torch.set_num_threads(1)
@@ -227,10 +227,11 @@ def cpu_benchmark(args) -> dict:
 def gpu_benchmark(args) -> dict:
     import torch
 
-    from distthink.data.packing import batch_to, model_inputs
+    from distthink.data.packing import batch_to
     from distthink.engine.lm_loss import LMHeadLoss
     from distthink.launch.hardware import GPUS
     from distthink.launch.plan import ModelShape, RunShape, model_flops_per_token
+    from distthink.models.attention import model_inputs
 
     dry = args.dry_run  # the same code on CPU with the quick model and short rows: does the GPU mode start?
     if not dry and not torch.cuda.is_available():

@@ -120,8 +120,9 @@ def main() -> None:
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from distthink.data.packing import collate_packed, model_inputs
+    from distthink.data.packing import collate_packed
     from distthink.data.types import EncodedSample
+    from distthink.models.attention import model_inputs
     from distthink.models.molora import apply_molora, set_gates
     from distthink.tasks.thinkrec.gate import BRANCH_FUSE, branch_counts, entropy_gate
 

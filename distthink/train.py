@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from distthink.cli import add_run_arguments
 from distthink.config import Config, deepspeed_config, load_config, param_dtype, resolve_dtype, world_size_of_launch
-from distthink.data.packing import attn_implementation_of, batch_to
+from distthink.data.packing import batch_to
 from distthink.engine import batching as train_data
 from distthink.engine import checkpoint as ckpt
 from distthink.engine import distributed as dist
@@ -65,6 +65,7 @@ from distthink.engine.schedule import lr_lambda
 from distthink.engine.task import make_task
 from distthink.errors import DistthinkError
 from distthink.logging_utils import get_logger
+from distthink.models.attention import attn_implementation_of
 from distthink.models.load import load_model, load_tokenizer
 from distthink.zero3 import is_partitioned
 

@@ -588,8 +588,9 @@ def internal_flash_varlen() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distthink.data.packing import collate_packed, model_inputs
+    from distthink.data.packing import collate_packed
     from distthink.data.types import EncodedSample
+    from distthink.models.attention import model_inputs
     from distthink.models.tiny import tiny_qwen3_config
 
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ class ParityTask(SFTTask):
         return ParityWrapper(model)
 
     def forward(self, wrapped, batch, attn_impl, dtype):
-        from distthink.data.packing import model_inputs
+        from distthink.models.attention import model_inputs
 
         return wrapped(targets=batch["targets"], target_weights=batch["target_weights"],
                        parity=batch["position_ids"] % 2, **model_inputs(batch, attn_impl, dtype=dtype))

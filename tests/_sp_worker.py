@@ -1,4 +1,4 @@
-"""Worker of tests/engine/test_sequence_parallel_dist.py: one packed row, loss and gradients at SP=1 and with Ulysses SP.
+"""Worker of tests/engine/test_sequence_parallel_dist.py: one packed row, loss and grads at SP=1 and with Ulysses SP.
 
 Launched as `torchrun --nproc_per_node N tests/_sp_worker.py OUT.json` (gloo, CPU). Every rank builds the same tiny
 Qwen3 and the same packed row (three samples, cut points inside samples), computes the SP=1 reference on the whole
@@ -21,11 +21,12 @@ import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from transformers import AutoModelForCausalLM
 
-from distthink.data.packing import collate_packed, model_inputs
+from distthink.data.packing import collate_packed
 from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.engine import sequence_parallel as sp
 from distthink.engine.lm_loss import LMHeadLoss
 from distthink.models import ulysses
+from distthink.models.attention import model_inputs
 from distthink.models.tiny import tiny_qwen3_config
 
 VOCAB = 96

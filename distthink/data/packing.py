@@ -1,5 +1,5 @@
-"""Padding-free packing: the collator, the attention inputs a packed row needs, and the distributed
-bin-packing batch sampler.
+"""Padding-free packing: the collator and the distributed bin-packing batch sampler (the attention inputs a
+packed row needs are distthink/models/attention.py's `model_inputs`).
 
 Three pieces, each usable on its own:
 
@@ -9,13 +9,8 @@ Three pieces, each usable on its own:
    target ever crosses into the neighbouring sample. ``packed=False`` gives the classic padded batch
    (one sample per row) with the same keys, for comparisons and benchmarks.
 
-2. ``model_inputs(batch, attn_implementation)`` returns the keyword arguments to give a HF decoder so
-   that attention never crosses a sample boundary, whatever the attention implementation:
-   flash-attn varlen gets explicit ``cu_seq_lens_*``/``max_length_*``; SDPA/eager get an explicit
-   block-diagonal causal 4-D mask built from ``segment_ids``. We do *not* rely on transformers
-   detecting packing from ``position_ids`` alone: that detection is skipped whenever a KV cache exists,
-   and HF models create one by default (``config.use_cache=True``) unless gradient checkpointing is on.
-   ``tests/models/test_packed_forward.py`` demonstrates that trap.
+2. ``distthink.models.attention.model_inputs(batch, attn_implementation)`` turns such a batch into the
+   keyword arguments of a HF decoder forward with attention kept inside each sample.
 
 3. ``PackedBatchSampler`` plans, per epoch, which samples share a micro-batch so that each micro-batch
    holds at most ``token_budget`` tokens, every rank gets the same number of micro-batches (collectives
@@ -37,9 +32,13 @@ import torch
 
 from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.errors import ConfigError, DataError
+from distthink._deprecated import moved
 from distthink.logging_utils import get_logger
 
 log = get_logger(__name__)
+# The attention inputs moved to distthink.models.attention; the old names work for one release.
+__getattr__ = moved(__name__, {name: f"distthink.models.attention:{name}" for name in
+                               ("block_causal_mask", "cu_seq_lens", "attn_implementation_of", "model_inputs")})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,89 +172,6 @@ class PackingCollator:
 def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a batch to ``device`` (non-blocking); other values are kept as they are."""
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------------------------------
-# Attention inputs
-# --------------------------------------------------------------------------------------------------
-
-_FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-_logged_paths: set[str] = set()
-
-
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) segment ids -> (B, 1, T, T) bool mask, True where query t may attend key s.
-
-    t attends s iff s <= t and both lie in the same segment. Padding (-1) is one more segment, so every
-    query row has at least itself to attend to (no all-masked row, hence no NaN in softmax).
-    """
-    T = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril_()
-    return (same & causal)[:, None, :, :]
-
-
-def cu_seq_lens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence lengths of the flattened (B*T,) row, for flash-attn varlen.
-
-    A new sequence starts wherever ``position_ids`` is 0 (each sample, each padding tail, each row),
-    which the collator guarantees. Returns (int32 tensor of shape (num_seqs + 1,), max sequence length).
-    """
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).view(-1)
-    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-    return cu, int(cu.diff().max())
-
-
-def attn_implementation_of(model: torch.nn.Module) -> str:
-    """The attention implementation a (possibly PEFT/DeepSpeed-wrapped) HF model runs with."""
-    for obj in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
-        cfg = getattr(obj, "config", None)
-        impl = getattr(cfg, "_attn_implementation", None)
-        if impl:
-            return impl
-    raise ConfigError("cannot find config._attn_implementation on the model; pass attn_implementation explicitly")
-
-
-def model_inputs(batch: dict[str, Any], attn_implementation: str, *, dtype: torch.dtype = torch.float32,
-                 with_input_ids: bool = True) -> dict[str, Any]:
-    """Keyword arguments for a HF decoder forward so attention stays inside each sample.
-
-    - flash_attention_2/3/4: ``position_ids`` plus explicit ``cu_seq_lens_q/k`` and ``max_length_q/k``
-      (varlen kernel, no mask tensor, O(T) memory).
-    - sdpa: an explicit (B, 1, T, T) bool block-diagonal causal mask.
-    - eager: the same mask as an additive float mask in ``dtype`` (0 / finfo.min), which eager expects.
-    - anything else (e.g. flex_attention): ``position_ids`` with ``attention_mask=None``, relying on
-      transformers' own packed-sequence detection (valid because we also pass ``use_cache=False``).
-
-    Always sets ``use_cache=False``: training never needs a KV cache, and a cache disables HF's
-    packed-sequence handling. ``with_input_ids=False`` leaves ``input_ids`` out (callers that pass
-    ``inputs_embeds``, e.g. placeholder injection). Returns a dict of tensors on the batch's device.
-    """
-    position_ids, segment_ids = batch["position_ids"], batch["segment_ids"]
-    kw: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
-    if with_input_ids:
-        kw["input_ids"] = batch["input_ids"]
-    if attn_implementation in _FLASH_IMPLEMENTATIONS:
-        cu, max_len = cu_seq_lens(position_ids)
-        kw.update(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
-                  max_length_k=max_len)
-        path = f"{attn_implementation} varlen (cu_seq_lens from position_ids)"
-    elif attn_implementation == "sdpa":
-        kw["attention_mask"] = block_causal_mask(segment_ids)
-        path = "sdpa with an explicit block-diagonal causal mask"
-    elif attn_implementation == "eager":
-        allowed = block_causal_mask(segment_ids)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        kw["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        path = "eager with an explicit additive block-diagonal causal mask"
-    else:
-        kw["attention_mask"] = None
-        path = f"{attn_implementation} with transformers' packed-sequence detection from position_ids"
-    if path not in _logged_paths:
-        _logged_paths.add(path)
-        log.info("packed attention path: %s", path)
-    return kw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,10 +339,9 @@ class PackedBatchSampler:
     - deterministic given (lengths, token_budget, num_replicas, grad_accumulation, seed, epoch);
     - a sample longer than the budget raises :class:`DataError` (truncate upstream with max_length).
 
-    Resume: ``set_epoch(epoch, start_batch=k)`` skips the first k micro-batches of this rank in that
-    epoch. ``state_dict()`` reports the micro-batches *yielded*; a DataLoader prefetches, so a trainer
-    should save its own count of consumed micro-batches and resume with ``set_epoch(epoch, k)`` (or
-    ``load_state_dict({"epoch": e, "position": k})``).
+    Resume: the plan is a pure function of (lengths, budget, world, rank, GA, seed, epoch), so a trainer saves
+    its count k of consumed micro-batches and continues with ``rank_batches(epoch)[k:]`` (what distthink's
+    trainer does); a DataLoader prefetches, so the sampler's own iteration is no record of what was consumed.
     """
 
     def __init__(self, lengths: Sequence[int], token_budget: int, *, num_replicas: int | None = None,
@@ -442,7 +357,7 @@ class PackedBatchSampler:
         self.token_budget = int(token_budget)
         self.seed, self.shuffle, self.grad_accumulation = int(seed), bool(shuffle), int(grad_accumulation)
         _check_lengths(self.lengths, self.token_budget)
-        self.epoch, self.position = 0, 0
+        self.epoch = 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
     # -- planning ----------------------------------------------------------------------------------
@@ -466,36 +381,14 @@ class PackedBatchSampler:
     def efficiency(self, epoch: int | None = None) -> float:
         return packing_efficiency(self.lengths, self.global_plan(epoch), self.token_budget)
 
-    # -- epoch / resume ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int, start_batch: int | None = None) -> None:
-        """Select the epoch. ``start_batch`` skips this rank's first micro-batches (exact resume);
-        when omitted, the position is kept if the epoch is unchanged (after load_state_dict), else 0."""
-        if start_batch is not None:
-            self.position = int(start_batch)
-        elif epoch != self.epoch:
-            self.position = 0
+    # -- epoch ------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that iteration plans (torch's DistributedSampler protocol)."""
         self.epoch = int(epoch)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if "seed" in state and int(state["seed"]) != self.seed:
-            raise ConfigError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}; "
-                              "resume with the same seed for an exact continuation")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # -- iteration ---------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return max(0, self.num_batches() - self.position)
+        return self.num_batches()
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.rank_batches()
-        start = self.position
-        if start > len(batches):
-            raise ConfigError(f"cannot resume at micro-batch {start}: epoch {self.epoch} has only "
-                              f"{len(batches)} on this rank")
-        for i in range(start, len(batches)):
-            self.position = i + 1
-            yield batches[i]
-        self.position = 0  # a finished epoch restarts from its beginning if iterated again
+        yield from self.rank_batches()

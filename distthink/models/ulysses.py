@@ -26,9 +26,9 @@ from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from distthink.data.packing import block_causal_mask, cu_seq_lens
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.attention import block_causal_mask, cu_seq_lens
 
 log = get_logger(__name__)
 

@@ -8,10 +8,10 @@ from typing import Callable
 import torch
 
 from distthink.config import Config
-from distthink.data.packing import model_inputs
 from distthink.data.parallel_encode import SplitEncoding
 from distthink.engine import batching
 from distthink.engine.lm_loss import LMHeadLoss
+from distthink.models.attention import model_inputs
 
 
 class SFTTask:

@@ -9,16 +9,14 @@ from distthink.data.packing import IGNORE_INDEX as X
 from distthink.data.packing import (
     PackedBatchSampler,
     PackingCollator,
-    block_causal_mask,
     collate_packed,
     collate_padded,
-    cu_seq_lens,
-    model_inputs,
     packing_efficiency,
     plan_bins,
 )
 from distthink.data.types import EncodedSample
 from distthink.errors import ConfigError, DataError
+from distthink.models.attention import block_causal_mask, cu_seq_lens, model_inputs
 
 
 def _sample(ids, labels, weights, **meta):
@@ -147,26 +145,17 @@ def test_sampler_deterministic_and_epoch_dependent():
     assert list(a) != list(c)
 
 
-def test_sampler_resume_mid_epoch_is_exact():
+def test_sampler_resume_by_position_is_exact():
+    """A fresh sampler with the same arguments plans the same epoch: resuming after k consumed micro-batches is
+    rank_batches(epoch)[k:] (what the trainer does); another seed is another plan."""
     lengths = _lengths(300)
-    full = PackedBatchSampler(lengths, 256, seed=3)
+    full = PackedBatchSampler(lengths, 256, num_replicas=2, rank=1, seed=3)
     full.set_epoch(2)
     reference = list(full)
-    run = PackedBatchSampler(lengths, 256, seed=3)
-    run.set_epoch(2)
-    it = iter(run)
-    first = [next(it) for _ in range(5)]
-    state = run.state_dict()
-    assert state["position"] == 5
-    resumed = PackedBatchSampler(lengths, 256, seed=3)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)  # a trainer calls set_epoch again after loading: position must be kept
-    assert len(resumed) == len(reference) - 5
-    assert first + list(resumed) == reference
-    explicit = PackedBatchSampler(lengths, 256, seed=3)
-    explicit.set_epoch(2, start_batch=7)
-    assert list(explicit) == reference[7:]
-    assert list(explicit) == reference, "after a finished epoch, iterating again starts from the beginning"
+    assert len(full) == len(reference) == full.num_batches(2)
+    resumed = PackedBatchSampler(lengths, 256, num_replicas=2, rank=1, seed=3)
+    assert reference[:5] + resumed.rank_batches(2)[5:] == reference
+    assert PackedBatchSampler(lengths, 256, num_replicas=2, rank=1, seed=4).rank_batches(2) != reference
 
 
 def test_sampler_rejects_oversize_and_too_few_samples():

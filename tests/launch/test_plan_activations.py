@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from distthink.data.packing import block_causal_mask
 from distthink.launch.plan import ModelShape
+from distthink.models.attention import block_causal_mask
 
 T = 96
 DIMS = dict(vocab_size=256, hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,

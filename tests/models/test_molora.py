@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from _tolerance import TINY_DECODER_K, fp_tol
 from torch import nn
 
-from distthink.data.packing import collate_packed, model_inputs
+from distthink.data.packing import collate_packed
 from distthink.data.types import EncodedSample
 from distthink.errors import ConfigError, DistthinkError
+from distthink.models.attention import model_inputs
 from distthink.models.molora import (
     GateSlot,
     MoLoRALinear,

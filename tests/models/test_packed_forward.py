@@ -15,8 +15,9 @@ from _tolerance import TINY_DECODER_K, fp_tol
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from distthink.data.packing import IGNORE_INDEX, PackedBatchSampler, PackingCollator, model_inputs
+from distthink.data.packing import IGNORE_INDEX, PackedBatchSampler, PackingCollator
 from distthink.data.types import EncodedSample
+from distthink.models.attention import model_inputs
 
 VOCAB = 96
 

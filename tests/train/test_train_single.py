@@ -37,8 +37,9 @@ def test_weighted_ce_matches_naive_reference():
 
 
 def test_loss_wrapper_fused_equals_hf_and_reference():
-    from distthink.data.packing import collate_packed, model_inputs
+    from distthink.data.packing import collate_packed
     from distthink.data.types import EncodedSample
+    from distthink.models.attention import model_inputs
 
     g = torch.Generator().manual_seed(1)
     samples = []
@@ -96,8 +97,9 @@ def test_gradient_checkpointing_with_lora_gives_the_same_loss_and_grads():
     """models.load with gradient checkpointing + LoRA (frozen embeddings: needs enable_input_require_grads)
     trains the adapter with exactly the gradients of the plain model."""
     from distthink.config import load_config
-    from distthink.data.packing import collate_packed, model_inputs
+    from distthink.data.packing import collate_packed
     from distthink.data.types import EncodedSample
+    from distthink.models.attention import model_inputs
     from distthink.models.load import load_model, load_tokenizer
 
     g = torch.Generator().manual_seed(3)

@@ -35,7 +35,6 @@ from distthink.config import Config, training_autocast
 from distthink.data.cache import Column
 from distthink.data.chat import META_COLUMNS, encode_chat
 from distthink.data.dataset import iter_records
-from distthink.data.packing import model_inputs
 from distthink.data.parallel_encode import SplitEncoding
 from distthink.data.types import IGNORE_INDEX, EncodedSample
 from distthink.engine import batching as train_data
@@ -44,6 +43,7 @@ from distthink.errors import ConfigError, DataError, DistthinkError
 from distthink.inference.generate import GenerationOptions, Generator
 from distthink.inference.parse import close_thoughts
 from distthink.logging_utils import get_logger
+from distthink.models.attention import model_inputs
 from distthink.models.inject import add_placeholder_tokens
 from distthink.models.load import base_causal_lm, side_module_dtype
 from distthink.tasks.molecule.demo import ASSET_DIR, SPLIT_FILES, caption_messages

@@ -26,10 +26,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from distthink.config import Config, resolve_attention, resolve_device, resolve_dtype
-from distthink.data.packing import batch_to, model_inputs
+from distthink.data.packing import batch_to
 from distthink.engine import batching as train_data
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.attention import model_inputs
 from distthink.models.load import build_model_config, load_tokenizer
 from distthink.models.molora import global_gate, hard_gate, molora_gates
 from distthink.models.molora_export import read_molora_json

@@ -46,11 +46,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distthink.config import Config
-from distthink.data.packing import model_inputs
 from distthink.data.parallel_encode import SplitEncoding
 from distthink.engine import batching as train_data
 from distthink.errors import ConfigError
 from distthink.logging_utils import get_logger
+from distthink.models.attention import model_inputs
 from distthink.models.inject import add_placeholder_tokens
 from distthink.models.molora import apply_molora, hard_gate, set_gates
 from distthink.models.molora_export import export_molora

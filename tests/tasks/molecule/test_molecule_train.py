@@ -250,7 +250,8 @@ import faulthandler, json, sys
 import torch
 from distthink.engine import distributed as dist
 from distthink.config import load_config, param_dtype
-from distthink.data.packing import attn_implementation_of, batch_to
+from distthink.data.packing import batch_to
+from distthink.models.attention import attn_implementation_of
 from distthink.models.load import load_model, load_tokenizer
 from distthink.engine.task import make_task
 from distthink.engine.batching import load_split as engine_load_split

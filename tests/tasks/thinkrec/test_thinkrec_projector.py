@@ -65,7 +65,7 @@ def _wrapper(world, base, **options):
 
 
 def _logits_and_scores(wrapper, batch):
-    from distthink.data.packing import model_inputs
+    from distthink.models.attention import model_inputs
     from distthink.tasks.thinkrec.model import SIDE_KEYS
 
     kw = model_inputs(batch, "eager", with_input_ids=False)

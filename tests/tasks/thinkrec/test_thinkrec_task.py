@@ -126,7 +126,7 @@ def _reference(model, samples, yes, no, mode="yes"):
 
 @pytest.mark.parametrize("impl,score", [("fused", "yes"), ("hf", "yes_minus_no")])
 def test_mixed_batch_loss_equals_the_per_sample_sum_by_hand(tok, prepared, impl, score):
-    from distthink.data.packing import model_inputs
+    from distthink.models.attention import model_inputs
 
     model = _model(tok)
     _, samples = _samples(tok, prepared, n=40, ratio=0.5)
@@ -179,7 +179,7 @@ def _id_wrapper(tok, prepared, *, cf_seed: int, **kw):
 
 
 def test_changing_one_users_cf_vector_changes_only_that_prompt(tok, prepared):
-    from distthink.data.packing import model_inputs
+    from distthink.models.attention import model_inputs
     from distthink.tasks.thinkrec.model import SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=0, impl="hf")
@@ -260,7 +260,7 @@ def test_eval_loads_the_trained_projector_from_a_checkpoint_file(tmp_path, tok):
 def test_eval_score_path_equals_the_training_forward_and_the_full_logits(tok, prepared, rec_score):
     """ThinkRecModel.score (eval: answer rows x 2 verdict rows, no vocabulary logits) against the training forward
     and against an independent read of the HF model's full logits at the answer rows."""
-    from distthink.data.packing import model_inputs
+    from distthink.models.attention import model_inputs
     from distthink.tasks.thinkrec.model import SCORE_KEYS, SIDE_KEYS
 
     model, wrapper, samples, batch = _id_wrapper(tok, prepared, cf_seed=1, impl="fused", rec_score=rec_score)
