@@ -149,14 +149,18 @@ def register(subparsers) -> None:
                    "by the group table (hard)")
     s.add_argument("--limit", type=int, default=None, help="the first N rows only")
     s.add_argument("--sample", action="store_true", help="sample (default greedy)")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature (default 1.0)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="with --sample: keep the smallest set of tokens whose probability reaches P (default 1.0)")
+    s.add_argument("--top-k", type=int, default=0,
+                   help="with --sample: only the K most likely tokens (default 0 = no limit)")
+    s.add_argument("--max-new-tokens", type=int, default=64,
+                   help="most tokens generated per row: the verdict and its reason (default 64)")
     s.add_argument("--min-new-tokens", type=int, default=0, help="forbid the end of turn before this many tokens "
                    "(e.g. 3 to ask for a reason after the verdict from a model trained mostly on label-only answers)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="rows generated together (default 8); lower it if memory runs out")
+    s.add_argument("--seed", type=int, default=0, help="random seed of --sample (one stream per rank; default 0)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (ZeRO-3 runs use DeepSpeed's device)")
     s.add_argument("--projector", default=None, help="as rec eval: a checkpoint's model.safetensors with the projector")
     s.add_argument("--metrics", default=None, help="also write the metrics JSON to this file")
