@@ -50,7 +50,7 @@ from distthink.engine import faults, overflow, probes, reshard
 from distthink.engine import sequence_parallel as seqpar
 from distthink.engine.exit_status import report_error, write_status
 from distthink.engine.export import export_model
-from distthink.engine.lm_loss import micro_batch_scale
+from distthink.engine.lm_loss import loss_parts, micro_batch_scale
 from distthink.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from distthink.engine.report import (
     peak_memory_mb,
@@ -140,6 +140,10 @@ def run(cfg: Config) -> int:
         if use_ds and dist.zero_stage(accelerator) == 3:
             log.info("ZeRO-3: parameters partitioned at construction: %s", partitioned)
         wrapped = task.wrap_model(model, tokenizer)  # the loss runs inside this module's (engine) forward
+        # A mixture reports its loss per source: the LM-head loss part keeps per-sample sums of each micro-batch.
+        tracked = loss_parts(wrapped) if mixture else []
+        for part in tracked:
+            part.track_segments = True
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
@@ -243,10 +247,13 @@ def run(cfg: Config) -> int:
             # Each objective k is normalised by its own global total (distthink/engine/task.py).
             scales = [micro_batch_scale(n, grad_divisor, ga) for n in norms]
             local_sums, local_bad, ds_skipped = [0.0] * len(keys), 0.0, False
-            for m in micro:
+            local_mix_loss = [0.0] * (2 * len(mixture or []))  # per source: sum of w * CE, sum of w
+            for b, m in zip(step_batches, micro):
                 mb = batch_to(m, device)
                 with accelerator.accumulate(wrapped):
                     sums = task.forward(wrapped, mb, attn_impl, dtype)
+                    if tracked:
+                        train_data.add_source_sums(local_mix_loss, train_set, b, tracked)
                     if faults.nan_loss(step + 1):
                         sums = {k: v * float("nan") for k, v in sums.items()}
                     for i, k in enumerate(keys):
@@ -273,7 +280,8 @@ def run(cfg: Config) -> int:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
-            *loss_totals, bad = dist.all_reduce_sum(local_sums + [local_bad], device)
+            reduced = dist.all_reduce_sum(local_sums + [local_bad] + local_mix_loss, device)
+            loss_totals, bad, mix_loss = reduced[:len(keys)], reduced[len(keys)], reduced[len(keys) + 1:]
             parts = {k: _ratio(t, n) for k, t, n in zip(keys, loss_totals, norms)}
             loss = sum(parts.values())
             # Applied, skipped as non-finite, or skipped as an fp16 loss-scale overflow (distthink/engine/overflow.py).
@@ -310,10 +318,12 @@ def run(cfg: Config) -> int:
                       "lr": lr_used, "learned_tokens": int(N), "weight_sum": norms[0],
                       "tokens": int(ntok), "learned_tokens_per_s": N / dt if dt > 0 else 0.0,
                       "time_s": round(time.time() - t_start, 3)}
-            for i, name in enumerate(mixture or []):  # mix/<source>/{samples, learned_tokens, weight_sum}
+            for i, name in enumerate(mixture or []):  # mix/<source>/{samples, learned_tokens, weight_sum, loss}
                 k = len(mixture)
                 record.update({f"mix/{name}/samples": int(mix[i]), f"mix/{name}/learned_tokens": int(mix[k + i]),
                                f"mix/{name}/weight_sum": mix[2 * k + i]})
+                if tracked:  # the LM loss of the source's tokens: sum of w * CE / sum of w (None: none in the step)
+                    record[f"mix/{name}/loss"] = mix_loss[i] / mix_loss[k + i] if mix_loss[k + i] > 0 else None
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 record["eval_loss"] = evaluate()
             history.append(record)

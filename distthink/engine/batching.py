@@ -231,6 +231,21 @@ def source_counts(data, step_batches: list[list[int]], micro: list[dict]) -> lis
     return out.reshape(-1).tolist()
 
 
+def add_source_sums(acc: list[float], data, batch_ids: list[int], parts) -> None:
+    """Add one micro-batch's per-sample loss and weight sums (kept by the LM-head loss `parts` during its forward)
+    to `acc` = [loss sum per source..., weight sum per source...] of a MixedSplit (sample j = segment j = batch_ids[j];
+    segments absent from a sequence-parallel shard add 0)."""
+    k = len(data.names)
+    src = data.source_ids[np.asarray(batch_ids, dtype=np.int64)]
+    for part in parts:
+        if part.segment_loss_sums is None:
+            continue
+        for offset, sums in ((0, part.segment_loss_sums), (k, part.segment_weight_sums)):
+            values = sums.cpu().numpy()
+            for j, v in enumerate(values):
+                acc[offset + int(src[j])] += float(v)
+
+
 def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
     """The micro-batch plan of a split, from its lengths alone (rows are never read here)."""
     if isinstance(samples, MixedSplit):

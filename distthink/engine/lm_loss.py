@@ -39,13 +39,32 @@ from distthink.ops import fused_linear_cross_entropy
 from distthink.zero3 import register_external_parameter
 
 
-def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_t w_t * CE(logits_t, targets_t) in float32; positions with target -100 contribute 0.
+def weighted_ce_terms(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 w_t * CE(logits_t, targets_t); positions with target -100 are 0.
 
-    logits (N, V), targets (N,) long, weights (N,) float. Returns a 0-d float32 tensor.
-    """
+    logits (N, V), targets (N,) long, weights (N,) float."""
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return (ce * weights.float()).sum()
+    return ce * weights.float()
+
+
+def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t * CE(logits_t, targets_t) in float32 (a 0-d tensor); see weighted_ce_terms."""
+    return weighted_ce_terms(logits, targets, weights).sum()
+
+
+def loss_parts(module: torch.nn.Module) -> list["LMHeadLoss"]:
+    """The LMHeadLoss modules inside a (task-wrapped) model."""
+    return [m for m in module.modules() if isinstance(m, LMHeadLoss)]
+
+
+def segment_sums(terms: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """(S,) float64 sums of the per-token `terms` (N,) by segment (sample j of the micro-batch = segment j;
+    padding, segment -1, is left out), detached: what the trainer reports per mixture source."""
+    seg = segment_ids.reshape(-1).to(terms.device)
+    real = seg >= 0
+    n = int(seg[real].max()) + 1 if bool(real.any()) else 0
+    return torch.zeros(n, dtype=torch.float64, device=terms.device).index_add_(0, seg[real],
+                                                                              terms.detach()[real].double())
 
 
 def micro_batch_scale(global_weight_sum: float, world_size: int, grad_accum: int) -> float:
@@ -88,6 +107,12 @@ class LMHeadLoss(torch.nn.Module):
 
     # distthink.engine.sequence_parallel.ThinkState when the rows are sharded (set by the trainer), else None
     sequence_parallel = None
+    # Set by the trainer for a mixture: each forward keeps the (S,) detached sums per sample of the micro-batch of
+    # w * CE (`segment_loss_sums`) and of the weights w it was given (`segment_weight_sums`); the loss is then the
+    # sum of the per-token terms (reduction "none"), which equals the fused sum up to float32 rounding.
+    track_segments = False
+    segment_loss_sums: torch.Tensor | None = None
+    segment_weight_sums: torch.Tensor | None = None
 
     def __init__(self, model: torch.nn.Module, *, impl: str = "fused", chunk_size: int = 1024,
                  dynamic: str | None = None, think_end_id: int | None = None):
@@ -124,11 +149,17 @@ class LMHeadLoss(torch.nn.Module):
         """
         flat_t, flat_w = targets.reshape(-1), target_weights.reshape(-1)
         want_stats = stats_token_ids is not None
+        track = self.track_segments and segment_ids is not None
+        self.segment_loss_sums = None
+        self.segment_weight_sums = segment_sums(flat_w, segment_ids) if track else None
         if self.impl == "hf":
             logits = self.model(**model_kwargs).logits
             flat = logits.reshape(-1, logits.shape[-1])
             selected = flat.index_select(0, stats_rows)[:, list(stats_token_ids)].float() if want_stats else None
-            return weighted_ce_sum(flat, flat_t, flat_w), selected
+            terms = weighted_ce_terms(flat, flat_t, flat_w)
+            if track:
+                self.segment_loss_sums = segment_sums(terms, segment_ids)
+            return terms.sum(), selected
         hidden = self.hidden_states(**model_kwargs)
         head = self.base.lm_head
         hidden, weight, bias = head_operands(hidden, head.weight, head.bias)
@@ -142,16 +173,20 @@ class LMHeadLoss(torch.nn.Module):
         if want_stats:
             extra.update(return_stats=True, stats_token_ids=list(stats_token_ids), stats_rows=stats_rows)
         out = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t, bias=bias,
-                                         token_weights=flat_w, reduction="sum", chunk_size=self.chunk_size, **extra)
-        if want_stats:
-            loss, stats = out
-            return loss, stats.selected_logits
-        return out, None
+                                         token_weights=flat_w, reduction="none" if track else "sum",
+                                         chunk_size=self.chunk_size, **extra)
+        loss, stats = out if want_stats else (out, None)
+        if track:
+            self.segment_loss_sums = segment_sums(loss, segment_ids)
+            loss = loss.sum()
+        return loss, stats.selected_logits if want_stats else None
 
-    def forward(self, targets: torch.Tensor, target_weights: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """targets/target_weights (B, T); model_kwargs from distthink.models.attention.model_inputs.
+    def forward(self, targets: torch.Tensor, target_weights: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
+        """targets/target_weights (B, T); model_kwargs from distthink.models.attention.model_inputs; segment_ids
+        (B, T) for the per-sample sums of `track_segments`.
 
         Returns the 0-d float32 weighted loss sum of the micro-batch (not normalised).
         """
-        loss, _ = self.head_loss(targets, target_weights, model_kwargs)
+        loss, _ = self.head_loss(targets, target_weights, model_kwargs, segment_ids=segment_ids)
         return loss

@@ -38,7 +38,7 @@ class SFTTask:
 
     def forward(self, wrapped, batch: dict, attn_impl: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         loss_sum = wrapped(targets=batch["targets"], target_weights=batch["target_weights"],
-                           **model_inputs(batch, attn_impl, dtype=dtype))
+                           segment_ids=batch["segment_ids"], **model_inputs(batch, attn_impl, dtype=dtype))
         return {"lm": loss_sum}
 
     def norms(self, batch: dict) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Dataset mixtures (distthink/data/mixture.py, engine/batching.MixtureSampler): sources drawn in proportion to
-their weights, deterministically per (seed, epoch), exactly again after a resume, with per-source counts logged."""
+their weights, deterministically per (seed, epoch), exactly again after a resume, with per-source counts and
+losses logged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from _tolerance import run_metric_tol
 from _train_utils import FAST, launch, metrics
 
 from distthink.config import load_config
@@ -95,6 +97,16 @@ def test_a_mixture_trains_logs_per_source_counts_and_resumes_exactly(tmp_path):
         assert r["mix/puzzles/samples"] + r["mix/sample_sft_eval/samples"] > 0
         assert r["mix/puzzles/learned_tokens"] + r["mix/sample_sft_eval/learned_tokens"] == r["learned_tokens"]
         assert r["mix/puzzles/weight_sum"] + r["mix/sample_sft_eval/weight_sum"] == pytest.approx(r["weight_sum"])
+        # the per-source losses, weighted by their sources' weight sums, add up to the step's loss (an independent
+        # total: the trainer's global sum / W); both are float32 sums over the step's tokens in another order
+        parts = [(r[f"mix/{k}/loss"], r[f"mix/{k}/weight_sum"]) for k in ("puzzles", "sample_sft_eval")]
+        mean = sum(loss * w for loss, w in parts if w > 0) / sum(w for _, w in parts)
+        assert abs(mean - r["loss"]) < run_metric_tol(r["loss"], r["learned_tokens"]), r
+    # the check above can fail: the two sources' losses differ by far more than its bound (swapping them, or
+    # attributing a sample to the wrong source, moves the weighted mean)
+    spread = max(abs(r["mix/puzzles/loss"] - r["mix/sample_sft_eval/loss"]) for r in ref
+                 if r["mix/puzzles/loss"] is not None and r["mix/sample_sft_eval/loss"] is not None)
+    assert spread > 100 * run_metric_tol(ref[0]["loss"], ref[0]["learned_tokens"])
     total = {k: sum(r[f"mix/{k}/samples"] for r in ref) for k in ("puzzles", "sample_sft_eval")}
     assert total["puzzles"] > total["sample_sft_eval"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -102,6 +114,7 @@ def test_a_mixture_trains_logs_per_source_counts_and_resumes_exactly(tmp_path):
     events = [p for p in ref_dir.rglob("events.out.tfevents.*")]
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert "mix/puzzles/samples" in tags and "mix/sample_sft_eval/learned_tokens" in tags
+    assert "mix/puzzles/loss" in tags
 
     killed = launch(common + [f"train.output_dir={run_dir}"], check=False, DISTTHINK_FAULT_KILL_AT_STEP="9:0")
     assert killed.returncode != 0
@@ -110,6 +123,10 @@ def test_a_mixture_trains_logs_per_source_counts_and_resumes_exactly(tmp_path):
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in ref]
     for a, b in zip(ref, resumed):
-        assert {k: v for k, v in a.items() if k.startswith("mix/") or k == "epoch"} == \
-            {k: v for k, v in b.items() if k.startswith("mix/") or k == "epoch"}
+        counts = (lambda r: {k: v for k, v in r.items() if (k.startswith("mix/") and not k.endswith("/loss"))
+                             or k == "epoch"})
+        assert counts(a) == counts(b)
+        for k in ("puzzles", "sample_sft_eval"):
+            if a[f"mix/{k}/loss"] is not None:
+                assert abs(a[f"mix/{k}/loss"] - b[f"mix/{k}/loss"]) < 1e-6, a["step"]
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6, a["step"]

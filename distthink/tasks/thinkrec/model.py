@@ -95,7 +95,7 @@ class ThinkRecModel(LMHeadLoss):
         vecs = {"user_vecs": user_vecs, "target_vecs": target_vecs, "hist_vecs": hist_vecs}
         self._add_decoder_input(model_kwargs, input_ids, segment_ids, user_ids, target_ids, hist_ids, hist_counts,
                                 vecs)
-        lm, selected = self.head_loss(targets, target_weights * lm_mult, model_kwargs,
+        lm, selected = self.head_loss(targets, target_weights * lm_mult, model_kwargs, segment_ids=segment_ids,
                                       stats_token_ids=[self.yes_id, self.no_id], stats_rows=rec_rows)
         scores = self._score_from(selected)
         out = {"lm": lm, "rec": rec_bce_sum(scores, rec_labels, rec_coef)}
