@@ -5,6 +5,9 @@
         - {path: reasoning.jsonl, weight: 0.2}
         - {path: chat.jsonl, weight: 0.8, name: chat}
 
+A source may carry `options`: encoding options of that source that its task declares (`Task.source_options`;
+ThinkRec: `reason_ratio`, see docs/thinkrec.md), e.g. the same file once as reasoning samples and once label-only.
+
 Each source is encoded into its own cache entry (distthink/data/cache.py); `MixedSplit` puts them end to end
 (global index = source offset + index in the source). One epoch of a mixture is as many samples as all sources
 hold together; each of them is drawn from source k with probability weight_k (the weights are normalised), and
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,13 @@ class MixtureSource:
     path: str
     weight: float
     name: str
+    options: dict = field(default_factory=dict)  # the task's per-source encoding options (Task.source_options)
 
 
 def parse_sources(spec: Any, key: str = "data.train") -> list[MixtureSource]:
     """`data.train` as a list of sources: a string is one source of weight 1; a list holds strings or mappings
-    {path, weight (> 0, default 1), name (default: the file's stem)}. Weights are normalised to sum 1."""
+    {path, weight (> 0, default 1), name (default: the file's stem), options (a mapping, default none)}.
+    Weights are normalised to sum 1."""
     items = spec if isinstance(spec, list) else [spec]
     if not items:
         raise ConfigError(f"{key} is an empty list. Fix: give a path, or a list of {{path, weight}}")
@@ -52,22 +57,26 @@ def parse_sources(spec: Any, key: str = "data.train") -> list[MixtureSource]:
         if not isinstance(item, dict):
             raise ConfigError(f"{where} = {item!r} is neither a path nor a mapping. Fix: write a path, or "
                               "{path: file.jsonl, weight: 0.5}")
-        unknown = sorted(set(item) - {"path", "weight", "name"})
+        unknown = sorted(set(item) - {"path", "weight", "name", "options"})
         if unknown:
-            raise ConfigError(f"{where} has unknown key(s) {unknown}. Fix: use path, weight and name")
+            raise ConfigError(f"{where} has unknown key(s) {unknown}. Fix: use path, weight, name and options")
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.options = {options!r} is not a mapping. Fix: e.g. "
+                              "options: {reason_ratio: 1.0}")
         path, weight = item.get("path"), item.get("weight", 1.0)
         if not isinstance(path, str) or not path:
             raise ConfigError(f"{where} has no path. Fix: {{path: file.jsonl, weight: 0.5}}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise ConfigError(f"{where}.weight = {weight!r} must be a number > 0. Fix: e.g. weight: 0.2")
         name = item.get("name") or Path(path).name.split(".")[0] or f"source{i}"
-        raw.append((path, float(weight), str(name)))
-    names = [n for _, _, n in raw]
+        raw.append((path, float(weight), str(name), dict(options)))
+    names = [n for _, _, n, _ in raw]
     if len(set(names)) != len(names):
         raise ConfigError(f"{key}: sources need distinct names for their metrics, got {names}. Fix: set `name` on "
                           "the sources that share a file stem")
-    total = sum(w for _, w, _ in raw)
-    return [MixtureSource(p, w / total, n) for p, w, n in raw]
+    total = sum(w for _, w, _, _ in raw)
+    return [MixtureSource(p, w / total, n, o) for p, w, n, o in raw]
 
 
 def is_mixture(spec: Any) -> bool:

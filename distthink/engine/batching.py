@@ -107,7 +107,7 @@ def load_split(cfg: Config, task, split: str, tokenizer):
     spec = cfg.data.train if split == "train" else cfg.data.eval
     if split == "train" and is_mixture(spec):
         sources = parse_sources(spec)
-        parts = [_load_one(cfg, task, split, tokenizer, f"data.train[{s.name}]", s.path) for s in sources]
+        parts = [_load_one(cfg, task, split, tokenizer, f"data.train[{s.name}]", s.path, s.options) for s in sources]
         data = MixedSplit(parts, sources)
         if ranks()[1] == 0:
             log.info("data.train: a mixture of %s", ", ".join(f"{s.name} ({len(p)} samples, weight {s.weight:.3g})"
@@ -116,8 +116,9 @@ def load_split(cfg: Config, task, split: str, tokenizer):
     return _load_one(cfg, task, split, tokenizer, f"data.{split}", None)
 
 
-def _load_one(cfg: Config, task, split: str, tokenizer, label: str, source: str | None):
-    enc = task.split_encoding(split, tokenizer, source)
+def _load_one(cfg: Config, task, split: str, tokenizer, label: str, source: str | None, options: dict | None = None):
+    # per-source options only reach tasks that declare them (checked at start-up: engine/task.make_task)
+    enc = task.split_encoding(split, tokenizer, source, **({"source_options": options} if options else {}))
     data = open_encoding(cfg, enc, tokenizer, label)
     if not len(data):
         raise ConfigError(f"{label}='{source or enc.sources[0]}': no usable sample after encoding. Fix: check the "

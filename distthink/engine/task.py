@@ -47,6 +47,7 @@ from typing import Callable, Protocol
 import torch
 
 from distthink.config import Config
+from distthink.data.mixture import parse_sources
 from distthink.data.parallel_encode import SplitEncoding
 from distthink.errors import ConfigError
 
@@ -62,6 +63,8 @@ class Task(Protocol):
     def prepare_tokenizer(self, tokenizer) -> None: ...
 
     def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding: ...
+    # A task whose sources of a mixture may carry `options` names the keys in `source_options` and takes them as
+    # split_encoding(..., source_options={...}); it is called with that keyword only when a source has options.
 
     def collator(self, tokenizer) -> Callable[[list], dict]: ...
 
@@ -93,5 +96,13 @@ def task_class(name: str) -> type:
 
 
 def make_task(cfg: Config) -> Task:
-    """The task of this run, its options validated (ConfigError on a bad option)."""
-    return task_class(cfg.task.name)(cfg)
+    """The task of this run, its options validated (ConfigError on a bad option), per-source options included."""
+    cls = task_class(cfg.task.name)
+    allowed = tuple(getattr(cls, "source_options", ()))
+    for i, source in enumerate(parse_sources(cfg.data.train)):
+        unknown = sorted(set(source.options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"data.train[{i}] ({source.name}).options: {unknown} are not options of a source for "
+                              f"task.name={cfg.task.name}. Fix: " + (f"use {list(allowed)}" if allowed else
+                                                                     "remove `options` (this task takes none)"))
+    return cls(cfg)

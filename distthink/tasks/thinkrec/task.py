@@ -71,6 +71,7 @@ class ThinkRecTask:
 
     name = "thinkrec"
     loss_keys: tuple[str, ...] = ("lm", "rec")
+    source_options: tuple[str, ...] = ("reason_ratio",)  # per source of a mixture (split_encoding)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -80,14 +81,23 @@ class ThinkRecTask:
     def prepare_tokenizer(self, tokenizer) -> None:
         self.ph_ids = add_placeholder_tokens(tokenizer, list(prompts.ID_TOKENS))
 
-    def split_encoding(self, split: str, tokenizer, source: str | None = None) -> SplitEncoding:
+    def split_encoding(self, split: str, tokenizer, source: str | None = None,
+                       source_options: dict | None = None) -> SplitEncoding:
+        """source_options (one source of a mixture): `reason_ratio` replaces task.options.reason_ratio for that
+        source, e.g. 1.0 for ThinkRec's reasoning set and 0.0 for its recommendation set (docs/thinkrec.md)."""
         spec = source or (self.cfg.data.train if split == "train" else self.cfg.data.eval)
         if not spec or spec == "bundled" or not Path(spec).is_file():
             raise ConfigError(f"data.{split}={spec!r}: thinkrec needs a split written by `distthink rec prepare`. "
                               "Fix: e.g. data.train=PREP/train.parquet data.eval=PREP/valid.parquet")
         limit = train_data.split_limit(self.cfg, split)
+        ratio = None if split == "train" else 0.0
+        if source_options and "reason_ratio" in source_options:
+            ratio = source_options["reason_ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+                raise ConfigError(f"data.train source {spec}: options.reason_ratio={ratio!r} must be a number in "
+                                  "[0, 1]. Fix: 1.0 for a reasoning set, 0.0 for a label-only set")
         return split_encoding(tokenizer, spec, self.opt, train_data.chat_policy(self.cfg), seed=self.cfg.train.seed,
-                              split=split, limit=limit, reason_ratio=None if split == "train" else 0.0)
+                              split=split, limit=limit, reason_ratio=ratio)
 
     def collator(self, tokenizer):
         return ThinkRecCollator(pad_token_id=tokenizer.pad_token_id or 0, packed=self.cfg.batch.packing)
