@@ -82,8 +82,8 @@ class LoraConfig:
 class DataConfig:
     train: str | list = _f("bundled", "Training JSONL/Parquet path, or `bundled` for the sample data shipped with "
                                       "distthink. A list of sources is a mixture drawn in proportion to their "
-                                      "weights: `[{path: a.jsonl, weight: 0.2}, {path: b.jsonl, weight: 0.8}]` "
-                                      "(docs/data.md, Mixtures).")
+                                      "weights: `[{path: a.jsonl, weight: 0.2}, {path: b.jsonl, weight: 0.8}]`; a "
+                                      "source may carry `name` and the task's `options` (docs/data.md, Mixtures).")
     eval: str | None = _f("bundled", "Held-out JSONL/Parquet path, `bundled`, or null for no evaluation.")
     max_length: int = _f(1024, "Longest encoded sample in tokens (longer samples follow `policy.truncation`).")
     on_error: str = _f(ON_ERROR_DEFAULT, "Malformed samples: `skip` (counted and reported) or `raise`.",
