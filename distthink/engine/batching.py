@@ -243,8 +243,10 @@ def add_source_sums(acc: list[float], data, batch_ids: list[int], parts) -> None
             continue
         for offset, sums in ((0, part.segment_loss_sums), (k, part.segment_weight_sums)):
             values = sums.cpu().numpy()
-            for j, v in enumerate(values):
-                acc[offset + int(src[j])] += float(v)
+            per_source = np.zeros(k)
+            np.add.at(per_source, src[:len(values)], values)  # as source_counts does for the counts
+            for i in range(k):
+                acc[offset + i] += float(per_source[i])
 
 
 def make_sampler(cfg: Config, samples, *, world: int, rank: int, grad_accumulation: int, shuffle: bool):
