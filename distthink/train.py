@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -78,7 +78,9 @@ NAN_STOP_EXIT_CODE = 3
 # The recipe.
 # ----------------------------------------------------------------------------------------------------
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, *, ends_process: bool = False) -> int:
+    """Train as `cfg` says; returns the exit code. ends_process: this process exits (dist.leave) right after, as a
+    rank of a launch does; its process group is then left alive rather than destroyed (engine/distributed.py)."""
     t_start = time.time()
     out_dir = Path(cfg.train.output_dir)
     # 0. Everything a user can get wrong is checked before any process group, model or data exists.
@@ -392,7 +394,7 @@ def run(cfg: Config) -> int:
         return exit_code
     finally:
         preempt.close()
-        dist.teardown(accelerator)
+        dist.teardown(accelerator, destroy=not ends_process)
 
 
 def throughput(learned_tokens: int, tokens: int, train_time_s: float) -> dict:
@@ -407,13 +409,13 @@ def _ratio(total: float, norm: float) -> float:
     return total / norm if norm > 0 else 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, ends_process: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="distthink.train", description=__doc__.split("\n")[0])
     args = add_run_arguments(parser).parse_args(argv)
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        return run(cfg)
+        return run(cfg, ends_process=ends_process)
     except DistthinkError as err:
         if cfg is not None and os.environ.get("RANK", "0") == "0":
             write_status(cfg.train.output_dir, 2, str(err))
@@ -421,21 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _leave(code: int) -> None:
-    """Exit a worker of a multi-rank launch without interpreter finalisation.
-
-    On CPU (DeepSpeed + gloo), about 1 two-rank ZeRO-3 run in 25 aborted *after* all its work was done, in native
-    destructors at interpreter exit ("terminate called without an active exception", exit 134), even with every
-    rank meeting at a barrier before teardown. By now the summary, checkpoint and export are written, trackers
-    ended and the process group destroyed, so only the flushes below are left to do."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _leave(exit_code)
-    sys.exit(exit_code)
+    if not dist.launched_rank():
+        sys.exit(main())
+    # A rank of a launch keeps its process group until os._exit (distthink/engine/distributed.py says why).
+    try:
+        exit_code = main(ends_process=True)
+    except Exception:  # noqa: BLE001 - reported here, because leave() skips the interpreter's own report
+        traceback.print_exc()
+        exit_code = 1
+    dist.leave(exit_code)

@@ -16,6 +16,7 @@ import sys
 import distthink.engine.lm_loss as lm_loss
 import distthink.train as train
 from distthink.config import load_config
+from distthink.engine import distributed as dist
 
 RECORD: dict = {"head": [], "first": None}
 
@@ -60,7 +61,7 @@ def main() -> int:
     prefix, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     lm_loss.fused_linear_cross_entropy = _head_spy(lm_loss.fused_linear_cross_entropy)
     train.make_task = _task_spy(train.make_task)
-    code = train.run(load_config(config, overrides))
+    code = train.run(load_config(config, overrides), ends_process=dist.launched_rank())
     with open(f"{prefix}.rank{os.environ.get('RANK', '0')}.json", "w") as fh:
         json.dump({"exit": code, **RECORD}, fh)
     return code
@@ -68,6 +69,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     exit_code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        train._leave(exit_code)
+    if dist.launched_rank():
+        dist.leave(exit_code)
     sys.exit(exit_code)

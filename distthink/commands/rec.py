@@ -274,16 +274,15 @@ def _int_or_error(text: str) -> int:
 
 def _eval(args) -> int:
     """`rec eval`: one process, or every rank of a torchrun launch (predictions gathered exactly)."""
-    import os
-
     import numpy as np
     import torch.distributed as dist
 
     from distthink.config import load_config
+    from distthink.engine.distributed import launched_rank, leave
     from distthink.tasks.thinkrec.evaluate import evaluate
     from distthink.tasks.thinkrec.metrics import compute_metrics, format_metrics
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched_rank() and not dist.is_initialized():
         dist.init_process_group("gloo")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -316,22 +315,23 @@ def _eval(args) -> int:
                                   else format_metrics(v)))
             print(json.dumps(out))
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not launched_rank():
             dist.destroy_process_group()
+    if launched_rank():
+        leave(0)  # the group stays alive until os._exit (distthink/engine/distributed.py says why)
     return 0
 
 
 def _explain(args) -> int:
     """`rec explain`: one process, or every rank of a torchrun launch."""
-    import os
-
     import torch.distributed as dist
 
     from distthink.config import load_config
+    from distthink.engine.distributed import launched_rank, leave
     from distthink.inference.generate import GenerationOptions
     from distthink.tasks.thinkrec.explain import explain
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched_rank() and not dist.is_initialized():
         dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -345,8 +345,10 @@ def _explain(args) -> int:
                 Path(args.metrics).write_text(json.dumps(m, indent=1))
             print(json.dumps(m))
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not launched_rank():
             dist.destroy_process_group()
+    if launched_rank():
+        leave(0)  # the group stays alive until os._exit (distthink/engine/distributed.py says why)
     return 0
 
 

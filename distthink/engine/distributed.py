@@ -1,11 +1,17 @@
 """Process-group set-up and teardown through accelerate, with the CPU traps handled.
 
-Two traps this module exists for:
+Three traps this module exists for:
 - On CPU, accelerate must create the process group with backend gloo (`InitProcessGroupKwargs`);
   otherwise every rank can believe it is rank 0. `setup()` passes it and checks the ranks are distinct.
 - Processes can abort at interpreter exit ("terminate called without an active exception") when the
   process group / DeepSpeed engine are still alive. `teardown()` ends trackers, destroys the group and
   is safe to call twice.
+- Destroying a gloo group right after its last collectives can deadlock: the destructor joins the group's
+  worker threads while holding the GIL, and a worker still dropping the last finished work needs the GIL to
+  release that work's tensors (ProcessGroupGloo::~ProcessGroupGloo in thread::join, the worker in
+  gil_scoped_acquire; seen in about 1 of 7 two-rank runs, at the end of an otherwise finished run). A rank
+  of a launch therefore ends with `teardown(destroy=False)` and `leave()`: nothing of the group is destroyed
+  before os._exit.
 
 DeepSpeed: `distributed.deepspeed` names a JSON file whose "auto" values distthink.config.deepspeed_config
 fills from the run (micro-batch = 1 packed row, gradient accumulation, clipping, bf16), so that the engine's
@@ -17,9 +23,11 @@ without a launcher gets an env:// rendezvous of its own (DeepSpeed would otherwi
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
@@ -142,11 +150,41 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def teardown(accelerator=None) -> None:
-    """End trackers and destroy the process group. Idempotent; call it on every exit path."""
+# What a rank that ends with leave() keeps alive until os._exit (the module docstring says why).
+_KEPT_UNTIL_EXIT: list = []
+
+
+def teardown(accelerator=None, *, destroy: bool = True) -> None:
+    """End trackers and destroy the process group. Idempotent; call it on every exit path.
+
+    destroy=False, for a rank that calls leave() next: the trackers end, and the accelerator (with the models,
+    optimizer and engine that hold the group) is kept alive, so that no destructor touches the group."""
+    if not destroy:
+        if accelerator is not None:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+            _KEPT_UNTIL_EXIT.append(accelerator)
+        return
     try:
         if accelerator is not None:
             accelerator.end_training()  # stops trackers; in accelerate>=1.x also destroys the group
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def launched_rank() -> bool:
+    """This process is one of several started by a launcher (torchrun / accelerate launch / srun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def leave(code: int) -> NoReturn:
+    """End a rank of a launch without interpreter finalisation: flush, then os._exit.
+
+    Everything the run owes the user (summary, checkpoint, export, the error line) is written by now. What is
+    skipped are native destructors, which have aborted ("terminate called without an active exception", about 1
+    two-rank ZeRO-3 run in 25) or deadlocked on a gloo group (module docstring) after all work was done."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
