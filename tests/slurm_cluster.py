@@ -292,13 +292,29 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
                        int(fields.get("Restarts", "0")), fields)
 
     def wait_job(self, job_id: int, timeout: float = 300, states=TERMINAL_STATES) -> JobInfo:
+        """The job's info once it reaches one of `states`. A job still running at the timeout is cancelled
+        first: left running, it would hold the nodes (and CPUs) of every later test."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.state in states:
                 return info
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s: {self.job(job_id)}")
+        info = self.job(job_id)
+        self.cancel(job_id)
+        raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s (cancelled): {info}")
+
+    def cancel_all(self) -> None:
+        """Cancel every job still queued or running (a failed test must not leave one behind)."""
+        for job_id in self.run("squeue", "-h", "-o", "%i").stdout.split():
+            self.cancel(int(job_id))
+
+    def cancel(self, job_id: int, timeout: float = 60) -> None:
+        """scancel, then wait until the job has left its nodes."""
+        self.run("scancel", str(job_id))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.job(job_id).state not in TERMINAL_STATES:
+            time.sleep(0.5)
 
 
 class NetnsNodes:

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import TERMINAL_STATES, slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 40
+FAILED_STATES = TERMINAL_STATES - {"COMPLETED"}
 
 SMOKE_CONFIG = f"""\
 # CPU smoke run for the SLURM tests: tiny Qwen3 from config, bundled data, a few seconds of steps.
@@ -92,6 +93,20 @@ def describe(cluster, workdir, job, output_dir) -> str:
     return "\n".join(parts)
 
 
+def finished(cluster, workdir, job, output_dir, timeout: float):
+    """The job's final info; a job that has not ended by `timeout` is cancelled and the test fails with its logs."""
+    try:
+        return cluster.wait_job(job, timeout=timeout)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n{describe(cluster, workdir, job, output_dir)}")
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(slurm_cluster):  # noqa: F811
+    yield
+    slurm_cluster.cancel_all()
+
+
 def sbatch_template(cluster, workdir, output_dir, *sbatch_args, template="sft", **env) -> int:
     return cluster.sbatch(*sbatch_args, str(REPO / "slurm" / f"{template}.sbatch"),
                           env=job_env(workdir, output_dir, **env), cwd=str(workdir))
@@ -103,7 +118,7 @@ def baseline(slurm_cluster, workdir):  # noqa: F811
     out = workdir / "baseline"
     t0 = time.monotonic()
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0")
-    info = slurm_cluster.wait_job(job, timeout=300)
+    info = finished(slurm_cluster, workdir, job, out, 300)
     return job, info, out, time.monotonic() - t0
 
 
@@ -153,7 +168,7 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, w
         time.sleep(0.2)
     # What `--signal=B:USR1@<grace>` does before the time limit: USR1 to the batch shell only.
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
-    info = slurm_cluster.wait_job(job, timeout=300)
+    info = finished(slurm_cluster, workdir, job, out, 300)
     wall = time.monotonic() - t0
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "COMPLETED" and info.rc == 0 and info.restarts == 1, detail
@@ -189,7 +204,7 @@ def test_a_bad_config_fails_before_anything_starts(slurm_cluster, workdir):  # n
     out = workdir / "bad"
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0",
                           DISTTHINK_CONFIG=str(bad))
-    info = slurm_cluster.wait_job(job, timeout=60)
+    info = finished(slurm_cluster, workdir, job, out, 60)
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "FAILED" and info.rc == 2, detail
     log = job_log(workdir, job)
@@ -204,7 +219,7 @@ def test_a_dying_rank_fails_the_job_fast(slurm_cluster, workdir):  # noqa: F811
     t0 = time.monotonic()
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", template="stage1",
                           DISTTHINK_FAULT_KILL_AT_STEP="3:1")
-    info = slurm_cluster.wait_job(job, timeout=240)
+    info = finished(slurm_cluster, workdir, job, out, 240)
     wall = time.monotonic() - t0
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "FAILED" and info.rc != 0 and info.restarts == 0, detail
@@ -228,7 +243,7 @@ def test_rendered_stage3_script_runs_one_node_two_processes(slurm_cluster, workd
     for key in ("DISTTHINK_CONFIG", "DISTTHINK_OUTPUT_DIR", "DISTTHINK_ROOT"):  # the script carries them
         env.pop(key)
     job = slurm_cluster.sbatch(str(script), env=env, cwd=str(workdir))
-    info = slurm_cluster.wait_job(job, timeout=300)
+    info = finished(slurm_cluster, workdir, job, out, 300)
     assert info.state == "COMPLETED" and info.rc == 0, describe(slurm_cluster, workdir, job, out)
     log = job_log(workdir, job, name="rendered")
     assert "1 node(s) x 2 process(es) = 2; CPU, gloo" in log
@@ -263,7 +278,7 @@ def test_thinkrec_stage3_template_one_node_two_processes(slurm_cluster, workdir)
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=1", "--gpus-per-node=0", template="stage3",
                           DISTTHINK_CONFIG=str(REPO / "configs" / "thinkrec" / "stage3_smoke.yaml"),
                           DISTTHINK_CPU_PROCS_PER_NODE="2", DISTTHINK_OVERRIDES=overrides)
-    info = slurm_cluster.wait_job(job, timeout=240)
+    info = finished(slurm_cluster, workdir, job, out, 240)
     wall = time.monotonic() - t0
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "COMPLETED" and info.rc == 0, detail
@@ -295,7 +310,7 @@ def test_zero3_across_two_namespace_hosts(slurm_cluster, workdir):  # noqa: F811
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", DISTTHINK_NCCL_IFNAME="eth0",
                           DISTTHINK_OVERRIDES=f"distributed.deepspeed={REPO / 'ds_configs' / 'zero3.json'} "
                                               "train.max_steps=6")
-    info = slurm_cluster.wait_job(job, timeout=300)
+    info = finished(slurm_cluster, workdir, job, out, 300)
     detail = describe(slurm_cluster, workdir, job, out)
     assert info.state == "COMPLETED" and info.rc == 0, detail
     log = job_log(workdir, job)
@@ -314,23 +329,49 @@ def test_zero3_across_two_namespace_hosts(slurm_cluster, workdir):  # noqa: F811
                     reason="opt-in (~90 s): set DISTTHINK_SLURM_TIMELIMIT_TEST=1")
 def test_time_limit_signal_saves_and_requeues(slurm_cluster, workdir):  # noqa: F811
     """The production trigger: `--time=1 --signal=B:USR1@45` makes SLURM itself send USR1 to the batch
-    shell ~45 s before the limit (SLURM checks every ~30 s); the job saves, requeues and resumes."""
+    shell ~45 s before the limit; the job saves, requeues and resumes. SLURM checks the limits only every
+    ~30 s, so on a slow start the signal can come before training does: that launch requeues at once
+    (test_a_signal_before_training_starts_requeues_at_once) and a later one saves."""
     out = workdir / "timelimit"
     job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0", "--time=1",
                           "--signal=B:USR1@45", DISTTHINK_OVERRIDES="train.max_steps=100000")
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + 300
 
-    def restarted_and_logged_its_resume() -> bool:
-        # The batch script logs "restart 1" first and its resume point a few seconds later (after the
+    def saved_then_resumed() -> re.Match | None:
+        # The batch script logs "restart N" first and its resume point a few seconds later (after the
         # rendezvous set-up): cancelling in between would cut the line this test checks.
         text = "".join(p.read_text() for p in workdir.glob(f"*-{job}.out"))
-        return "resuming from:" in text.partition("restart 1 on 2 node(s)")[2]
+        m = re.search(r"preempted: training saved (step-\d+)", text)
+        return m if m and f"resuming from: {m.group(1)}" in text[m.end():] else None
 
-    while not (slurm_cluster.job(job).restarts >= 1 and restarted_and_logged_its_resume()):
+    while not saved_then_resumed():
         assert time.monotonic() < deadline, describe(slurm_cluster, workdir, job, out)
+        assert slurm_cluster.job(job).state not in FAILED_STATES, describe(slurm_cluster, workdir, job, out)
         time.sleep(1)
-    slurm_cluster.run("scancel", str(job))
+    slurm_cluster.cancel(job)
+    assert "received SIGUSR1" in job_log(workdir, job), describe(slurm_cluster, workdir, job, out)
+
+
+def test_a_signal_before_training_starts_requeues_at_once(slurm_cluster, workdir):  # noqa: F811
+    """USR1 while the batch shell is still setting up (DISTTHINK_SETUP sleeps in the first launch): it must
+    not kill the shell (USR1's default action), which would end the job without a requeue. The job requeues
+    at once, starting nothing, and the next launch runs the training to the end."""
+    out = workdir / "early"
+    job = sbatch_template(slurm_cluster, workdir, out, "--nodes=2", "--gpus-per-node=0",
+                          DISTTHINK_SETUP='[ "${SLURM_RESTART_COUNT:-0}" != 0 ] || sleep 6')
+    deadline = time.monotonic() + 60
+    while not list(workdir.glob(f"*-{job}.out")):  # the batch shell has started
+        assert time.monotonic() < deadline, describe(slurm_cluster, workdir, job, out)
+        time.sleep(0.2)
+    time.sleep(1)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    info = finished(slurm_cluster, workdir, job, out, 240)
+    detail = describe(slurm_cluster, workdir, job, out)
+    assert info.state == "COMPLETED" and info.rc == 0 and info.restarts == 1, detail
     log = job_log(workdir, job)
-    m = re.search(r"preempted: training saved step-(\d+)", log)
-    assert m and "received SIGUSR1" in log, describe(slurm_cluster, workdir, job, out)
-    assert f"resuming from: step-{int(m.group(1)):08d}" in log
+    assert "received SIGUSR1 before training started" in log, detail
+    assert f"preempted before training started: requeueing job {job} (restart 1), it resumes from none" in log, detail
+    assert "restart 1 on 2 node(s)" in log and "training finished (exit code 0)" in log, detail
+    nodes = "\n".join(node_logs(out, job).values())
+    assert "restart 0 machine_rank" not in nodes and "restart 1 machine_rank=1" in nodes, detail  # nothing ran
+    assert summary(out)["steps"] == MAX_STEPS, detail

@@ -40,6 +40,18 @@ set -uo pipefail
 dt_log() { echo "[distthink $(date -u +%H:%M:%S)] $*"; }
 dt_fail() { echo "[distthink] error: $*" >&2; exit 2; }
 
+# A signal may come before training starts (a short --time with --signal=B:USR1@<grace>, a slow start-up):
+# without a handler it would kill this shell and the job would end without a requeue. Remember it; USR1
+# then requeues the job before anything starts (nothing new to save), TERM stops it.
+preempt=""
+signal_before_start() {
+    preempt=$1
+    dt_log "received SIG$1 before training started"
+    [ "$1" = TERM ] && exit 143
+}
+trap 'signal_before_start USR1' USR1
+trap 'signal_before_start TERM' TERM
+
 eval "${DISTTHINK_SETUP:-}"
 
 [ -n "${SLURM_JOB_ID:-}" ] || dt_fail "not inside a SLURM job. Fix: submit with sbatch (or render with \`distthink slurm render\` and sbatch the result)"
@@ -195,7 +207,6 @@ srun_args=(--nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 
 latest_file="$DISTTHINK_OUTPUT_DIR/checkpoints/latest"
 latest_before=$(cat "$latest_file" 2>/dev/null || echo none)
 dt_log "resuming from: $latest_before (checkpoint.resume=auto)"
-preempt=""
 on_signal() {
     preempt=$1
     dt_log "received SIG$1: forwarding it to every node; training saves at the next step boundary"
@@ -203,11 +214,15 @@ on_signal() {
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
-# shellcheck disable=SC2086  # DISTTHINK_SRUN_ARGS / DISTTHINK_NODE_WRAPPER are word lists on purpose
-srun "${srun_args[@]}" ${DISTTHINK_SRUN_ARGS:-} ${DISTTHINK_NODE_WRAPPER:-} bash -c "$DISTTHINK_NODE_SCRIPT" &
-srun_pid=$!
-while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
-wait "$srun_pid"; rc=$?
+if [ "$preempt" = USR1 ]; then
+    rc=75  # asked to stop before anything started: requeue below, resuming from where this launch would have
+else
+    # shellcheck disable=SC2086  # DISTTHINK_SRUN_ARGS / DISTTHINK_NODE_WRAPPER are word lists on purpose
+    srun "${srun_args[@]}" ${DISTTHINK_SRUN_ARGS:-} ${DISTTHINK_NODE_WRAPPER:-} bash -c "$DISTTHINK_NODE_SCRIPT" &
+    srun_pid=$!
+    while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
+    wait "$srun_pid"; rc=$?
+fi
 latest=$(cat "$latest_file" 2>/dev/null || echo none)
 
 if [ "$rc" -eq 0 ]; then
@@ -219,10 +234,14 @@ if [ "$rc" -eq 75 ] || [ "$preempt" = USR1 ]; then
         dt_log "preempted after $SLURM_RESTART_COUNT restarts (DISTTHINK_MAX_REQUEUES=$DISTTHINK_MAX_REQUEUES): not requeueing. Resume by hand: submit again with DISTTHINK_OUTPUT_DIR=$DISTTHINK_OUTPUT_DIR"
         exit 75
     fi
-    if [ "$latest" = "$latest_before" ]; then
-        dt_log "warning: preempted but no new checkpoint was written (latest is still $latest): the requeued job repeats the steps since then"
+    if [ -z "${srun_pid:-}" ]; then
+        dt_log "preempted before training started: requeueing job $SLURM_JOB_ID (restart $((SLURM_RESTART_COUNT + 1))), it resumes from $latest"
+    else
+        if [ "$latest" = "$latest_before" ]; then
+            dt_log "warning: preempted but no new checkpoint was written (latest is still $latest): the requeued job repeats the steps since then"
+        fi
+        dt_log "preempted: training saved $latest and stopped (exit code $rc); requeueing job $SLURM_JOB_ID (restart $((SLURM_RESTART_COUNT + 1))), it resumes from $latest_file"
     fi
-    dt_log "preempted: training saved $latest and stopped (exit code $rc); requeueing job $SLURM_JOB_ID (restart $((SLURM_RESTART_COUNT + 1))), it resumes from $latest_file"
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         dt_log "error: scontrol requeue failed (the job must be submitted with --requeue and the cluster allow JobRequeue). Resume by hand: submit again with DISTTHINK_OUTPUT_DIR=$DISTTHINK_OUTPUT_DIR"
         exit 75
