@@ -1,5 +1,7 @@
-"""#5 acceptance, end to end through the shipped script: rec synth -> prepare -> train-cf (MF) -> stage 1 (2 ranks,
-ZeRO-3) -> rec eval, and stage 1's test AUC beats MF's on the same split (both printed). ~3-4 minutes on 2 cores."""
+"""End to end through the shipped scripts. In CI: the quick all-stages run (QUICK=1, ~2.5 min), which also checks
+that stage 1 beats MF. Opt-in (DISTTHINK_FULL_DEMO=1, ~5 min on 2 cores): the #5 acceptance run of
+scripts/thinkrec_demo.sh, rec synth -> prepare -> train-cf (MF) -> stage 1 (2 ranks, ZeRO-3, 150 steps) -> rec eval,
+where stage 1's test AUC beats MF's on the whole test split (figures in docs/thinkrec.md)."""
 
 import json
 import math
@@ -13,6 +15,8 @@ from _train_utils import ROOT, env
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
+@pytest.mark.skipif(os.environ.get("DISTTHINK_FULL_DEMO") != "1",
+                    reason="opt-in (~5 min): set DISTTHINK_FULL_DEMO=1; the quick all-stages run below covers it in CI")
 def test_demo_script_stage1_beats_mf(tmp_path):
     e = env(STEPS="150")
     # the script calls the `distthink`/`accelerate` console scripts: those next to this interpreter
@@ -52,6 +56,7 @@ def test_demo_full_quick_every_stage(tmp_path):
     res = json.loads(lines[-1])
     assert res["n"] == 200 and sum(res["branch_counts"].values()) == 200
     assert res["stage1"] > 0.6 and res["stage2"] > 0.6, res
+    assert res["stage1"] > res["mf"] + 0.03, res  # measured 0.779 vs 0.676 (docs/thinkrec.md)
     assert abs(res["stage3_global"] - res["stage2"]) < 1e-3, res
     for mode in ("stage3_hard", "stage3_fusion"):
         assert abs(res[mode] - res["stage3_global"]) > 1e-4, res
