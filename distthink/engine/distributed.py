@@ -9,9 +9,10 @@ Three traps this module exists for:
 - Destroying a gloo group right after its last collectives can deadlock: the destructor joins the group's
   worker threads while holding the GIL, and a worker still dropping the last finished work needs the GIL to
   release that work's tensors (ProcessGroupGloo::~ProcessGroupGloo in thread::join, the worker in
-  gil_scoped_acquire; seen in about 1 of 7 two-rank runs, at the end of an otherwise finished run). A rank
-  of a launch therefore ends with `teardown(destroy=False)` and `leave()`: nothing of the group is destroyed
-  before os._exit.
+  gil_scoped_acquire). The last DDP reference dropped after destroy_process_group() does it: a requeued SLURM
+  run and a ThinkRec run hung so in CI after all their work, and a bare two-rank DDP loop hangs in 3 of 5 tries
+  (tests/engine/test_teardown.py). A rank of a launch therefore ends with `teardown(destroy=False)` and
+  `leave()`: nothing of the group is destroyed before os._exit.
 
 DeepSpeed: `distributed.deepspeed` names a JSON file whose "auto" values distthink.config.deepspeed_config
 fills from the run (micro-batch = 1 packed row, gradient accumulation, clipping, bf16), so that the engine's

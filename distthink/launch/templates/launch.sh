@@ -215,7 +215,7 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 if [ "$preempt" = USR1 ]; then
-    rc=75  # asked to stop before anything started: requeue below, resuming from where this launch would have
+    rc=75  # asked to stop before anything started: requeue below; the next launch resumes from $latest_before
 else
     # shellcheck disable=SC2086  # DISTTHINK_SRUN_ARGS / DISTTHINK_NODE_WRAPPER are word lists on purpose
     srun "${srun_args[@]}" ${DISTTHINK_SRUN_ARGS:-} ${DISTTHINK_NODE_WRAPPER:-} bash -c "$DISTTHINK_NODE_SCRIPT" &
