@@ -18,6 +18,11 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from distthink.config import load_config
-    from distthink.train import run
+    from distthink.engine.distributed import launched_rank, leave
+    from distthink.train import main, run
 
-    return run(load_config(args.config, args.overrides))
+    if not launched_rank():
+        return run(load_config(args.config, args.overrides))
+    # `accelerate launch -m distthink train ...`: a rank, which ends as one of `-m distthink.train` does (its one
+    # error line and status file, its process group left alive: engine/distributed.py)
+    leave(main([*(["--config", args.config] if args.config else []), *args.overrides], ends_process=True))

@@ -14,12 +14,12 @@ import pytest
 from _train_utils import FAST, ROOT, env, launch, metrics, summary
 
 ACCELERATE_2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
-                "-m", "distthink.train"]
+                str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0"]
+TRAINER = ["-m", "distthink.train"]
 
 
-def _accelerate(args, **kw):
-    return subprocess.run(ACCELERATE_2 + args, cwd=ROOT, env=env(), capture_output=True, text=True,
+def _accelerate(args, trainer=TRAINER, **kw):
+    return subprocess.run(ACCELERATE_2 + trainer + args, cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=kw.get("timeout", 300))
 
 
@@ -67,8 +67,9 @@ def test_impossible_deepspeed_json_is_refused_before_any_model_is_built(tmp_path
 
 
 @pytest.mark.slow
-def test_a_bad_config_under_accelerate_launch_ends_with_its_one_line_error(tmp_path):
-    proc = _accelerate(["--config", str(tmp_path / "missing.yaml")])
+@pytest.mark.parametrize("trainer", [TRAINER, ["-m", "distthink", "train"]], ids=["distthink.train", "distthink_train"])
+def test_a_bad_config_under_accelerate_launch_ends_with_its_one_line_error(tmp_path, trainer):
+    proc = _accelerate(["--config", str(tmp_path / "missing.yaml")], trainer=trainer)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1  # the launcher's code for any failed worker (docs/training.md says so)
     assert lines[-1].startswith("error: config file") and "Fix:" in lines[-1]
@@ -91,7 +92,7 @@ def test_sigusr1_to_the_launcher_is_preemption_for_its_orphaned_ranks(tmp_path):
     out = tmp_path / "orphans"
     args = [*FAST, f"train.output_dir={out}", "train.max_steps=400", "checkpoint.export=none",
             "lora.enabled=false"]
-    p = subprocess.Popen(ACCELERATE_2 + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(ACCELERATE_2 + TRAINER + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and (not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3):
