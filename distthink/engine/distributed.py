@@ -176,7 +176,7 @@ def teardown(accelerator=None, *, destroy: bool = True) -> None:
 
 def launched_rank() -> bool:
     """This process is one of several started by a launcher (torchrun / accelerate launch / srun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size_of_launch() > 1
 
 
 def leave(code: int) -> NoReturn:
