@@ -278,13 +278,10 @@ def _eval(args) -> int:
     import torch.distributed as dist
 
     from distthink.config import load_config
-    from distthink.engine.distributed import launched_rank, leave
     from distthink.tasks.thinkrec.evaluate import evaluate
     from distthink.tasks.thinkrec.metrics import compute_metrics, format_metrics
 
-    if launched_rank() and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    try:
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.fusion:
             from distthink.errors import ConfigError
@@ -314,12 +311,8 @@ def _eval(args) -> int:
                 print(f"{k}: " + (" ".join(f"{b}={c}" for b, c in v.items()) if k == "branch_counts"
                                   else format_metrics(v)))
             print(json.dumps(out))
-    finally:
-        if dist.is_initialized() and not launched_rank():
-            dist.destroy_process_group()
-    if launched_rank():
-        leave(0)  # the group stays alive until os._exit (distthink/engine/distributed.py says why)
-    return 0
+
+    return _on_every_rank("gloo", body)
 
 
 def _explain(args) -> int:
@@ -327,13 +320,10 @@ def _explain(args) -> int:
     import torch.distributed as dist
 
     from distthink.config import load_config
-    from distthink.engine.distributed import launched_rank, leave
     from distthink.inference.generate import GenerationOptions
     from distthink.tasks.thinkrec.explain import explain
 
-    if launched_rank() and not dist.is_initialized():
-        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
-    try:
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         gen = GenerationOptions(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, max_new_tokens=args.max_new_tokens,
@@ -344,11 +334,27 @@ def _explain(args) -> int:
             if args.metrics:
                 Path(args.metrics).write_text(json.dumps(m, indent=1))
             print(json.dumps(m))
+
+    return _on_every_rank("gloo" if args.device == "cpu" else "nccl", body)
+
+
+def _on_every_rank(backend: str, body) -> int:
+    """Run a command's body in one process, or on every rank of a torchrun launch. The ranks get a process group
+    of `backend` first and end with it alive, through os._exit (distthink/engine/distributed.py says why); one
+    process destroys a group its body may have created."""
+    import torch.distributed as dist
+
+    from distthink.engine.distributed import launched_rank, leave
+
+    if launched_rank() and not dist.is_initialized():
+        dist.init_process_group(backend)
+    try:
+        body()
     finally:
         if dist.is_initialized() and not launched_rank():
             dist.destroy_process_group()
     if launched_rank():
-        leave(0)  # the group stays alive until os._exit (distthink/engine/distributed.py says why)
+        leave(0)
     return 0
 
 
